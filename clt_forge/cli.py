@@ -69,9 +69,7 @@ def run_hydra_stage(
         argv.append("--multirun")
     if info:
         argv += ["--info", info]
-    task = hydra.main(config_path=str(compose.conf_dir()), config_name=stage, version_base="1.3")(
-        run_stage_task(stage)
-    )
+    task = hydra.main(config_path=str(compose.conf_dir()), config_name=stage, version_base="1.3")(run_stage_task(stage))
     saved_argv = sys.argv
     sys.argv = argv
     try:
@@ -94,16 +92,22 @@ def print_sweep(stage: str, overrides: list[str], cfg: str, resolve: bool) -> No
 
 def _make_command(stage: str, summary: str) -> None:
     def command(
-        overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides, KEY=VALUE or GROUP=OPTION")] = None,
+        overrides: Annotated[
+            list[str] | None, typer.Argument(help="Hydra overrides, KEY=VALUE or GROUP=OPTION")
+        ] = None,
         cfg: Annotated[
             str | None, typer.Option("--cfg", "-c", help="Print the composed config and exit: job, hydra or all")
         ] = None,
-        resolve: Annotated[bool, typer.Option("--resolve", help="Resolve interpolations when printing with --cfg")] = False,
+        resolve: Annotated[
+            bool, typer.Option("--resolve", help="Resolve interpolations when printing with --cfg")
+        ] = False,
         package: Annotated[str | None, typer.Option("--package", "-p", help="Print only this config package")] = None,
         multirun: Annotated[
             bool, typer.Option("--multirun", "-m", help="Sweep: one job per combination of comma-separated values")
         ] = False,
-        info: Annotated[str | None, typer.Option("--info", help="Hydra information: all, config, defaults, ...")] = None,
+        info: Annotated[
+            str | None, typer.Option("--info", help="Hydra information: all, config, defaults, ...")
+        ] = None,
     ) -> None:
         run_hydra_stage(
             stage, list(overrides or []), cfg=cfg, resolve=resolve, package=package, multirun=multirun, info=info

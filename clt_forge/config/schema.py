@@ -82,6 +82,7 @@ class ModelConfig:
     n_key_value_heads: int = 0
     d_vocab: int = 0
     rope_theta: float = 10000.0
+    n_ctx: int = 2048  # longest sequence supported (TransformerLens keeps an n_ctx^2 mask per layer)
     dtype: DType = DType.float32
     device: str = "cpu"
     seed: int = 0  # only for source=tiny

@@ -1,0 +1,54 @@
+"""Read every layer's exact MLP input and output from a HookedTransformer.
+
+The MLP input is what the MLP module receives (the ln2-normed residual times the ln2 gain),
+the MLP output what it returns: the same tensors circuit-tracer's ReplacementModel exposes as
+`blocks.{layer}.mlp.hook_in` / `blocks.{layer}.mlp.hook_out`, which is what the CLT must be
+trained on for attribution to be faithful. We hook the MLP modules themselves so the
+definition holds for every architecture TransformerLens builds.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import HookedTransformer
+
+HOOK_IN = "blocks.{layer}.mlp.hook_in"
+HOOK_OUT = "blocks.{layer}.mlp.hook_out"
+
+
+def hook_names(n_layers: int) -> dict[str, list[str]]:
+    return {
+        "mlp_in": [HOOK_IN.format(layer=layer) for layer in range(n_layers)],
+        "mlp_out": [HOOK_OUT.format(layer=layer) for layer in range(n_layers)],
+    }
+
+
+@torch.no_grad()
+def mlp_activations(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Float[torch.Tensor, "batch pos n_layers d_model"], Float[torch.Tensor, "batch pos n_layers d_model"]]:
+    """MLP inputs and outputs of every layer, as [batch, pos, n_layers, d_model] each.
+
+    The forward pass stops after the last block (no final norm or unembedding).
+    """
+    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+    shape = (*tokens.shape, n_layers, d_model)
+    inputs = torch.empty(shape, dtype=dtype, device=tokens.device)
+    outputs = torch.empty(shape, dtype=dtype, device=tokens.device)
+    handles = []
+    for layer, block in enumerate(model.blocks):
+
+        def record(module: torch.nn.Module, args: tuple, output: torch.Tensor, layer: int = layer) -> None:
+            inputs[:, :, layer] = args[0]
+            outputs[:, :, layer] = output
+
+        handles.append(block.mlp.register_forward_hook(record))
+    try:
+        model(tokens, stop_at_layer=n_layers)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs
