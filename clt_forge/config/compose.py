@@ -7,8 +7,10 @@ paragraph naming the key and what is allowed, instead of a traceback deep inside
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +122,14 @@ def _key_from_text(text: str) -> str | None:
 
 
 def _allowed_keys_hint(stage: str, key: str | None) -> str:
-    """List the keys that do exist next to an unknown one."""
+    """List the keys that do exist next to an unknown one, from the schema dataclasses."""
     if not key:
         return ""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
-    node: Any = OmegaConf.structured(STAGE_SCHEMAS[stage])
+    node: Any = STAGE_SCHEMAS[stage]
     for part in filter(None, parent.split(".")):
-        node = node.get(part) if isinstance(node, DictConfig) else None
-    if not isinstance(node, DictConfig):
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+    if not dataclasses.is_dataclass(node):
         return ""
     where = f"'{parent}'" if parent else f"clt {stage}"
-    return f" Keys allowed in {where}: {', '.join(sorted(str(k) for k in node))}."
+    return f" Keys allowed in {where}: {', '.join(sorted(f.name for f in dataclasses.fields(node)))}."

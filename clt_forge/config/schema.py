@@ -70,21 +70,21 @@ class ModelConfig:
     """How to load a language model and where its MLPs are."""
 
     name: str = MISSING  # the config's own name, recorded in every artifact
-    source: ModelSource = ModelSource.gguf
+    source: ModelSource = ModelSource.gguf  # which loader builds it (clt_forge/models)
     hf_name: str | None = None  # hub / TransformerLens name (transformer_lens source)
     gguf_package: str | None = None  # importable package holding the GGUF (gguf source)
     gguf_file: str | None = None  # file name inside that package
     converted_dir: str | None = None  # where the GGUF is converted once (default: user cache)
-    n_layers: int = MISSING
-    d_model: int = MISSING
-    d_mlp: int = MISSING
-    n_heads: int = 0
-    n_key_value_heads: int = 0
-    d_vocab: int = 0
-    rope_theta: float = 10000.0
+    n_layers: int = MISSING  # checked against the loaded model
+    d_model: int = MISSING  # residual width: the CLT's input and output size
+    d_mlp: int = MISSING  # MLP hidden width (checked against the loaded model)
+    n_heads: int = 0  # source=tiny builds with these; others record them
+    n_key_value_heads: int = 0  # grouped-query attention heads (0: same as n_heads)
+    d_vocab: int = 0  # vocabulary size
+    rope_theta: float = 10000.0  # rotary base (source=tiny)
     n_ctx: int = 2048  # longest sequence supported (TransformerLens keeps an n_ctx^2 mask per layer)
-    dtype: DType = DType.float32
-    device: str = "cpu"
+    dtype: DType = DType.float32  # dtype the model runs in
+    device: str = "cpu"  # torch device of the model (cpu, cuda, cuda:1)
     seed: int = 0  # only for source=tiny
 
 
@@ -92,26 +92,26 @@ class ModelConfig:
 class DataConfig:
     """Which text, and how it becomes fixed context windows."""
 
-    name: str = MISSING
-    source: DataSource = DataSource.bundled
+    name: str = MISSING  # the config's own name, recorded in every artifact
+    source: DataSource = DataSource.bundled  # which text source (clt_forge/data/text.py)
     path: str | None = None  # HF dataset name (hf) or a file / glob / folder (files)
-    hf_config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
+    hf_config: str | None = None  # HF dataset configuration name
+    split: str = "train"  # HF dataset split to read
+    text_column: str = "text"  # column holding the text (hf, json, parquet)
     context_size: int = 128  # tokens per window, BOS included
-    prepend_bos: bool = True
+    prepend_bos: bool = True  # every window starts with BOS (never stored or modelled)
     held_out_fraction: float = 0.02  # documents held out, chosen by a hash of their text
-    seed: int = 0
-    max_documents: int | None = None
+    seed: int = 0  # order of documents within a split
+    max_documents: int | None = None  # read only the first N documents (by id)
 
 
 @dataclass
 class QuantConfig:
     """How activations are stored on disk."""
 
-    scheme: QuantScheme = QuantScheme.int8
+    scheme: QuantScheme = QuantScheme.int8  # symmetric absmax integer codes, or none
     dtype: DType = DType.float16  # storage dtype when scheme=none
-    granularity: ScaleGranularity = ScaleGranularity.row
+    granularity: ScaleGranularity = ScaleGranularity.row  # what one absmax scale covers
     group_size: int = 64  # channels per scale when granularity=group
     outlier_fraction: float = 0.0  # share of values per chunk stored exactly beside the codes
     zstd_level: int = 3  # 0 disables zstd
@@ -120,7 +120,7 @@ class QuantConfig:
 
 @dataclass
 class ShardingConfig:
-    mode: ShardingMode = ShardingMode.single
+    mode: ShardingMode = ShardingMode.single  # how `clt train` spreads over torchrun ranks
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
 
 
@@ -128,7 +128,7 @@ class ShardingConfig:
 class SparsityConfig:
     """The L0 coefficient schedule (paper eq. 6: lambda0, C) and the dead-feature term."""
 
-    schedule: SparsitySchedule = SparsitySchedule.linear_warmup
+    schedule: SparsitySchedule = SparsitySchedule.linear_warmup  # shape of lambda0 over training
     l0_coefficient: float = 2.0  # lambda0 at its plateau
     c: float = 1.0  # the C inside tanh(C * z * ||W_dec||)
     warmup_fraction: float = 1.0  # linear_warmup: share of steps spent rising
@@ -141,7 +141,7 @@ class CLTConfig:
     """Architecture of the cross-layer transcoder."""
 
     d_features: int | None = None  # features per layer; None: expansion_factor * d_model
-    expansion_factor: float = 2.0
+    expansion_factor: float = 2.0  # d_features = expansion_factor * d_model when d_features is null
     jumprelu_threshold: float = 0.03  # initial threshold (normalised units)
     jumprelu_bandwidth: float = 1.0  # width of the rectangle kernel of the STE
     init_l0: float = 64.0  # target L0 per layer after encoder-bias init
@@ -149,8 +149,8 @@ class CLTConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: LoggerKind = LoggerKind.none
-    project: str = "clt-forge"
+    kind: LoggerKind = LoggerKind.none  # metrics.jsonl is always written; this adds a logger
+    project: str = "clt-forge"  # wandb project
     mode: str = "offline"  # wandb mode unless WANDB_MODE is set
 
 
@@ -167,19 +167,19 @@ class PipelineConfig:
     logger: LoggerConfig = MISSING
     runs: str = "runs"  # root folder of run directories
     out: str | None = None  # where the stage writes; None: the Hydra run directory
-    seed: int = 0
+    seed: int = 0  # seeds torch, numpy and python in every stage
     threads: int = 0  # torch threads; 0: leave torch's default
 
 
 @dataclass
 class ShardConfig:
-    index: int = 0
-    count: int = 1
+    index: int = 0  # this job's shard, 0 <= index < count
+    count: int = 1  # number of independent caching jobs
 
 
 @dataclass
 class CacheConfig(PipelineConfig):
-    tokens: int = 8192
+    tokens: int = 8192  # tokens to cache (all shards together; BOS not counted)
     chunk_tokens: int = 4096  # tokens per chunk file
     batch_size: int = 8  # context windows per model forward
     shard: ShardConfig = field(default_factory=ShardConfig)
@@ -187,31 +187,31 @@ class CacheConfig(PipelineConfig):
 
 @dataclass
 class TrainConfig(PipelineConfig):
-    tokens: int = 1_000_000
+    tokens: int = 1_000_000  # tokens to train on
     activations: str | None = None  # an activation dataset from `clt cache`
 
 
 @dataclass
 class AutointerpConfig(PipelineConfig):
-    tokens: int = 100_000
-    activations: str | None = None
-    checkpoint: str | None = None
+    tokens: int = 100_000  # tokens to scan
+    activations: str | None = None  # an activation dataset (else the model runs on the fly)
+    checkpoint: str | None = None  # a CLT checkpoint from `clt train`
 
 
 @dataclass
 class AttributeConfig(PipelineConfig):
-    checkpoint: str | None = None
-    features: str | None = None
-    prompt: str = 'The opposite of "large" is "'
+    checkpoint: str | None = None  # a CLT checkpoint from `clt train`
+    features: str | None = None  # a feature database from `clt autointerp` (labels)
+    prompt: str = 'The opposite of "large" is "'  # the text to attribute
 
 
 @dataclass
 class ServeConfig(PipelineConfig):
-    graph: str | None = None
-    checkpoint: str | None = None
-    features: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8050
+    graph: str | None = None  # a graph JSON from `clt attribute`, or a folder of them
+    checkpoint: str | None = None  # overrides the checkpoint the graph records
+    features: str | None = None  # overrides the feature database the graph records
+    host: str = "127.0.0.1"  # interface to bind
+    port: int = 8050  # port to bind
 
 
 STAGE_SCHEMAS: dict[str, type[Any]] = {

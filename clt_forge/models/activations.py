@@ -45,7 +45,8 @@ def mlp_activations(
             inputs[:, :, layer] = args[0]
             outputs[:, :, layer] = output
 
-        handles.append(block.mlp.register_forward_hook(record))
+        mlp: torch.nn.Module = block.mlp  # type: ignore[assignment]
+        handles.append(mlp.register_forward_hook(record))
     try:
         model(tokens, stop_at_layer=n_layers)
     finally:

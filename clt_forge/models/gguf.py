@@ -62,7 +62,8 @@ def convert_gguf(cfg: ModelConfig, gguf: Path, target: Path) -> None:
     if eos is not None:
         tokenizer.eos_token = eos
         model.config.eos_token_id = tokenizer.convert_tokens_to_ids(eos)
-        model.generation_config.eos_token_id = model.config.eos_token_id
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = model.config.eos_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

