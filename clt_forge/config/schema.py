@@ -180,9 +180,10 @@ class ShardConfig:
 @dataclass
 class CacheConfig(PipelineConfig):
     tokens: int = 8192  # tokens to cache (all shards together; BOS not counted)
-    chunk_tokens: int = 4096  # tokens per chunk file
+    chunk_tokens: int = 1024  # tokens per chunk file (rounded down to whole windows)
     batch_size: int = 8  # context windows per model forward
     shard: ShardConfig = field(default_factory=ShardConfig)
+    merge: bool = False  # only merge the finished shards in out= into one dataset
 
 
 @dataclass

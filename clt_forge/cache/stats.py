@@ -1,0 +1,97 @@
+"""Normalisation statistics of MLP inputs and outputs, accumulated exactly (float64) per chunk.
+
+Kept per channel so any normalisation can be derived later: count, sum and sum of squares per
+(layer, channel) for each kind; merged across shards by addition. Written as float32 means
+to stats.safetensors, with per-layer scalars (std, mean squared norm, max |x|) in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save
+
+KINDS = ("mlp_in", "mlp_out")
+
+
+@dataclass
+class RunningStats:
+    n_layers: int
+    d_model: int
+    count: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    squares: dict[str, torch.Tensor] = field(default_factory=dict)
+    max_abs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = (self.n_layers, self.d_model)
+        for kind in KINDS:
+            self.sums.setdefault(kind, torch.zeros(shape, dtype=torch.float64))
+            self.squares.setdefault(kind, torch.zeros(shape, dtype=torch.float64))
+            self.max_abs.setdefault(kind, torch.zeros(self.n_layers, dtype=torch.float64))
+
+    def update(self, kind: str, x: torch.Tensor) -> None:
+        """x: [tokens, n_layers, d_model]; call once per kind with the same tokens."""
+        x64 = x.to(torch.float64)
+        self.sums[kind] += x64.sum(0)
+        self.squares[kind] += x64.square().sum(0)
+        self.max_abs[kind] = torch.maximum(self.max_abs[kind], x64.abs().amax(dim=(0, 2)))
+        if kind == KINDS[0]:
+            self.count += x.shape[0]
+
+    def merge(self, other: RunningStats) -> None:
+        self.count += other.count
+        for kind in KINDS:
+            self.sums[kind] += other.sums[kind]
+            self.squares[kind] += other.squares[kind]
+            self.max_abs[kind] = torch.maximum(self.max_abs[kind], other.max_abs[kind])
+
+    def to_bytes(self) -> bytes:
+        tensors = {"count": torch.tensor([self.count], dtype=torch.float64)}
+        for kind in KINDS:
+            tensors[f"{kind}.sum"] = self.sums[kind]
+            tensors[f"{kind}.sum_sq"] = self.squares[kind]
+            tensors[f"{kind}.max_abs"] = self.max_abs[kind]
+        return save(tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RunningStats:
+        tensors = load(data)
+        n_layers, d_model = tensors["mlp_in.sum"].shape
+        return cls(
+            n_layers,
+            d_model,
+            count=int(tensors["count"][0]),
+            sums={k: tensors[f"{k}.sum"] for k in KINDS},
+            squares={k: tensors[f"{k}.sum_sq"] for k in KINDS},
+            max_abs={k: tensors[f"{k}.max_abs"] for k in KINDS},
+        )
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """float32 tensors for stats.safetensors: per-channel mean and mean square per kind."""
+        count = max(self.count, 1)
+        out = {}
+        for kind in KINDS:
+            out[f"{kind}.mean"] = (self.sums[kind] / count).float()
+            out[f"{kind}.mean_sq"] = (self.squares[kind] / count).float()
+        return out
+
+    def summary(self) -> dict[str, dict[str, list[float]]]:
+        """Per-layer scalars for the manifest (float32 precision)."""
+        count = max(self.count, 1)
+        out = {}
+        for kind in KINDS:
+            mean = self.sums[kind] / count
+            variance = (self.squares[kind] / count - mean.square()).clamp_min(0)
+            out[kind] = {
+                "std": variance.mean(1).sqrt().float().tolist(),  # per-layer, pooled over channels
+                "mean_sq_norm": (self.squares[kind].sum(1) / count).float().tolist(),  # E ||x||^2
+                "max_abs": self.max_abs[kind].float().tolist(),
+            }
+        return out
+
+
+def load_stats(path: Path) -> dict[str, torch.Tensor]:
+    return load(path.read_bytes())

@@ -1,0 +1,324 @@
+"""Write an activation dataset: one caching job per shard, resumable, merged when all finish.
+
+Shard `index` of `count` owns the context windows w with w % count == index among the first
+ceil(tokens / tokens_per_window) windows of the train split. Its windows are grouped into
+chunks of `windows_per_chunk`; chunk k is always the same windows, so a killed job (kill -9)
+resumes after its last committed chunk and produces the same bytes. A chunk is committed by
+(1) renaming its file into place, (2) rewriting the shard's part file, which lists it; the
+model forward runs on the main thread while a background thread quantizes, compresses and
+commits the previous chunk. When the last shard finishes, the parts are merged into
+manifest.json (written last, atomically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from clt_forge.cache.format import (
+    MANIFEST,
+    STATS,
+    ChunkEntry,
+    Manifest,
+    atomic_write,
+    checksum,
+    encode_chunk,
+    read_manifest,
+)
+from clt_forge.cache.quant import QuantSpec
+from clt_forge.cache.stats import RunningStats
+from clt_forge.config.schema import CacheConfig, QuantConfig
+from clt_forge.data import token_windows
+from clt_forge.errors import CLTError
+from clt_forge.models.activations import hook_names, mlp_activations
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses / enums -> JSON-ready values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def quant_spec(cfg: QuantConfig) -> QuantSpec:
+    return QuantSpec(
+        scheme=cfg.scheme.value,
+        granularity=cfg.granularity.value,
+        group_size=cfg.group_size,
+        outlier_fraction=cfg.outlier_fraction,
+        dtype=cfg.dtype.value,
+        zstd_level=cfg.zstd_level,
+        zstd_threads=cfg.zstd_threads,
+    )
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything that must agree between the shards of one dataset and across resumes."""
+
+    model: str
+    model_id: str
+    quant: dict[str, Any]
+    data: dict[str, Any]
+    context_size: int
+    prepend_bos: bool
+    tokens: int
+    windows_per_chunk: int
+    shard_count: int
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.context_size - 1 if self.prepend_bos else self.context_size
+
+    @property
+    def n_windows(self) -> int:
+        return math.ceil(self.tokens / self.tokens_per_window)
+
+    @classmethod
+    def from_config(cls, cfg: CacheConfig) -> Plan:
+        tokens_per_window = cfg.data.context_size - (1 if cfg.data.prepend_bos else 0)
+        return cls(
+            model=cfg.model.name,
+            model_id=model_id(cfg),
+            quant=dataclasses.asdict(quant_spec(cfg.quant)),
+            data=plain(cfg.data),
+            context_size=cfg.data.context_size,
+            prepend_bos=cfg.data.prepend_bos,
+            tokens=cfg.tokens,
+            windows_per_chunk=max(1, cfg.chunk_tokens // tokens_per_window),
+            shard_count=cfg.shard.count,
+        )
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        mine = dataclasses.asdict(self)
+        return [f"{key}: {other.get(key)!r} there, {mine[key]!r} now" for key in mine if other.get(key) != mine[key]]
+
+
+def part_path(out: Path, index: int, count: int) -> Path:
+    return out / "parts" / f"shard-{index:05d}-of-{count:05d}.json"
+
+
+@dataclasses.dataclass
+class Part:
+    """A shard's progress file: which chunks are committed, and their statistics."""
+
+    plan: dict[str, Any]
+    index: int
+    chunks: list[ChunkEntry]
+    complete: bool = False
+    stats_file: str | None = None
+
+    def save(self, out: Path, count: int) -> None:
+        atomic_write(part_path(out, self.index, count), json.dumps(dataclasses.asdict(self), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> Part:
+        raw = json.loads(path.read_text())
+        return cls(**dict(raw, chunks=[ChunkEntry(**c) for c in raw["chunks"]]))
+
+
+def model_id(cfg: CacheConfig) -> str:
+    model = cfg.model
+    if model.hf_name:
+        return model.hf_name
+    if model.gguf_package:
+        return f"{model.gguf_package}/{model.gguf_file or '*.gguf'}"
+    return f"{model.name}(seed={model.seed})"
+
+
+class CacheJob:
+    """One shard of `clt cache`."""
+
+    def __init__(self, cfg: CacheConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self.plan = Plan.from_config(cfg)
+        self.index, self.count = cfg.shard.index, cfg.shard.count
+        if not 0 <= self.index < self.count:
+            raise CLTError(f"shard.index={self.index} must be in [0, shard.count={self.count}).")
+        self.spec = QuantSpec(**self.plan.quant)
+        self.stats = RunningStats(cfg.model.n_layers, cfg.model.d_model)
+        self.part = Part(plan=dataclasses.asdict(self.plan), index=self.index, chunks=[])
+        self.bytes_written = 0
+        self._commit_lock = threading.Lock()
+
+    # -- resume ---------------------------------------------------------------------------
+    def load_progress(self) -> None:
+        if (self.out / MANIFEST).is_file():
+            self._check_plan(read_manifest(self.out).plan, self.out / MANIFEST)
+            return
+        path = part_path(self.out, self.index, self.count)
+        if not path.is_file():
+            return
+        part = Part.load(path)
+        self._check_plan(part.plan, path)
+        for entry in part.chunks:
+            file = self.out / entry.path
+            if not file.is_file() or file.stat().st_size != entry.n_bytes:
+                raise CLTError(f"{file} is listed in {path} but missing or resized: the dataset folder was altered.")
+        self.part = part
+        if part.stats_file:
+            self.stats = RunningStats.from_bytes((self.out / part.stats_file).read_bytes())
+
+    def _check_plan(self, recorded: dict[str, Any], where: Path) -> None:
+        diffs = self.plan.differences(recorded)
+        if diffs:
+            raise CLTError(
+                f"out={self.out} already holds a cache made with other settings ({where}): "
+                + "; ".join(diffs)
+                + ". Use another out=, or the same settings to resume."
+            )
+
+    # -- run --------------------------------------------------------------------------------
+    def run(self, model: Any) -> bool:
+        """Cache this shard; returns True when the whole dataset is complete (merged)."""
+        self.load_progress()
+        if (self.out / MANIFEST).is_file():
+            print(f"{self.out / MANIFEST} exists: the dataset is complete, nothing to do.")
+            return True
+        if not self.part.complete:
+            self._cache_chunks(model)
+        return merge_if_complete(self.out, self.count)
+
+    def my_windows(self, tokenizer: Any) -> Any:
+        windows = token_windows(self.cfg.data, tokenizer, split="train")
+        mine = itertools.islice(windows, self.index, self.plan.n_windows, self.count)
+        return batched(mine, self.plan.windows_per_chunk)
+
+    def _cache_chunks(self, model: Any) -> None:
+        done = len(self.part.chunks)
+        chunks = self.my_windows(model.tokenizer)
+        total_chunks = math.ceil(len(range(self.index, self.plan.n_windows, self.count)) / self.plan.windows_per_chunk)
+        raw_bytes_per_token = 2 * self.cfg.model.n_layers * self.cfg.model.d_model * 2  # fp16 in + out
+        bar = tqdm(
+            total=total_chunks * self.plan.windows_per_chunk * self.plan.tokens_per_window,
+            unit="tok",
+            unit_scale=True,
+            desc=f"clt cache shard {self.index}/{self.count}",
+            disable=None,
+        )
+        pending: Future[None] | None = None
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clt-encode") as encoder:
+            for number, windows in enumerate(chunks):
+                if number < done:
+                    bar.update(len(windows) * self.plan.tokens_per_window)
+                    continue  # committed before an interruption
+                tokens, mlp_in, mlp_out = self._forward(model, windows)
+                if pending is not None:
+                    pending.result()  # at most one chunk in flight: bounded memory, errors surface
+                pending = encoder.submit(self._commit, number, tokens, mlp_in, mlp_out)
+                bar.update(tokens.numel())
+                served = sum(c.n_tokens for c in self.part.chunks) + tokens.numel()
+                ratio = served * raw_bytes_per_token / max(self.bytes_written, 1)
+                bar.set_postfix(written=f"{self.bytes_written / 1e6:.1f}MB", ratio_vs_fp16=f"{ratio:.1f}x")
+            if pending is not None:
+                pending.result()
+        bar.close()
+        self.part.complete = True
+        self.part.save(self.out, self.count)
+        elapsed = time.perf_counter() - started
+        print(
+            f"shard {self.index}/{self.count}: {len(self.part.chunks)} chunks, {self.bytes_written / 1e6:.1f} MB in {elapsed:.0f} s"
+        )
+
+    def _forward(self, model: Any, windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids and activations of a chunk's windows, BOS positions dropped."""
+        first = 1 if self.plan.prepend_bos else 0
+        batch = self.cfg.batch_size
+        parts_in, parts_out = [], []
+        stacked = torch.stack(windows)
+        for start in range(0, len(windows), batch):
+            mlp_in, mlp_out = mlp_activations(model, stacked[start : start + batch].to(self.cfg.model.device))
+            parts_in.append(mlp_in[:, first:].reshape(-1, *mlp_in.shape[2:]).cpu())
+            parts_out.append(mlp_out[:, first:].reshape(-1, *mlp_out.shape[2:]).cpu())
+        return stacked[:, first:].reshape(-1), torch.cat(parts_in), torch.cat(parts_out)
+
+    def _commit(self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> None:
+        data = encode_chunk(tokens, mlp_in, mlp_out, self.spec)
+        relative = f"chunks/s{self.index:05d}-c{number:06d}.clt"
+        atomic_write(self.out / relative, data)
+        self.stats.update("mlp_in", mlp_in)
+        self.stats.update("mlp_out", mlp_out)
+        stats_file = f"parts/shard-{self.index:05d}-of-{self.count:05d}.stats.safetensors"
+        atomic_write(self.out / stats_file, self.stats.to_bytes())
+        with self._commit_lock:
+            self.part.chunks.append(ChunkEntry(relative, tokens.numel(), len(data), checksum(data)))
+            self.part.stats_file = stats_file
+            self.part.save(self.out, self.count)
+            self.bytes_written += len(data)
+
+
+def batched(items: Any, size: int) -> Any:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def merge_if_complete(out: Path, count: int) -> bool:
+    """Merge every shard's part into manifest.json once all are complete. Idempotent."""
+    if (out / MANIFEST).is_file():
+        return True
+    parts = []
+    for index in range(count):
+        path = part_path(out, index, count)
+        if not path.is_file():
+            return False
+        part = Part.load(path)
+        if not part.complete:
+            return False
+        parts.append(part)
+    plans = {json.dumps(p.plan, sort_keys=True) for p in parts}
+    if len(plans) != 1:
+        raise CLTError(f"the shards in {out / 'parts'} were made with different settings; they cannot be merged.")
+    plan = parts[0].plan
+    stats: RunningStats | None = None
+    for part in parts:
+        if part.stats_file:
+            shard_stats = RunningStats.from_bytes((out / part.stats_file).read_bytes())
+            if stats is None:
+                stats = shard_stats
+            else:
+                stats.merge(shard_stats)
+    if stats is None:
+        raise CLTError(f"the shards in {out / 'parts'} hold no tokens: raise tokens=.")
+    from safetensors.torch import save
+
+    atomic_write(out / STATS, save(stats.means()))
+    chunks = [entry for part in parts for entry in part.chunks]
+    data = plan["data"]
+    manifest = Manifest(
+        model=plan["model"],
+        model_id=plan["model_id"],
+        hooks=hook_names(stats.n_layers),
+        n_layers=stats.n_layers,
+        d_model=stats.d_model,
+        dtype="float32",
+        quant=plan["quant"],
+        chunk_tokens=plan["windows_per_chunk"] * (plan["context_size"] - (1 if plan["prepend_bos"] else 0)),
+        context_size=plan["context_size"],
+        prepend_bos=plan["prepend_bos"],
+        bos_stored=False,
+        data=data,
+        n_tokens=sum(entry.n_tokens for entry in chunks),
+        shard_count=count,
+        chunks=chunks,
+        stats={"file": STATS, **stats.summary()},
+        plan=plan,
+    )
+    atomic_write(out / MANIFEST, manifest.to_json().encode())
+    return True

@@ -1,0 +1,288 @@
+"""`clt cache` and the reader, on the tiny model: format, shards, resume, shuffling, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from clt_forge.cache.format import MANIFEST, read_chunk, read_manifest
+from clt_forge.cache.reader import ActivationReader, check_compatible
+from clt_forge.cache.store import ActivationsStore
+from clt_forge.cache.writer import CacheJob, Plan, merge_if_complete
+from clt_forge.config.compose import compose_stage
+from clt_forge.data import token_windows
+from clt_forge.errors import CLTError
+from clt_forge.models import mlp_activations
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "model=tiny",
+    "data.context_size=16",
+    "tokens=1500",
+    "chunk_tokens=150",
+    "batch_size=4",
+    "data.max_documents=60",
+]
+
+
+def cache_config(out: Path, *overrides: str):
+    return OmegaConf.to_object(compose_stage("cache", [*SMALL, f"out={out}", *overrides]))
+
+
+def write(tiny_model, out: Path, *overrides: str) -> bool:
+    job = CacheJob(cache_config(out, *overrides), out)
+    return job.run(tiny_model)
+
+
+def all_chunks(folder: Path):
+    manifest = read_manifest(folder)
+    return [read_chunk(folder, entry, manifest.quant_spec) for entry in manifest.chunks]
+
+
+def test_dataset_holds_the_windows_and_their_exact_activations(tiny_model, tmp_path):
+    out = tmp_path / "ds"
+    assert write(tiny_model, out, "quant=none")
+    manifest = read_manifest(out)
+    assert manifest.n_tokens == 1500 and manifest.n_layers == 3 and manifest.d_model == 64
+    assert manifest.hooks["mlp_in"][2] == "blocks.2.mlp.hook_in"
+    assert not manifest.bos_stored and manifest.quant["scheme"] == "none"
+    assert sum(c.n_tokens for c in manifest.chunks) == 1500
+    cfg = cache_config(out, "quant=none")
+    windows = torch.stack(list(token_windows(cfg.data, tiny_model.tokenizer))[:100])
+    mlp_in, mlp_out = mlp_activations(tiny_model, windows)
+    chunks = all_chunks(out)
+    tokens = torch.cat([c.tokens for c in chunks])
+    assert torch.equal(tokens, windows[:, 1:].flatten())  # BOS dropped, window order kept
+    assert tiny_model.tokenizer.bos_token_id not in tokens.tolist()
+    torch.testing.assert_close(torch.cat([c.mlp_in for c in chunks]), mlp_in[:, 1:].flatten(0, 1))
+    torch.testing.assert_close(torch.cat([c.mlp_out for c in chunks]), mlp_out[:, 1:].flatten(0, 1))
+    stats = manifest.stats
+    expected_std = mlp_out[:, 1:].flatten(0, 1).std(0, unbiased=False).square().mean(1).sqrt()
+    torch.testing.assert_close(torch.tensor(stats["mlp_out"]["std"]), expected_std, rtol=1e-4, atol=1e-6)
+
+
+def test_int8_dataset_is_smaller_and_close(tiny_model, tmp_path):
+    write(tiny_model, tmp_path / "fp32", "quant=none")
+    write(tiny_model, tmp_path / "int8", "quant=int8")
+    exact, quantized = all_chunks(tmp_path / "fp32"), all_chunks(tmp_path / "int8")
+    for kind in ("mlp_in", "mlp_out"):
+        x = torch.cat([getattr(c, kind) for c in exact])
+        y = torch.cat([getattr(c, kind) for c in quantized])
+        assert ((x - y).square().sum() / x.square().sum()).item() < 1e-3
+    size = lambda folder: sum(c.n_bytes for c in read_manifest(folder).chunks)  # noqa: E731
+    assert size(tmp_path / "int8") < size(tmp_path / "fp32") / 3
+
+
+def test_two_shards_merge_into_the_single_job_dataset(tiny_model, tmp_path):
+    write(tiny_model, tmp_path / "one", "quant=none")
+    assert not write(tiny_model, tmp_path / "two", "quant=none", "shard.count=2", "shard.index=1")
+    assert not (tmp_path / "two" / MANIFEST).exists()  # no half-made dataset is visible
+    assert write(tiny_model, tmp_path / "two", "quant=none", "shard.count=2", "shard.index=0")
+    one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    assert one.n_tokens == two.n_tokens and two.shard_count == 2
+    tokens_one = torch.cat([c.tokens for c in all_chunks(tmp_path / "one")])
+    tokens_two = torch.cat([c.tokens for c in all_chunks(tmp_path / "two")])
+    assert sorted(tokens_one.tolist()) == sorted(tokens_two.tolist())
+    for kind in ("mlp_in", "mlp_out"):
+        for key in ("std", "mean_sq_norm", "max_abs"):
+            torch.testing.assert_close(
+                torch.tensor(one.stats[kind][key]), torch.tensor(two.stats[kind][key]), rtol=1e-5, atol=1e-6
+            )
+
+
+def test_rerunning_a_finished_job_is_a_no_op(tiny_model, tmp_path):
+    out = tmp_path / "ds"
+    write(tiny_model, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert write(tiny_model, out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_other_settings_on_the_same_folder_are_refused(tiny_model, tmp_path):
+    out = tmp_path / "ds"
+    write(tiny_model, out)
+    with pytest.raises(CLTError, match=r"quant.*int4|other settings"):
+        write(tiny_model, out, "quant=int4")
+    assert read_manifest(out).quant["scheme"] == "int8"  # nothing overwritten
+
+
+def test_interrupted_job_resumes_to_the_same_bytes(tiny_model, tmp_path, monkeypatch):
+    write(tiny_model, tmp_path / "whole")
+    original = CacheJob._commit
+    calls = {"n": 0}
+
+    def crash_after_two(self, *args):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as a kill would, between chunks
+        calls["n"] += 1
+        original(self, *args)
+
+    monkeypatch.setattr(CacheJob, "_commit", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        write(tiny_model, tmp_path / "resumed")
+    monkeypatch.setattr(CacheJob, "_commit", original)
+    part = json.loads(next((tmp_path / "resumed" / "parts").glob("*.json")).read_text())
+    assert len(part["chunks"]) == 2 and not part["complete"]
+    assert write(tiny_model, tmp_path / "resumed")
+    whole, resumed = read_manifest(tmp_path / "whole"), read_manifest(tmp_path / "resumed")
+    assert [c.checksum for c in whole.chunks] == [c.checksum for c in resumed.chunks]
+    assert whole.stats == resumed.stats
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_completes_the_dataset(tmp_path):
+    out = tmp_path / "ds"
+    args = [
+        sys.executable,
+        "-m",
+        "clt_forge",
+        "cache",
+        *SMALL,
+        "tokens=6000",
+        f"out={out}",
+        f"runs={tmp_path / 'runs'}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    deadline = time.time() + 120
+    part = out / "parts" / "shard-00000-of-00001.json"
+    while time.time() < deadline and not (part.is_file() and len(json.loads(part.read_text())["chunks"]) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(json.loads(part.read_text())["chunks"])
+    assert 3 <= done_before < 40 and not (out / MANIFEST).exists()
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out)
+    assert manifest.n_tokens == 6000
+    assert all(
+        read_chunk(out, entry, manifest.quant_spec).tokens.numel() == entry.n_tokens for entry in manifest.chunks
+    )
+    assert not list(out.rglob(".*"))  # no temporary files left behind
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reader") / "ds"
+    write(tiny_model, out, "quant=none")
+    return out
+
+
+def collect(reader: ActivationReader, n: int):
+    iterator = iter(reader)
+    return [next(iterator) for _ in range(n)]
+
+
+def test_reader_is_seeded_and_shuffles_across_chunks(dataset):
+    a = collect(ActivationReader(dataset, 64, seed=1), 10)
+    b = collect(ActivationReader(dataset, 64, seed=1), 10)
+    c = collect(ActivationReader(dataset, 64, seed=2), 10)
+    assert all(torch.equal(x.mlp_in, y.mlp_in) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0].tokens, c[0].tokens)
+    # a batch mixes tokens from several chunks (shuffle buffer across chunks)
+    chunk_of = {}
+    for number, chunk in enumerate(all_chunks(dataset)):
+        for row in chunk.mlp_out[:, 0, 0].tolist():
+            chunk_of[row] = number
+    assert len({chunk_of[row] for row in a[0].mlp_out[:, 0, 0].tolist()}) > 1
+
+
+def test_reader_wraps_around_and_serves_every_token_once_per_epoch(dataset):
+    reader = ActivationReader(dataset, 100, seed=0, shuffle_chunks=3)
+    batches = collect(reader, 30)  # 3000 tokens = two epochs
+    assert reader.tokens_served == 3000
+    first_epoch = torch.cat([b.mlp_out[:, 0, 0] for b in batches])[:1500]
+    expected = torch.cat([c.mlp_out[:, 0, 0] for c in all_chunks(dataset)])
+    assert torch.equal(first_epoch.sort().values, expected.sort().values)
+
+
+def test_reader_resumes_exactly_from_a_token_position(dataset):
+    straight = collect(ActivationReader(dataset, 70, seed=3), 30)
+    resumed = collect(ActivationReader(dataset, 70, seed=3, start_tokens=70 * 17), 13)
+    assert all(
+        torch.equal(x.mlp_in, y.mlp_in) and torch.equal(x.tokens, y.tokens)
+        for x, y in zip(straight[17:], resumed, strict=True)
+    )
+
+
+def test_ddp_ranks_read_disjoint_chunks_and_feature_ranks_the_same(dataset):
+    rank0 = ActivationReader(dataset, 10, world_size=2, rank=0)
+    rank1 = ActivationReader(dataset, 10, world_size=2, rank=1)
+    for epoch in range(3):
+        paths0 = {c.path for g in rank0.groups(epoch) for c in g}
+        paths1 = {c.path for g in rank1.groups(epoch) for c in g}
+        assert not paths0 & paths1
+        assert len(paths0 | paths1) == len(read_manifest(dataset).chunks)
+    same_a = collect(ActivationReader(dataset, 32, seed=5), 3)
+    same_b = collect(ActivationReader(dataset, 32, seed=5), 3)
+    assert all(torch.equal(x.mlp_out, y.mlp_out) for x, y in zip(same_a, same_b, strict=True))
+
+
+def test_corrupt_chunk_names_file_and_checksum(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    manifest = read_manifest(copy)
+    victim = copy / manifest.chunks[0].path
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CLTError, match=rf"{victim.name}.*corrupt.*checksum"):
+        collect(ActivationReader(copy, 2000, shuffle_chunks=100), 1)
+    victim.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CLTError, match=rf"{victim.name}.*truncated"):
+        collect(ActivationReader(copy, 2000, shuffle_chunks=100), 1)
+    with pytest.warns(UserWarning, match="skipping"):
+        batches = collect(ActivationReader(copy, 1000, shuffle_chunks=100, skip_corrupt=True), 1)
+    assert batches[0].tokens.numel() == 1000
+
+
+def test_newer_format_version_is_refused(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    raw = json.loads((copy / MANIFEST).read_text())
+    raw["version"] += 1
+    (copy / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(CLTError, match=r"version 2.*reads version 1"):
+        read_manifest(copy)
+    with pytest.raises(CLTError, match="run `clt cache"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_dataset_from_another_model_is_refused(dataset):
+    manifest = read_manifest(dataset)
+    with pytest.raises(
+        CLTError, match=r"model: dataset 'tiny', config 'smollm2_135m'.*d_model: dataset 64, config 576"
+    ):
+        check_compatible(manifest, dataset, model="smollm2_135m", n_layers=3, d_model=576)
+
+
+def test_on_the_fly_store_matches_the_model(tiny_model):
+    cfg = cache_config(Path("unused"))
+    store = ActivationsStore.from_model(tiny_model, cfg.data, 32, windows_per_forward=4, buffer_tokens=120)
+    batch = next(iter(store))
+    assert batch.mlp_in.shape == (32, 3, 64) and batch.mlp_out.shape == (32, 3, 64)
+    with torch.no_grad():
+        recomputed = tiny_model.blocks[1].mlp(batch.mlp_in[:, 1])
+    torch.testing.assert_close(recomputed, batch.mlp_out[:, 1], atol=1e-5, rtol=1e-5)
+    assert tiny_model.tokenizer.bos_token_id not in batch.tokens.tolist()
+
+
+def test_merge_waits_for_every_shard(tiny_model, tmp_path):
+    out = tmp_path / "ds"
+    write(tiny_model, out, "shard.count=3", "shard.index=2")
+    assert not merge_if_complete(out, 3)
+    assert Plan.from_config(cache_config(out)).n_windows == 100
