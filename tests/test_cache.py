@@ -281,6 +281,21 @@ def test_on_the_fly_store_matches_the_model(tiny_model):
     assert tiny_model.tokenizer.bos_token_id not in batch.tokens.tolist()
 
 
+def test_held_out_documents_become_their_own_dataset(tiny_model, tmp_path):
+    out = tmp_path / "ds"
+    assert not write(
+        tiny_model, out, "held_out_tokens=300", "data.held_out_fraction=0.3", "shard.count=2", "shard.index=1"
+    )
+    assert not (out / "held_out").exists()  # only shard 0 caches the held-out documents
+    assert write(tiny_model, out, "held_out_tokens=300", "data.held_out_fraction=0.3", "shard.count=2", "shard.index=0")
+    held_out, train = read_manifest(out / "held_out"), read_manifest(out)
+    assert held_out.split == "held_out" and train.split == "train"
+    assert held_out.n_tokens == 300
+    cfg = cache_config(out, "data.held_out_fraction=0.3")
+    expected = torch.stack(list(token_windows(cfg.data, tiny_model.tokenizer, "held_out"))[:20])[:, 1:].flatten()
+    assert torch.equal(torch.cat([c.tokens for c in all_chunks(out / "held_out")]), expected)
+
+
 def test_merge_waits_for_every_shard(tiny_model, tmp_path):
     out = tmp_path / "ds"
     write(tiny_model, out, "shard.count=3", "shard.index=2")

@@ -70,6 +70,7 @@ class Manifest:
     prepend_bos: bool
     bos_stored: bool
     data: dict[str, Any]  # the data config that produced the tokens
+    split: str  # "train", or "held_out" for the evaluation dataset in <dataset>/held_out
     n_tokens: int
     shard_count: int
     chunks: list[ChunkEntry]

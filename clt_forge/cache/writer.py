@@ -73,6 +73,7 @@ class Plan:
 
     model: str
     model_id: str
+    split: str
     quant: dict[str, Any]
     data: dict[str, Any]
     context_size: int
@@ -90,23 +91,29 @@ class Plan:
         return math.ceil(self.tokens / self.tokens_per_window)
 
     @classmethod
-    def from_config(cls, cfg: CacheConfig) -> Plan:
+    def from_config(
+        cls, cfg: CacheConfig, split: str = "train", tokens: int | None = None, shards: int | None = None
+    ) -> Plan:
         tokens_per_window = cfg.data.context_size - (1 if cfg.data.prepend_bos else 0)
         return cls(
             model=cfg.model.name,
             model_id=model_id(cfg),
+            split=split,
             quant=dataclasses.asdict(quant_spec(cfg.quant)),
             data=plain(cfg.data),
             context_size=cfg.data.context_size,
             prepend_bos=cfg.data.prepend_bos,
-            tokens=cfg.tokens,
+            tokens=cfg.tokens if tokens is None else tokens,
             windows_per_chunk=max(1, cfg.chunk_tokens // tokens_per_window),
-            shard_count=cfg.shard.count,
+            shard_count=cfg.shard.count if shards is None else shards,
         )
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         mine = dataclasses.asdict(self)
         return [f"{key}: {other.get(key)!r} there, {mine[key]!r} now" for key in mine if other.get(key) != mine[key]]
+
+
+HELD_OUT = "held_out"  # sub-folder: a complete dataset of held-out documents, for evaluation
 
 
 def part_path(out: Path, index: int, count: int) -> Path:
@@ -142,12 +149,13 @@ def model_id(cfg: CacheConfig) -> str:
 
 
 class CacheJob:
-    """One shard of `clt cache`."""
+    """One shard of `clt cache` (or, with split="held_out", the small held-out dataset)."""
 
-    def __init__(self, cfg: CacheConfig, out: Path):
+    def __init__(self, cfg: CacheConfig, out: Path, split: str = "train"):
         self.cfg, self.out = cfg, out
-        self.plan = Plan.from_config(cfg)
-        self.index, self.count = cfg.shard.index, cfg.shard.count
+        held_out = split == "held_out"
+        self.plan = Plan.from_config(cfg, split, cfg.held_out_tokens if held_out else None, 1 if held_out else None)
+        self.index, self.count = (0, 1) if held_out else (cfg.shard.index, cfg.shard.count)
         if not 0 <= self.index < self.count:
             raise CLTError(f"shard.index={self.index} must be in [0, shard.count={self.count}).")
         self.spec = QuantSpec(**self.plan.quant)
@@ -158,6 +166,7 @@ class CacheJob:
 
     # -- resume ---------------------------------------------------------------------------
     def load_progress(self) -> None:
+        self._remove_stale_temporaries()
         if (self.out / MANIFEST).is_file():
             self._check_plan(read_manifest(self.out).plan, self.out / MANIFEST)
             return
@@ -173,6 +182,12 @@ class CacheJob:
         self.part = part
         if part.stats_file:
             self.stats = RunningStats.from_bytes((self.out / part.stats_file).read_bytes())
+
+    def _remove_stale_temporaries(self) -> None:
+        """A job killed mid-write leaves its temporary file (never a renamed one): drop ours."""
+        for pattern in (f"chunks/.s{self.index:05d}-*", f"parts/.shard-{self.index:05d}-*"):
+            for stale in self.out.glob(pattern):
+                stale.unlink(missing_ok=True)
 
     def _check_plan(self, recorded: dict[str, Any], where: Path) -> None:
         diffs = self.plan.differences(recorded)
@@ -192,10 +207,14 @@ class CacheJob:
             return True
         if not self.part.complete:
             self._cache_chunks(model)
+        if self.plan.split == "train" and self.index == 0 and self.cfg.held_out_tokens > 0:
+            held_out = CacheJob(self.cfg, self.out / HELD_OUT, split="held_out")
+            held_out.load_progress()
+            held_out.run(model)
         return merge_if_complete(self.out, self.count)
 
     def my_windows(self, tokenizer: Any) -> Any:
-        windows = token_windows(self.cfg.data, tokenizer, split="train")
+        windows = token_windows(self.cfg.data, tokenizer, split=self.plan.split)
         mine = itertools.islice(windows, self.index, self.plan.n_windows, self.count)
         return batched(mine, self.plan.windows_per_chunk)
 
@@ -208,7 +227,7 @@ class CacheJob:
             total=total_chunks * self.plan.windows_per_chunk * self.plan.tokens_per_window,
             unit="tok",
             unit_scale=True,
-            desc=f"clt cache shard {self.index}/{self.count}",
+            desc=f"clt cache {self.plan.split} {self.index}/{self.count}",
             disable=None,
         )
         pending: Future[None] | None = None
@@ -229,6 +248,9 @@ class CacheJob:
             if pending is not None:
                 pending.result()
         bar.close()
+        cached = sum(c.n_tokens for c in self.part.chunks)
+        if cached < self.plan.tokens // self.count:
+            print(f"note: the {self.plan.split} split ran out of text: this shard cached {cached} tokens.")
         self.part.complete = True
         self.part.save(self.out, self.count)
         elapsed = time.perf_counter() - started
@@ -273,6 +295,8 @@ def merge_if_complete(out: Path, count: int) -> bool:
     """Merge every shard's part into manifest.json once all are complete. Idempotent."""
     if (out / MANIFEST).is_file():
         return True
+    if (out / HELD_OUT / "parts").is_dir() and not (out / HELD_OUT / MANIFEST).is_file():
+        return False  # shard 0 is still caching the held-out documents
     parts = []
     for index in range(count):
         path = part_path(out, index, count)
@@ -314,6 +338,7 @@ def merge_if_complete(out: Path, count: int) -> bool:
         prepend_bos=plan["prepend_bos"],
         bos_stored=False,
         data=data,
+        split=plan["split"],
         n_tokens=sum(entry.n_tokens for entry in chunks),
         shard_count=count,
         chunks=chunks,

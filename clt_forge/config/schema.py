@@ -183,6 +183,7 @@ class CacheConfig(PipelineConfig):
     chunk_tokens: int = 1024  # tokens per chunk file (rounded down to whole windows)
     batch_size: int = 8  # context windows per model forward
     shard: ShardConfig = field(default_factory=ShardConfig)
+    held_out_tokens: int = 2048  # also cache this many held-out tokens into out/held_out (shard 0)
     merge: bool = False  # only merge the finished shards in out= into one dataset
 
 
