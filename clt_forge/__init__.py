@@ -12,6 +12,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "clt_forge.models",
     "mlp_activations": "clt_forge.models",
+    "ActivationsStore": "clt_forge.cache",
+    "CLTTrainingRunner": "clt_forge.training",
+    "CrossLayerTranscoder": "clt_forge.clt",
+    "load_checkpoint": "clt_forge.training",
 }
 
 __all__ = ["__version__", *_LAZY]

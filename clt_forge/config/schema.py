@@ -60,6 +60,18 @@ class SparsitySchedule(StrEnum):
     delayed_linear = "delayed_linear"  # 0 until delay_fraction, then linear to the end
 
 
+class LRSchedule(StrEnum):
+    constant = "constant"  # after warm-up
+    linear = "linear"  # linear decay to lr * lr_final_fraction
+    cosine = "cosine"  # cosine decay to lr * lr_final_fraction
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast (CPU or GPU)
+    fp16 = "fp16"  # autocast with a gradient scaler (GPU)
+
+
 class LoggerKind(StrEnum):
     none = "none"
     wandb = "wandb"
@@ -188,9 +200,57 @@ class CacheConfig(PipelineConfig):
 
 
 @dataclass
+class OptimConfig:
+    """Adam, its learning-rate schedule, and global-norm gradient clipping."""
+
+    lr: float = 2e-4
+    lr_schedule: LRSchedule = LRSchedule.constant  # shape after the warm-up
+    lr_warmup_fraction: float = 0.01  # share of steps with linear warm-up from 0
+    lr_final_fraction: float = 0.1  # linear / cosine decay end, as a fraction of lr
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # global gradient norm bound; 0 disables
+
+
+@dataclass
+class ReaderConfig:
+    """How the activation dataset is read (see clt_forge/cache/reader.py)."""
+
+    shuffle_chunks: int = 4  # chunks whose tokens are shuffled together
+    prefetch_groups: int = 2  # groups decoded ahead of training
+    workers: int = 2  # decoding threads
+    skip_corrupt: bool = False  # warn and skip a chunk failing its checksum instead of stopping
+
+
+@dataclass
+class FinetuneConfig:
+    """Low-rank finetuning of a pretrained CLT (`finetune.from=CKPT finetune.rank=R`)."""
+
+    source: str | None = None  # a checkpoint to finetune (CLI alias: finetune.from)
+    rank: int = 8  # rank of the adapters on W_enc and W_dec
+
+
+@dataclass
 class TrainConfig(PipelineConfig):
     tokens: int = 1_000_000  # tokens to train on
     activations: str | None = None  # an activation dataset from `clt cache`
+    batch_size: int = 1024  # tokens per optimizer step
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: Precision = Precision.fp32
+    log_every: int = 10  # steps between training-metric lines
+    eval_every: int = 100  # steps between held-out evaluations
+    eval_tokens: int = 2048  # held-out tokens per evaluation
+    checkpoint_every: int = 500  # steps between resumable checkpoints
+    keep_checkpoints: int = 2  # resumable checkpoints kept (the newest ones)
+    checkpoint_l0: list[float] = field(default_factory=list)  # save when mean L0 first falls below each
+    optimal_l0: float | None = None  # stop (and save) when mean L0 falls below this
+    dead_window_tokens: int = 100_000  # a feature not active for this many tokens is dead
+    norm_batches: int = 8  # batches to estimate normalisation when the dataset has no statistics
+    windows_per_forward: int = 8  # data.source=model: context windows per model forward
+    resume: str | None = None  # a `clt train` run folder to continue exactly
+    plot: str | None = None  # only (re)draw the plots of this run folder
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass

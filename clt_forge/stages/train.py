@@ -1,11 +1,12 @@
-"""`clt train`: not built yet (see the project's open issues)."""
+"""`clt train`: train a CLT (see clt_forge/training/runner.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from clt_forge.errors import NotImplementedStage
+from clt_forge.config.schema import TrainConfig
+from clt_forge.training.runner import CLTTrainingRunner
 
 
-def run(cfg: object) -> Path:
-    raise NotImplementedStage("clt train is not implemented yet; nothing was written.")
+def run(cfg: TrainConfig) -> Path:
+    return CLTTrainingRunner(cfg).run()
