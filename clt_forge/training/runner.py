@@ -56,7 +56,7 @@ class StepResult:
 class CLTTrainingRunner:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.d_features = cfg.clt.d_features or int(round(cfg.clt.expansion_factor * cfg.model.d_model))
+        self.d_features = cfg.clt.d_features or round(cfg.clt.expansion_factor * cfg.model.d_model)
 
     # -- set-up -----------------------------------------------------------------------------
     def run(self) -> Path:
