@@ -77,7 +77,7 @@ def test_training_logs_evaluates_checkpoints_and_plots(dataset, tmp_path):
         "dead_per_layer.png",
         "explained_variance.png",
     }
-    clt, norm, info = load_checkpoint(run / "checkpoints" / "final")
+    _, norm, info = load_checkpoint(run / "checkpoints" / "final")
     assert (info.n_layers, info.d_model, info.d_features, info.step) == (3, 64, 96, 60)
     assert norm.in_scale.shape == (3,) and torch.all(norm.in_scale > 0)
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000020", "step-00000040"]
