@@ -1,0 +1,56 @@
+"""The README is tested: every command and Python snippet in it runs, in order, in one folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"```(bash|python)\n(.*?)```", re.DOTALL)
+# Commands CI runs itself (.ci/run calls scripts/test.sh, which calls scripts/setup.sh).
+RUN_BY_CI = {"bash scripts/setup.sh", "bash scripts/test.sh"}
+
+
+def readme_steps() -> list[tuple[str, str]]:
+    steps = []
+    for language, body in BLOCK.findall((REPO / "README.md").read_text()):
+        if language == "python":
+            steps.append(("python", body))
+            continue
+        for line in body.strip().splitlines():
+            for command in (part.strip() for part in line.split("&&")):
+                if command and command not in RUN_BY_CI:
+                    steps.append(("bash", command))
+    return steps
+
+
+def test_readme_has_the_two_commands():
+    text = (REPO / "README.md").read_text()
+    assert "bash scripts/setup.sh && .venv/bin/clt" in text
+    assert "bash scripts/test.sh" in text
+    assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.slow
+def test_every_readme_command_and_snippet_runs(tmp_path):
+    clt = str(Path(sys.executable).parent / "clt")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    steps = readme_steps()
+    assert len(steps) >= 6
+    for language, code in steps:
+        if language == "python":
+            args = [sys.executable, "-c", code]
+        else:
+            words = shlex.split(code)
+            assert words[0] == ".venv/bin/clt", f"README command not covered by this test: {code}"
+            args = [clt, *words[1:]]
+        result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"README step failed: {code}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        if "Paris" in code:
+            assert "Paris" in result.stdout
