@@ -28,6 +28,18 @@ app = typer.Typer(
 )
 
 OVERRIDE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+# Keys users write that cannot be Python field names ("from" is a keyword).
+ALIASES = {"finetune.from": "finetune.source"}
+
+
+def apply_aliases(overrides: list[str]) -> list[str]:
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        prefix = key[: len(key) - len(key.lstrip("+~"))]
+        bare = key[len(prefix) :]
+        out.append(f"{prefix}{ALIASES.get(bare, bare)}{sep}{value}" if sep else override)
+    return out
 
 
 def groups_help() -> str:
@@ -48,6 +60,7 @@ def run_hydra_stage(
     """Validate, then hand the stage to Hydra exactly as `python app.py OVERRIDES FLAGS` would."""
     import hydra
 
+    overrides = apply_aliases(overrides)
     try:
         compose.validate(stage, overrides, multirun)
     except CLTError as err:

@@ -120,3 +120,9 @@ def test_run_directory_names_stage_and_time(tmp_path):
     assert result.returncode == 0, result.stderr
     run_dir = yaml.safe_load(result.stdout)["hydra"]["run"]["dir"]
     assert run_dir.startswith("${runs}/${hydra:job.name}/${now:")
+
+
+def test_finetune_from_is_an_alias_of_finetune_source():
+    result = runner.invoke(app, ["train", "--cfg", "job", "finetune.from=/ckpt", "finetune.rank=4"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.output)["finetune"] == {"source": "/ckpt", "rank": 4}
