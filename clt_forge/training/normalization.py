@@ -34,15 +34,16 @@ class Normalization:
 
     @classmethod
     def estimate(cls, batches: Iterable[ActivationBatch]) -> Normalization:
-        sums = {"in": 0.0, "out": 0.0}
+        sums: dict[str, torch.Tensor] = {}
         count = 0
-        d_model = 1
         for batch in batches:
-            d_model = batch.mlp_in.shape[-1]
-            sums["in"] = sums["in"] + batch.mlp_in.float().square().sum(dim=(0, 2))
-            sums["out"] = sums["out"] + batch.mlp_out.float().square().sum(dim=(0, 2))
-            count += batch.mlp_in.shape[0]
-        return cls(*((torch.as_tensor(sums[k]) / (count * d_model)).sqrt().float() for k in ("in", "out")))
+            for kind, x in (("in", batch.mlp_in), ("out", batch.mlp_out)):
+                total = x.float().square().sum(dim=(0, 2))
+                sums[kind] = sums[kind] + total if kind in sums else total
+            count += batch.mlp_in.shape[0] * batch.mlp_in.shape[-1]
+        if not sums:
+            raise ValueError("no batches to estimate the normalisation from")
+        return cls((sums["in"] / count).sqrt(), (sums["out"] / count).sqrt())
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.in_scale.to(x.device)[:, None]
