@@ -175,9 +175,12 @@ def decode_chunk(data: bytes, spec: QuantSpec, source: str = "chunk") -> Chunk:
         return bytes(body[where["offset"] : where["offset"] + where["length"]])
 
     shape = (header["n_tokens"], header["n_layers"], header["d_model"])
-    raw_tokens = zstandard.ZstdDecompressor().decompress(section("tokens"))
-    tokens = torch.from_numpy(np.frombuffer(raw_tokens, dtype="<i4").astype(np.int64))
-    return Chunk(tokens, decode(section("mlp_in"), spec, shape), decode(section("mlp_out"), spec, shape))
+    try:
+        raw_tokens = zstandard.ZstdDecompressor().decompress(section("tokens"))
+        tokens = torch.from_numpy(np.frombuffer(raw_tokens, dtype="<i4").astype(np.int64))
+        return Chunk(tokens, decode(section("mlp_in"), spec, shape), decode(section("mlp_out"), spec, shape))
+    except (ValueError, zstandard.ZstdError) as err:
+        raise CLTError(f"{source}: cannot decode ({err}).") from None
 
 
 def read_chunk(folder: Path, entry: ChunkEntry, spec: QuantSpec, verify: bool = True) -> Chunk:

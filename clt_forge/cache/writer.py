@@ -61,6 +61,8 @@ def quant_spec(cfg: QuantConfig) -> QuantSpec:
         granularity=cfg.granularity.value,
         group_size=cfg.group_size,
         outlier_fraction=cfg.outlier_fraction,
+        predict=cfg.predict,
+        scale_rule=cfg.scale_rule.value,
         dtype=cfg.dtype.value,
         zstd_level=cfg.zstd_level,
         zstd_threads=cfg.zstd_threads,

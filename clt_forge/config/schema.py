@@ -47,6 +47,11 @@ class ScaleGranularity(StrEnum):
     group = "group"  # one scale per `group_size` channels per token per layer
 
 
+class ScaleRule(StrEnum):
+    absmax = "absmax"  # scale = absmax / qmax: no value clips
+    mse = "mse"  # absmax, then least-squares refinement (row/group): far better at int2/int4
+
+
 class ShardingMode(StrEnum):
     single = "single"
     ddp = "ddp"
@@ -126,6 +131,8 @@ class QuantConfig:
     granularity: ScaleGranularity = ScaleGranularity.row  # what one absmax scale covers
     group_size: int = 64  # channels per scale when granularity=group
     outlier_fraction: float = 0.0  # share of values per chunk stored exactly beside the codes
+    predict: bool = False  # code each layer's residual after predicting it from the decoded previous layer
+    scale_rule: ScaleRule = ScaleRule.absmax  # how row/group scales are chosen
     zstd_level: int = 3  # 0 disables zstd
     zstd_threads: int = 0  # 0: single-threaded; -1: all cores
 
