@@ -12,9 +12,11 @@ Prints one JSON object; the target is cache >= 90% of bare.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +29,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quant", default="int8")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -54,7 +56,8 @@ def main() -> None:
         out = scratch / f"run{repeat}"
         run_cfg = OmegaConf.to_object(compose_stage("cache", [*overrides, f"out={out}"]))
         start = time.perf_counter()
-        CacheJob(run_cfg, out).run(model)
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout pure JSON
+            CacheJob(run_cfg, out).run(model)
         elapsed = time.perf_counter() - start
         shutil.rmtree(out)
         return stored_tokens / elapsed

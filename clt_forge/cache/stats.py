@@ -1,4 +1,4 @@
-"""Normalisation statistics of MLP inputs and outputs, accumulated exactly (float64) per chunk.
+"""Normalisation statistics of MLP inputs and outputs, accumulated per chunk (float64 across chunks).
 
 Kept per channel so any normalisation can be derived later: count, sum and sum of squares per
 (layer, channel) for each kind; merged across shards by addition. Written as float32 means
@@ -34,10 +34,12 @@ class RunningStats:
 
     def update(self, kind: str, x: torch.Tensor) -> None:
         """x: [tokens, n_layers, d_model]; call once per kind with the same tokens."""
-        x64 = x.to(torch.float64)
-        self.sums[kind] += x64.sum(0)
-        self.squares[kind] += x64.square().sum(0)
-        self.max_abs[kind] = torch.maximum(self.max_abs[kind], x64.abs().amax(dim=(0, 2)))
+        # float32 sums over one chunk's tokens (blocked summation, ~1e-7 relative error), then
+        # accumulated across chunks in float64: 10x cheaper than converting x to float64.
+        self.sums[kind] += x.sum(0).double()
+        self.squares[kind] += x.square().sum(0).double()
+        peak = torch.maximum(x.amax(dim=(0, 2)), -x.amin(dim=(0, 2)))  # max |x| without an abs copy
+        self.max_abs[kind] = torch.maximum(self.max_abs[kind], peak.double())
         if kind == KINDS[0]:
             self.count += x.shape[0]
 

@@ -257,7 +257,7 @@ class CacheJob:
         self.part.save(self.out, self.count)
         elapsed = time.perf_counter() - started
         print(
-            f"shard {self.index}/{self.count}: {len(self.part.chunks)} chunks, {self.bytes_written / 1e6:.1f} MB in {elapsed:.0f} s"
+            f"{self.plan.split} shard {self.index}/{self.count}: {len(self.part.chunks)} chunks, {self.bytes_written / 1e6:.1f} MB in {elapsed:.0f} s"
         )
 
     def _forward(self, model: Any, windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
