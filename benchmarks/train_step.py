@@ -1,0 +1,344 @@
+"""Benchmark one CLT training step on CPU against this machine's own matmul throughput.
+
+The one job of this file: print one JSON object to stdout with
+  - matmul: fp32 square-GEMM GFLOP/s (torch.mm, best of a few) at each thread count;
+  - steps: per (config, threads) the median seconds per full training step (forward, eq.-6
+    loss, backward, Adam step), tokens/s, peak RSS, and achieved GFLOP/s counted by the dense
+    formula forward = 2 B L D F + 2 B F D L (L + 1) / 2, step = 3 x forward, plus that as a
+    fraction of the same thread count's matmul GFLOP/s;
+  - adam: one optimizer step over config (a)'s parameters for torch's fused / foreach /
+    for-loop Adam (the step uses --adam, fused by default: the fastest here by 5-10x);
+  - with --layouts, the decode forward + backward time of the candidate W_dec layouts;
+  - other_processes_cpu: the share of the machine's CPU that other processes used while a
+    measurement ran (0 = quiet; 0.5 on 2 cores = one core taken, which ruins 2-thread figures).
+Each measurement runs in its own subprocess, so peak RSS (ru_maxrss) is per configuration.
+
+    .venv/bin/python benchmarks/train_step.py            # full run (~6 minutes on 2 cores)
+    .venv/bin/python benchmarks/train_step.py --quick    # smoke run (seconds)
+    .venv/bin/python benchmarks/train_step.py --layouts  # also compare decoder layouts
+
+Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
+d_features=1536, batch 512. Inputs are synthetic random activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "a": {"n_layers": 30, "d_model": 576, "d_features": 1152, "batch": 256},
+    "b": {"n_layers": 12, "d_model": 768, "d_features": 1536, "batch": 512},
+    "quick": {"n_layers": 6, "d_model": 128, "d_features": 256, "batch": 128},
+}
+
+
+def dense_forward_flops(n_layers: int, d_model: int, d_features: int, batch: int) -> float:
+    """2 B L D F (encode) + 2 B F D L (L + 1) / 2 (decode over the real (source, target) pairs)."""
+    return (
+        2.0 * batch * n_layers * d_model * d_features
+        + 2.0 * batch * d_features * d_model * n_layers * (n_layers + 1) / 2
+    )
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # ru_maxrss is KiB on Linux
+
+
+def worker_matmul(threads: int, sizes: list[int], repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    result = {}
+    for n in sizes:
+        a = torch.randn(n, n)
+        b = torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        result[str(n)] = 2.0 * n**3 / best / 1e9
+    return {"threads": threads, "gflops_by_size": result, "gflops": max(result.values())}
+
+
+def worker_step(threads: int, config: str, warmup: int, steps: int, adam: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from clt_forge.clt.loss import clt_loss
+    from clt_forge.clt.model import CrossLayerTranscoder
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = CONFIGS[config]
+    n_layers, d_model, d_features, batch = cfg["n_layers"], cfg["d_model"], cfg["d_features"], cfg["batch"]
+    model = CrossLayerTranscoder(n_layers, d_model, d_features)
+    # Synthetic data: x [batch, n_layers, d_model] inputs, y the same shape as targets.
+    x = torch.randn(batch, n_layers, d_model)
+    y = torch.randn(batch, n_layers, d_model) * 0.1
+    opt_kwargs = {"fused": True} if adam == "fused" else {"foreach": True}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **opt_kwargs)
+
+    def step() -> tuple[float, float]:
+        start = time.perf_counter()
+        out = model(x)
+        loss = clt_loss(
+            out, y, out.decoder_norms, model.jumprelu_threshold(), l0_coefficient=1e-3, c=1.0, dead_coefficient=1e-5
+        )
+        loss.total.backward()
+        mid = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        return end - start, end - mid
+
+    for _ in range(warmup):
+        step()
+    load = _OtherLoad()
+    times, opt_times = [], []
+    for _ in range(steps):
+        total, opt = step()
+        times.append(total)
+        opt_times.append(opt)
+    seconds = statistics.median(times)
+    flops = 3.0 * dense_forward_flops(n_layers, d_model, d_features, batch)
+    return {
+        "config": config,
+        **cfg,
+        "threads": threads,
+        "adam": adam,
+        "seconds_per_step": seconds,
+        "seconds_per_step_all": times,
+        "seconds_per_step_min": min(times),
+        "seconds_optimizer": statistics.median(opt_times),
+        "tokens_per_s": batch / seconds,
+        "achieved_gflops": flops / seconds / 1e9,
+        "step_gflop_dense": flops / 1e9,
+        "peak_rss_mib": _peak_rss_mib(),
+        "other_processes_cpu": load.fraction(),
+    }
+
+
+def worker_layouts(threads: int, config: str, repeats: int) -> dict:
+    """Decode forward + backward (the GEMMs that dominate a step, the norm-gradient pass
+    included) for three W_dec layouts, interleaved, best of `repeats`; gradient buffers are
+    preallocated for all three so only the layouts differ."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from clt_forge.clt.model import _decode_packed, _source_block, pair_offsets
+
+    torch.set_num_threads(threads)
+    cfg = CONFIGS[config]
+    n_layers, d_model, d_features, batch = cfg["n_layers"], cfg["d_model"], cfg["d_features"], cfg["batch"]
+    n_pairs = n_layers * (n_layers + 1) // 2
+    dense_flops = 3 * 2.0 * batch * d_features * d_model * n_pairs  # forward + 2 backward GEMMs
+    z = torch.randn(n_layers, batch, d_features).permute(1, 0, 2)  # [B, L, F] as encode makes it
+    g = torch.randn(batch, n_layers, d_model)  # grad of the reconstruction
+    coef = torch.randn(n_layers, d_features)  # grad of the norms / norms
+    offsets = pair_offsets(n_layers)
+
+    # 1. packed [F, P, D], source-major pairs (the model's layout): L GEMMs per pass.
+    w_packed = torch.randn(d_features, n_pairs, d_model).mul_(0.01)
+    grad_packed = torch.empty_like(w_packed)
+
+    def packed() -> None:
+        _decode_packed(z, w_packed, offsets)
+        grad_z = torch.empty(n_layers, batch, d_features)
+        for s in range(n_layers):
+            torch.mm(g[:, s:].reshape(batch, -1), _source_block(w_packed, offsets, s).t(), out=grad_z[s])
+        for s in range(n_layers):
+            dest = _source_block(grad_packed, offsets, s)
+            torch.mul(_source_block(w_packed, offsets, s), coef[s, :, None], out=dest)
+            dest.addmm_(z[:, s].t(), g[:, s:].reshape(batch, -1))
+
+    # 2. masked dense [L F, L D]: one GEMM per pass; target < source blocks held at zero.
+    w_dense = torch.randn(n_layers * d_features, n_layers * d_model).mul_(0.01)
+    grad_dense = torch.empty_like(w_dense)
+    grad_dense_4d = grad_dense.view(n_layers, d_features, n_layers, d_model)
+    w_dense_4d = w_dense.view(n_layers, d_features, n_layers, d_model)
+    z_flat, g_flat = z.reshape(batch, -1), g.reshape(batch, -1)
+
+    def masked_dense() -> None:
+        torch.mm(z_flat, w_dense)
+        torch.mm(g_flat, w_dense.t())
+        torch.mul(w_dense_4d, coef[:, :, None, None], out=grad_dense_4d)
+        grad_dense.addmm_(z_flat.t(), g_flat)
+        for s in range(1, n_layers):  # mask the gradient of the target < source blocks
+            grad_dense_4d[s, :, :s] = 0
+
+    # 3. pairs [P, F, D]: one bmm over the P pairs, z gathered per pair, outputs index-added.
+    w_pairs = torch.randn(n_pairs, d_features, d_model).mul_(0.01)
+    grad_pairs = torch.empty_like(w_pairs)
+    src = torch.tensor([s for s in range(n_layers) for _ in range(s, n_layers)])
+    tgt = torch.tensor([t for s in range(n_layers) for t in range(s, n_layers)])
+
+    def pairs() -> None:
+        zp = z.transpose(0, 1)[src]  # [P, B, F]
+        torch.zeros(n_layers, batch, d_model).index_add_(0, tgt, torch.bmm(zp, w_pairs))
+        gp = g.transpose(0, 1)[tgt]  # [P, B, D]
+        torch.zeros(n_layers, batch, d_features).index_add_(0, src, torch.bmm(gp, w_pairs.transpose(1, 2)))
+        torch.mul(w_pairs, coef[src][:, :, None], out=grad_pairs)
+        grad_pairs.baddbmm_(zp.transpose(1, 2), gp)
+
+    fns = {"packed_F_P_D": packed, "masked_dense_LF_LD": masked_dense, "pairs_P_F_D_bmm": pairs}
+    best = dict.fromkeys(fns, float("inf"))
+    load = _OtherLoad()
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {
+        "config": config,
+        "threads": threads,
+        "seconds_best": best,
+        "achieved_gflops_dense": {k: dense_flops / v / 1e9 for k, v in best.items()},
+        "other_processes_cpu": load.fraction(),
+    }
+
+
+def worker_adam(threads: int, config: str, repeats: int) -> dict:
+    """One Adam step over a CLT's parameters, per torch implementation (median of `repeats`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = CONFIGS[config]
+    n_layers, d_model, d_features = cfg["n_layers"], cfg["d_model"], cfg["d_features"]
+    n_pairs = n_layers * (n_layers + 1) // 2
+    shapes = [
+        (n_layers, d_model, d_features),
+        (n_layers, d_features),
+        (n_layers, d_features),
+        (d_features, n_pairs, d_model),
+        (n_layers, d_model),
+    ]
+    result = {}
+    for name, kwargs in {
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "for_loop": {"foreach": False},
+    }.items():
+        params = [torch.nn.Parameter(torch.randn(shape) * 0.01) for shape in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.Adam(params, lr=1e-4, **kwargs)
+        optimizer.step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+        del optimizer, params
+    return {"config": config, "threads": threads, "seconds_per_step": result}
+
+
+class _OtherLoad:
+    """Share of the machine's CPU time used by other processes since construction (0 = quiet)."""
+
+    def __init__(self) -> None:
+        self.busy, self.own, self.wall = self._busy(), self._own(), time.perf_counter()
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def fraction(self) -> float | None:
+        try:
+            busy = self._busy() - self.busy
+        except OSError:
+            return None
+        own = self._own() - self.own
+        wall = time.perf_counter() - self.wall
+        return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
+
+
+def _run_worker(args: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config, few steps: a smoke run")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--configs", nargs="+", default=None, help="subset of a, b (default both; quick: quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per config (default 5; quick 2)")
+    parser.add_argument("--adam", choices=["fused", "foreach"], default="fused", help="Adam implementation of the step")
+    parser.add_argument("--layouts", action="store_true", help="also time decode forward + backward per W_dec layout")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "matmul":
+            out = worker_matmul(int(rest[0]), [int(s) for s in rest[1].split(",")], int(rest[2]))
+        elif kind == "step":
+            out = worker_step(int(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4])
+        elif kind == "adam":
+            out = worker_adam(int(rest[0]), rest[1], int(rest[2]))
+        else:
+            out = worker_layouts(int(rest[0]), rest[1], int(rest[2]))
+        print(json.dumps(out))
+        return
+
+    configs = args.configs or (["quick"] if args.quick else ["a", "b"])
+    steps = args.steps or (2 if args.quick else 5)
+    warmup = 1 if args.quick else 2
+    sizes, repeats = ("1024", 2) if args.quick else ("2048,4096", 3)
+    import torch
+
+    report: dict = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+        "target_fraction_of_matmul": 0.5,
+        "matmul": {},
+        "steps": [],
+    }
+    for threads in args.threads:
+        report["matmul"][str(threads)] = _run_worker(["matmul", str(threads), sizes, str(repeats)])
+    for config in configs:
+        for threads in args.threads:
+            step = _run_worker(["step", str(threads), config, str(warmup), str(steps), args.adam])
+            peak = report["matmul"][str(threads)]["gflops"]
+            step["fraction_of_matmul"] = step["achieved_gflops"] / peak
+            step["meets_target"] = step["fraction_of_matmul"] >= report["target_fraction_of_matmul"]
+            report["steps"].append(step)
+    layout_config = "quick" if args.quick else "a"
+    report["adam"] = [_run_worker(["adam", str(threads), layout_config, "3"]) for threads in args.threads]
+    if args.layouts:
+        report["layouts"] = [
+            _run_worker(["layouts", str(threads), layout_config, "2" if args.quick else "3"])
+            for threads in args.threads
+        ]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Initialisation of a CrossLayerTranscoder: weights, JumpReLU thresholds, and the encoder bias.
+
+The one job of this file: put a freshly built CLT in the starting state used for training.
+The weight scales follow the guidance given for Anthropic's CLTs (Circuits Updates, January
+2025): encoders W_enc ~ U(-1/sqrt(d_features), 1/sqrt(d_features)), decoders
+W_dec ~ U(-1/sqrt(n_layers d_model), 1/sqrt(n_layers d_model)), b_dec = 0, and a JumpReLU
+threshold (0.03 by default, in the units of the normalised activations) stored as its log.
+`init_encoder_bias` then sets b_enc from a batch so that each layer starts at a chosen L0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+
+if TYPE_CHECKING:
+    from clt_forge.clt.model import CrossLayerTranscoder
+
+__all__ = ["init_clt", "init_encoder_bias"]
+
+
+@torch.no_grad()
+def init_clt(
+    model: CrossLayerTranscoder, jumprelu_threshold: float = 0.03, generator: torch.Generator | None = None
+) -> None:
+    """Weights uniform at the scales above, biases zero, threshold = `jumprelu_threshold` everywhere."""
+    if jumprelu_threshold <= 0:
+        raise ValueError(f"jumprelu_threshold must be positive, got {jumprelu_threshold}")
+    enc_bound = 1.0 / math.sqrt(model.d_features)
+    dec_bound = 1.0 / math.sqrt(model.n_layers * model.d_model)
+    model.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
+    model.W_dec.uniform_(-dec_bound, dec_bound, generator=generator)
+    model.b_enc.zero_()
+    model.b_dec.zero_()
+    model.log_threshold.fill_(math.log(jumprelu_threshold))
+
+
+@torch.no_grad()
+def init_encoder_bias(
+    model: CrossLayerTranscoder,
+    x_batch: Float[torch.Tensor, "batch n_layers d_model"],
+    target_l0: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Set b_enc so that on `x_batch` each layer has `target_l0` active features per token.
+
+    Every feature gets (nearly) the same firing rate q = target_l0 / d_features, clamped to
+    (0, 1]: with B tokens, round(min(target_l0, d_features) * B) activations are spread over the
+    d_features features of a layer as evenly as possible (k_f = floor or ceil of q B; which
+    features get the extra one is random), and b_enc[l, f] = theta[l, f] - cut where `cut`
+    lies midway between the k_f-th and (k_f + 1)-th largest of x[:, l] @ W_enc[l, :, f].
+    So on this batch the mean L0 per layer equals target_l0 exactly (bar ties), and on
+    other batches of the same distribution it is close. target_l0 >= d_features turns every
+    feature on for every token of the batch. (With fewer than d_features / target_l0 tokens some
+    features get k_f = 0 and start silent on this batch: pass a batch of a few thousand tokens.)
+    """
+    if target_l0 <= 0:
+        raise ValueError(f"target_l0 must be positive, got {target_l0}")
+    batch, n_layers, _ = x_batch.shape
+    d_features = model.d_features
+    x_batch = x_batch.to(device=model.W_enc.device, dtype=model.W_enc.dtype)
+    theta = model.log_threshold.exp()
+    total = round(min(float(target_l0), float(d_features)) * batch)  # activations per layer
+    total = max(total, 1)
+    base, extra = divmod(total, d_features)
+    for layer in range(n_layers):
+        counts = torch.full((d_features,), base, dtype=torch.long, device=x_batch.device)
+        if extra:
+            lucky = torch.randperm(d_features, generator=generator, device="cpu")[:extra].to(x_batch.device)
+            counts[lucky] += 1
+        h0 = x_batch[:, layer] @ model.W_enc[layer]  # [B, F] pre-activations without the bias
+        ordered = h0.sort(dim=0, descending=True).values  # [B, F]
+        spread = (ordered[0] - ordered[-1]).abs().clamp_min(1.0)
+        kth = ordered.gather(0, (counts - 1).clamp(0, batch - 1)[None]).squeeze(0)  # k-th largest
+        nxt = ordered.gather(0, counts.clamp(0, batch - 1)[None]).squeeze(0)  # (k+1)-th largest
+        cut = torch.where(counts >= batch, ordered[-1] - spread, 0.5 * (kth + nxt))
+        cut = torch.where(counts <= 0, ordered[0] + spread, cut)
+        model.b_enc[layer] = theta[layer] - cut

@@ -1,0 +1,294 @@
+"""The cross-layer transcoder (CLT) as a plain single-device PyTorch module.
+
+The one job of this file: the CLT's parameters and its forward pass (encode, JumpReLU, decode),
+with no distributed logic. Every parameter keeps d_features as a plain tensor dimension (dim 0
+of W_dec, the last dim of W_enc / b_enc / log_threshold) so a feature-sharded wrapper can
+split it across ranks; the decode is a sum over source layers and features, so such a wrapper
+all-reduces `decode(z_local, bias=False)` and adds b_dec once.
+
+Shapes (B = tokens in the batch, L = n_layers, D = d_model, F = d_features, P = L (L + 1) / 2):
+
+    x, y, reconstruction   [B, L, D]   MLP inputs / outputs / their reconstruction, per layer
+    pre_acts, features     [B, L, F]   h = x W_enc + b_enc and z = JumpReLU(h), per layer
+    W_enc                  [L, D, F]   (circuit-tracer stores [L, F, D]: transpose to convert)
+    b_enc, log_threshold   [L, F]      jumprelu_threshold = exp(log_threshold)
+    W_dec                  [F, P, D]   packed decoders, one slot per (source l, target t >= l)
+    b_dec                  [L, D]
+
+Decoder layout. W_dec packs the P (source, target) pairs with t >= l along dim 1, source-major:
+source l owns pairs offsets[l] .. offsets[l + 1] - 1 (targets l .. L-1 in order; see
+`pair_offsets`). `W_dec[:, offsets[l]:offsets[l + 1]]` is therefore source l's decoder as a
+strided [F, L - l, D] view, circuit-tracer's `W_dec[l]` layout, which `decoder(l)` returns
+without a copy, and it is also a BLAS matrix [F, (L - l) D] with leading dimension P D. The
+decode is L GEMMs z[:, l] @ W_dec_l -> [B, (L - l) D], each accumulated in place
+(addmm_, beta = 1) into reconstruction[:, l:]; the backward is L GEMMs for grad z and L GEMMs
+writing grad W_dec straight into its packed slots. Only the P real blocks exist, so there are
+no target < source zero blocks to multiply, store, or step with Adam.
+
+Why this layout (benchmarks/train_step.py --layouts: decode forward + both backward GEMMs +
+the norm-gradient pass, L=30, D=576, F=1152, B=256, AMD EPYC Zen 4, best of 3, GFLOP/s
+counted over the P real blocks only; square fp32 GEMM peak ~88 / ~150-185 GFLOP/s):
+                                              1 thread          2 threads
+    packed [F, P, D], L GEMMs (this)          5.5 s   86        3.6 s  132
+    pairs [P, F, D], one bmm over P pairs     7.5 s   64        5.6 s   84   (+ z gathered per pair)
+    masked dense [L F, L D], one GEMM each    10.9 s  44        7.0 s   68   (2x FLOPs; 2x W_dec,
+                                                                              grad and Adam state)
+The one big masked GEMM is no faster per FLOP than L large GEMMs here, so halving the FLOPs
+wins; the pairs bmm runs smaller GEMMs and pays for gathering z and scattering outputs.
+
+`decode_with_norms` (used by `forward`) computes the per-feature decoder norms in the same
+autograd node as the decode, so the backward writes the norm terms' gradient into the same
+packed buffer that the GEMMs then accumulate onto (one buffer, one pass) instead of autograd
+summing two full-size W_dec gradients. `GradBuffer` keeps that buffer across steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import nn
+
+from clt_forge.clt.init import init_clt
+from clt_forge.clt.jumprelu import jumprelu
+
+__all__ = ["CLTOutput", "CrossLayerTranscoder", "pair_offsets"]
+
+
+def pair_offsets(n_layers: int) -> list[int]:
+    """offsets[l] = index in W_dec's pair dimension of the pair (source l, target l); offsets[L] = P."""
+    offsets = [0]
+    for source in range(n_layers):
+        offsets.append(offsets[-1] + n_layers - source)
+    return offsets
+
+
+@dataclass
+class CLTOutput:
+    """What one forward pass produces; all [batch, n_layers, *]."""
+
+    pre_acts: Float[torch.Tensor, "batch n_layers d_features"]
+    features: Float[torch.Tensor, "batch n_layers d_features"]
+    reconstruction: Float[torch.Tensor, "batch n_layers d_model"]
+    decoder_norms: Float[torch.Tensor, "n_layers d_features"]
+
+
+def _source_block(W_dec: torch.Tensor, offsets: list[int], source: int) -> torch.Tensor:
+    """Source `source`'s decoders as a strided [F, (L - source) D] matrix view of W_dec."""
+    return W_dec[:, offsets[source] : offsets[source + 1]].view(W_dec.shape[0], -1)
+
+
+def _decode_packed(z: torch.Tensor, W_dec: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """sum_{l <= t} z[:, l] @ W_dec[l -> t] for every target t: [B, L, D], no bias."""
+    batch, n_layers, _ = z.shape
+    out = z.new_empty(batch, n_layers, W_dec.shape[2])
+    for source in range(n_layers):
+        block = _source_block(W_dec, offsets, source)
+        dest = out[:, source:].view(batch, -1)
+        if source == 0:
+            torch.mm(z[:, 0], block, out=dest)
+        else:
+            dest.addmm_(z[:, source], block)
+    return out
+
+
+def _decoder_norms_packed(W_dec: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """||W_dec[l -> l..L-1]||_2 per (source l, feature): [L, F]."""
+    n_layers = len(offsets) - 1
+    return torch.stack([torch.linalg.vector_norm(_source_block(W_dec, offsets, s), dim=1) for s in range(n_layers)])
+
+
+def _storage_owners(tensor: torch.Tensor) -> int | None:
+    """How many tensors share `tensor`'s storage (None where this torch cannot say)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None
+    storage = tensor.untyped_storage()
+    return int(use_count(storage._cdata)) - 1  # minus the `storage` wrapper itself
+
+
+class GradBuffer:
+    """Keeps W_dec's gradient storage between steps so backward does not allocate 1+ GB afresh.
+
+    A fresh multi-GB gradient costs page faults on first touch and an munmap when the optimizer
+    sets it to None: ~10% of a CPU step at the benchmark sizes. The buffer is handed out again
+    only while nothing else (param.grad, a user's reference, a view) still shares its storage, so
+    gradient accumulation and held gradients stay correct; otherwise a new one is allocated.
+    """
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:  # a cache: never pickled or deep-copied with the model
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.tensor = None
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        buf = self.tensor
+        reusable = (
+            buf is not None
+            and buf.shape == like.shape
+            and buf.dtype == like.dtype
+            and buf.device == like.device
+            and buf.stride() == like.stride()
+            and _storage_owners(buf) == 1
+        )
+        if not reusable:
+            buf = self.tensor = torch.empty_like(like)
+        # A new tensor object over the same storage: autograd adopts it as param.grad without a copy.
+        return buf.detach()
+
+
+class _DecodeWithNorms(torch.autograd.Function):
+    """(reconstruction without bias [B, L, D], decoder norms [L, F]) from (z, packed W_dec)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: torch.Tensor,
+        W_dec: torch.Tensor,
+        offsets: list[int],
+        grad_buffer: GradBuffer | None = None,
+        with_norms: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        recon = _decode_packed(z, W_dec, offsets)
+        # Without `with_norms` the second output is an empty placeholder (and gets no gradient).
+        norms = _decoder_norms_packed(W_dec, offsets) if with_norms else W_dec.new_empty(0)
+        ctx.save_for_backward(z, W_dec, norms)
+        ctx.offsets = offsets
+        ctx.grad_buffer = grad_buffer
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        return recon, norms
+
+    @staticmethod
+    def backward(ctx: Any, grad_recon: torch.Tensor | None, grad_norms: torch.Tensor | None) -> tuple[Any, ...]:
+        z, W_dec, norms = ctx.saved_tensors
+        offsets = ctx.offsets
+        batch, n_layers, d_features = z.shape
+        grad_z = grad_w = None
+        if grad_recon is not None:
+            grad_recon = grad_recon.contiguous()
+        if grad_norms is not None and norms.numel() == 0:
+            grad_norms = None
+        if ctx.needs_input_grad[0]:
+            if grad_recon is None:
+                grad_z = torch.zeros_like(z)
+            else:
+                # Built as [L, B, F] so each source's slice is a contiguous GEMM output.
+                grad_z_lbf = z.new_empty(n_layers, batch, d_features)
+                for source in range(n_layers):
+                    block = _source_block(W_dec, offsets, source)
+                    torch.mm(grad_recon[:, source:].view(batch, -1), block.t(), out=grad_z_lbf[source])
+                grad_z = grad_z_lbf.permute(1, 0, 2)
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.grad_buffer.take(W_dec) if ctx.grad_buffer is not None else torch.empty_like(W_dec)
+            if grad_norms is not None:
+                # d||w|| / dw = w / ||w|| (0 at w = 0), written in the pass that starts each block's
+                # gradient; the GEMM then accumulates onto it.
+                coef = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))  # [L, F]
+            for source in range(n_layers):
+                block = _source_block(W_dec, offsets, source)
+                dest = _source_block(grad_w, offsets, source)
+                if grad_norms is not None:
+                    torch.mul(block, coef[source, :, None], out=dest)
+                    if grad_recon is not None:
+                        dest.addmm_(z[:, source].t(), grad_recon[:, source:].view(batch, -1))
+                elif grad_recon is not None:
+                    torch.mm(z[:, source].t(), grad_recon[:, source:].view(batch, -1), out=dest)
+                else:
+                    dest.zero_()
+        return grad_z, grad_w, None, None, None
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT: features read the MLP input of layer l and write to the MLP outputs of layers >= l.
+
+    Parameters (see the module docstring for the shapes and the packed decoder layout):
+    W_enc, b_enc, log_threshold, W_dec, b_dec. `bandwidth` is the JumpReLU STE kernel width eps;
+    the weights are initialised by `clt_forge.clt.init.init_clt` with `jumprelu_threshold`
+    (call `init_encoder_bias` with a batch afterwards to start at a chosen L0).
+
+    `grad_buffer` reuses W_dec's gradient storage across steps (see `GradBuffer`); a wrapper
+    that frees gradients itself after reducing them (FSDP) may set it to None so the full-size
+    buffer is not kept alive between steps.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_model: int,
+        d_features: int,
+        bandwidth: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        jumprelu_threshold: float = 0.03,
+    ) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        self.d_model = d_model
+        self.d_features = d_features
+        self.bandwidth = bandwidth
+        self.offsets = pair_offsets(n_layers)
+        self.n_pairs = self.offsets[-1]
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(n_layers, d_model, d_features, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(n_layers, d_features, **kw))
+        self.log_threshold = nn.Parameter(torch.zeros(n_layers, d_features, **kw))
+        self.W_dec = nn.Parameter(torch.empty(d_features, self.n_pairs, d_model, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(n_layers, d_model, **kw))
+        self.grad_buffer: GradBuffer | None = GradBuffer()  # set to None to allocate W_dec.grad afresh
+        init_clt(self, jumprelu_threshold=jumprelu_threshold)
+
+    # ---- parameter views -------------------------------------------------------------------
+
+    def jumprelu_threshold(self) -> Float[torch.Tensor, "n_layers d_features"]:
+        """theta = exp(log_threshold), differentiable."""
+        return self.log_threshold.exp()
+
+    def decoder(self, source: int) -> Float[torch.Tensor, "d_features n_targets d_model"]:
+        """Source layer `source`'s decoders to targets source..L-1: a [F, L - source, D] view of W_dec."""
+        if not 0 <= source < self.n_layers:
+            raise IndexError(f"source layer {source} out of range for {self.n_layers} layers")
+        return self.W_dec[:, self.offsets[source] : self.offsets[source + 1]]
+
+    def decoder_norms(self) -> Float[torch.Tensor, "n_layers d_features"]:
+        """L2 norm of each feature's decoder vectors concatenated over all its target layers."""
+        return _decoder_norms_packed(self.W_dec, self.offsets)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def encode(
+        self, x: Float[torch.Tensor, "batch n_layers d_model"]
+    ) -> tuple[Float[torch.Tensor, "batch n_layers d_features"], Float[torch.Tensor, "batch n_layers d_features"]]:
+        """(pre_acts h, features z = JumpReLU(h)); one batched matmul over layers.
+
+        Both come back as [B, L, F] views of [L, B, F] storage, so z[:, l] is contiguous.
+        """
+        h = torch.baddbmm(self.b_enc[:, None, :], x.transpose(0, 1), self.W_enc).permute(1, 0, 2)
+        z = jumprelu(h, self.jumprelu_threshold(), self.bandwidth)
+        return h, z
+
+    def decode(
+        self, z: Float[torch.Tensor, "batch n_layers d_features"], bias: bool = True
+    ) -> Float[torch.Tensor, "batch n_layers d_model"]:
+        """y_hat[:, t] = sum_{l <= t} z[:, l] @ W_dec[l -> t] (+ b_dec[t] when `bias`)."""
+        recon, _ = _DecodeWithNorms.apply(z, self.W_dec, self.offsets, self.grad_buffer, False)
+        return recon + self.b_dec if bias else recon
+
+    def decode_with_norms(
+        self, z: Float[torch.Tensor, "batch n_layers d_features"], bias: bool = True
+    ) -> tuple[Float[torch.Tensor, "batch n_layers d_model"], Float[torch.Tensor, "n_layers d_features"]]:
+        """(decode(z, bias), decoder_norms()) from one autograd node, so the gradients of the
+        reconstruction and of the norm terms land in one W_dec buffer in one pass."""
+        recon, norms = _DecodeWithNorms.apply(z, self.W_dec, self.offsets, self.grad_buffer, True)
+        return (recon + self.b_dec if bias else recon), norms
+
+    def forward(self, x: Float[torch.Tensor, "batch n_layers d_model"]) -> CLTOutput:
+        """Encode, JumpReLU, decode; also returns the decoder norms the loss needs."""
+        h, z = self.encode(x)
+        recon, norms = self.decode_with_norms(z)
+        return CLTOutput(pre_acts=h, features=z, reconstruction=recon, decoder_norms=norms)
