@@ -22,7 +22,9 @@ HERE = Path(__file__).resolve().parent
 
 def run(script: str, *args: str, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, str(HERE / script), *args], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, str(HERE / script), *args], check=True, capture_output=True, text=True, env=env
+    )
     return json.loads(out.stdout)
 
 

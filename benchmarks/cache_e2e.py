@@ -15,8 +15,8 @@ import argparse
 import contextlib
 import json
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

@@ -149,7 +149,7 @@ def _empty(*shape: int) -> torch.Tensor:
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
-    return memoryview((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()).cast("B")  # numpy: no bf16
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().data.cast("B")  # numpy: no bf16
 
 
 def _bf16(s: torch.Tensor, up: bool) -> torch.Tensor:
@@ -175,7 +175,7 @@ class RawQuantizer(Quantizer):
         return h.tokens * h.n_layers * h.d_model * DTYPES[self.spec.dtype][1].itemsize
 
     def encode_payload(self, x: torch.Tensor) -> tuple[Header, Parts]:
-        return self.header(tuple(x.shape), 0), iter([_bytes(x.to(DTYPES[self.spec.dtype][1]))])
+        return self.header(_shape3(x.shape), 0), iter([_bytes(x.to(DTYPES[self.spec.dtype][1]))])
 
     def decode_payload(self, buf: memoryview, h: Header) -> torch.Tensor:
         out = _empty(h.tokens, h.n_layers, h.d_model)
@@ -235,7 +235,7 @@ class IntQuantizer(Quantizer):
 
     def encode_payload(self, x: torch.Tensor) -> tuple[Header, Parts]:
         idx, vals = _outliers(x, round(self.spec.outlier_fraction * x.numel()))
-        return self.header(tuple(x.shape), idx.numel()), self._encode(x, idx, vals)
+        return self.header(_shape3(x.shape), idx.numel()), self._encode(x, idx, vals)
 
     def _encode(self, x: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> Parts:
         t, n_layers, d = x.shape
@@ -323,22 +323,30 @@ class Int2Quantizer(IntQuantizer):
 def _pack(codes: np.ndarray, bits: int) -> memoryview:
     """int8 codes -> bytes, 8/bits per byte, the first code in the low bits, the last byte zero-padded."""
     if bits == 8:
-        return memoryview(codes.view(np.uint8))
+        return codes.view(np.uint8).data
     k = 8 // bits
     u = np.zeros(-(-codes.size // k) * k, dtype=np.uint8)
     u[: codes.size] = codes.view(np.uint8) & ((1 << bits) - 1)
-    u = u.reshape(-1, k)
-    packed = u[:, 0].copy()
+    rows = u.reshape(-1, k)
+    packed = rows[:, 0].copy()
     for j in range(1, k):
-        packed |= u[:, j] << (bits * j)
-    return memoryview(packed)
+        packed |= rows[:, j] << (bits * j)
+    return packed.data
+
+
+def _shape3(shape: torch.Size) -> tuple[int, int, int]:
+    tokens, n_layers, d_model = shape
+    return tokens, n_layers, d_model
 
 
 def _lut(bits: int) -> np.ndarray:
     """byte -> its 8/bits sign-extended codes as one little-endian word: a gather, then a view as int8."""
     k, byte, half = 8 // bits, np.arange(256), 1 << (bits - 1)
     fields = [(((byte >> (bits * j)) & ((1 << bits) - 1)) ^ half) - half for j in range(k)]
-    return sum((f & 0xFF) << (8 * j) for j, f in enumerate(fields)).astype(f"<u{k}")
+    word = np.zeros(256, dtype=np.int64)
+    for j, f in enumerate(fields):
+        word |= (f & 0xFF) << (8 * j)
+    return word.astype(f"<u{k}")
 
 
 _LUTS = {4: _lut(4), 2: _lut(2)}
@@ -413,7 +421,7 @@ def _decompress(blob: bytes) -> np.ndarray:
             raise ValueError("corrupt quant blob: a zstd frame without its content size")
         out, n = np.empty(size, dtype=np.uint8), 0  # writable (torch.frombuffer), on huge pages
         with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
-            while n < size and (got := reader.readinto(memoryview(out)[n:])):
+            while n < size and (got := reader.readinto(out.data[n:])):
                 n += got
             if n < size or reader.read(1):  # reading past the end checks the frame checksum
                 raise ValueError(f"truncated or corrupt zstd frame: {n} of {size} bytes decompressed")
@@ -430,8 +438,8 @@ def decode(blob: bytes, spec: QuantSpec, shape: tuple[int, int, int]) -> torch.T
         raise ValueError(f"not a clt_forge quant blob: starts with {bytes(buf[:4])!r}, not {MAGIC!r} or a zstd frame")
     if buf[4] != VERSION:
         raise ValueError(f"quant blob version {buf[4]}; this code reads version {VERSION}")
-    h = Header(*HEADER.unpack_from(buf)[2:])
-    want = q.header(tuple(shape), h.n_outliers)  # flags bit 1 (mse) and an unused group_size do not matter
+    h = Header(*HEADER.unpack_from(buf.data)[2:])
+    want = q.header(shape, h.n_outliers)  # flags bit 1 (mse) and an unused group_size do not matter
     want = want._replace(
         flags=want.flags & 1 | h.flags & 2, group_size=want.group_size if want.granularity == 2 else h.group_size
     )
@@ -444,7 +452,7 @@ def decode(blob: bytes, spec: QuantSpec, shape: tuple[int, int, int]) -> torch.T
         raise ValueError(
             f"quant blob is {len(buf)} bytes, its header implies {HEADER.size + q.payload_size(h)} (truncated or corrupt)"
         )
-    return q.decode_payload(memoryview(buf)[HEADER.size :], h)
+    return q.decode_payload(buf.data[HEADER.size :], h)
 
 
 def nmse(x: torch.Tensor, y: torch.Tensor) -> float:

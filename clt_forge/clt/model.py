@@ -137,7 +137,7 @@ class GradBuffer:
             and buf.stride() == like.stride()
             and _storage_owners(buf) == 1
         )
-        if not reusable:
+        if buf is None or not reusable:
             buf = self.tensor = torch.empty_like(like)
         # A new tensor object over the same storage: autograd adopts it as param.grad without a copy.
         return buf.detach()
