@@ -303,3 +303,25 @@ def test_adam_steps_reduce_mse_on_synthetic_data() -> None:
         mses.append(terms.mse.item())
     assert all(math.isfinite(m) for m in mses)
     assert mses[-1] < 0.5 * mses[0]
+
+
+def test_bf16_autocast_matches_fp32() -> None:
+    """Under CPU autocast the packed decode runs in bf16 (like nn.Linear) and gradients stay fp32."""
+    torch.manual_seed(3)
+    model = CrossLayerTranscoder(3, 16, 8)
+    x = torch.randn(64, 3, 16)
+
+    def grads(autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            terms = clt_loss(out, x, out.decoder_norms, model.jumprelu_threshold(), 0.1, dead_coefficient=0.01)
+        terms.total.backward()
+        return terms.total.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss32, grads32 = grads(False)
+    loss16, grads16 = grads(True)
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
+    for name, grad in grads32.items():
+        assert grads16[name].dtype == torch.float32
+        assert (grads16[name] - grad).norm() <= 3e-2 * grad.norm(), name

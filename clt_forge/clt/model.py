@@ -276,7 +276,7 @@ class CrossLayerTranscoder(nn.Module):
         self, z: Float[torch.Tensor, "batch n_layers d_features"], bias: bool = True
     ) -> Float[torch.Tensor, "batch n_layers d_model"]:
         """y_hat[:, t] = sum_{l <= t} z[:, l] @ W_dec[l -> t] (+ b_dec[t] when `bias`)."""
-        recon, _ = _DecodeWithNorms.apply(z, self.W_dec, self.offsets, self.grad_buffer, False)
+        recon, _ = self._decode(z, with_norms=False)
         return recon + self.b_dec if bias else recon
 
     def decode_with_norms(
@@ -284,8 +284,21 @@ class CrossLayerTranscoder(nn.Module):
     ) -> tuple[Float[torch.Tensor, "batch n_layers d_model"], Float[torch.Tensor, "n_layers d_features"]]:
         """(decode(z, bias), decoder_norms()) from one autograd node, so the gradients of the
         reconstruction and of the norm terms land in one W_dec buffer in one pass."""
-        recon, norms = _DecodeWithNorms.apply(z, self.W_dec, self.offsets, self.grad_buffer, True)
+        recon, norms = self._decode(z, with_norms=True)
         return (recon + self.b_dec if bias else recon), norms
+
+    def _decode(self, z: torch.Tensor, with_norms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the packed decode in one dtype: autocast's where autocast is on (as nn.Linear
+        would: both operands cast, outputs in that dtype), else W_dec's."""
+        device_type = z.device.type
+        W_dec = self.W_dec
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            z, W_dec = z.to(dtype), W_dec.to(dtype)
+        elif z.dtype != W_dec.dtype:
+            z = z.to(W_dec.dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _DecodeWithNorms.apply(z, W_dec, self.offsets, self.grad_buffer, with_norms)
 
     def forward(self, x: Float[torch.Tensor, "batch n_layers d_model"]) -> CLTOutput:
         """Encode, JumpReLU, decode; also returns the decoder norms the loss needs."""

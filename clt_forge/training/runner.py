@@ -81,6 +81,7 @@ class CLTTrainingRunner:
             [p for p in self.clt.parameters() if p.requires_grad],
             lr=cfg.optim.lr,
             betas=(cfg.optim.beta1, cfg.optim.beta2),
+            fused=True,  # one kernel over all parameters: ~5x faster than foreach on CPU (benchmarks/train_step.py)
         )
         self.dead = DeadFeatures(cfg.model.n_layers, self.d_features, cfg.dead_window_tokens)
         self.log = MetricsLog(out / "metrics.jsonl", cfg.logger, plain(cfg))
