@@ -291,7 +291,7 @@ class CrossLayerTranscoder(nn.Module):
         """Run the packed decode in one dtype: autocast's where autocast is on (as nn.Linear
         would: both operands cast, outputs in that dtype), else W_dec's."""
         device_type = z.device.type
-        W_dec = self.W_dec
+        W_dec: torch.Tensor = self.W_dec
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             z, W_dec = z.to(dtype), W_dec.to(dtype)
