@@ -21,6 +21,7 @@ from pathlib import Path
 
 from clt_forge.config.schema import DataConfig, DataSource
 from clt_forge.errors import CLTError
+from clt_forge.registry import Registry
 
 SPLITS = ("train", "held_out")
 
@@ -32,15 +33,8 @@ class Document:
 
 
 TextSource = Callable[[DataConfig], list[Document]]
-TEXT_SOURCES: dict[DataSource, TextSource] = {}
-
-
-def register_source(source: DataSource) -> Callable[[TextSource], TextSource]:
-    def register(fn: TextSource) -> TextSource:
-        TEXT_SOURCES[source] = fn
-        return fn
-
-    return register
+TEXT_SOURCES: Registry[DataSource, TextSource] = Registry()
+register_source = TEXT_SOURCES.register
 
 
 def load_documents(cfg: DataConfig, split: str = "train") -> list[Document]:

@@ -14,17 +14,11 @@ from transformer_lens import HookedTransformer
 
 from clt_forge.config.schema import ModelConfig, ModelSource
 from clt_forge.errors import CLTError
+from clt_forge.registry import Registry
 
 Loader = Callable[[ModelConfig], HookedTransformer]
-MODEL_LOADERS: dict[ModelSource, Loader] = {}
-
-
-def register_loader(source: ModelSource) -> Callable[[Loader], Loader]:
-    def register(fn: Loader) -> Loader:
-        MODEL_LOADERS[source] = fn
-        return fn
-
-    return register
+MODEL_LOADERS: Registry[ModelSource, Loader] = Registry()
+register_loader = MODEL_LOADERS.register
 
 
 def model_config(name: str, **overrides: object) -> ModelConfig:

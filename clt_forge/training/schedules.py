@@ -10,17 +10,11 @@ import math
 from collections.abc import Callable
 
 from clt_forge.config.schema import LRSchedule, OptimConfig, SparsityConfig, SparsitySchedule
+from clt_forge.registry import Registry
 
 SparsityFn = Callable[[float, SparsityConfig], float]
-SPARSITY_SCHEDULES: dict[SparsitySchedule, SparsityFn] = {}
-
-
-def register_sparsity(name: SparsitySchedule) -> Callable[[SparsityFn], SparsityFn]:
-    def register(fn: SparsityFn) -> SparsityFn:
-        SPARSITY_SCHEDULES[name] = fn
-        return fn
-
-    return register
+SPARSITY_SCHEDULES: Registry[SparsitySchedule, SparsityFn] = Registry()
+register_sparsity = SPARSITY_SCHEDULES.register
 
 
 @register_sparsity(SparsitySchedule.constant)
