@@ -20,7 +20,7 @@ import torch
 from clt_forge.cache.reader import ActivationBatch, ActivationReader
 from clt_forge.config.schema import DataConfig
 from clt_forge.data import token_windows
-from clt_forge.models.activations import mlp_activations
+from clt_forge.models.activations import window_activations
 
 
 class ActivationsStore:
@@ -64,16 +64,12 @@ def _on_the_fly(
     model: Any, data: DataConfig, batch_size: int, split: str, seed: int, windows_per_forward: int, buffer_tokens: int
 ) -> Iterator[ActivationBatch]:
     generator = torch.Generator().manual_seed(seed)
-    first = 1 if data.prepend_bos else 0
-    device = next(model.parameters()).device
     windows = itertools.chain.from_iterable(token_windows(data, model.tokenizer, split) for _ in itertools.count())
     buffer: ActivationBatch | None = None
     while True:
         stacked = torch.stack(list(itertools.islice(windows, windows_per_forward)))
-        mlp_in, mlp_out = mlp_activations(model, stacked.to(device))
-        fresh = ActivationBatch(
-            mlp_in[:, first:].flatten(0, 1).cpu(), mlp_out[:, first:].flatten(0, 1).cpu(), stacked[:, first:].flatten()
-        )
+        tokens, mlp_in, mlp_out = window_activations(model, stacked, data.prepend_bos, windows_per_forward)
+        fresh = ActivationBatch(mlp_in, mlp_out, tokens)
         buffer = fresh if buffer is None else _cat(buffer, fresh)
         if buffer.tokens.numel() < buffer_tokens:
             continue

@@ -39,9 +39,9 @@ from clt_forge.cache.format import (
 from clt_forge.cache.quant import QuantSpec
 from clt_forge.cache.stats import RunningStats
 from clt_forge.config.schema import CacheConfig, QuantConfig
-from clt_forge.data import token_windows
+from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError
-from clt_forge.models.activations import hook_names, mlp_activations
+from clt_forge.models.activations import hook_names, window_activations
 
 
 def plain(value: Any) -> Any:
@@ -86,7 +86,7 @@ class Plan:
 
     @property
     def tokens_per_window(self) -> int:
-        return self.context_size - 1 if self.prepend_bos else self.context_size
+        return tokens_in_window(self.context_size, self.prepend_bos)
 
     @property
     def n_windows(self) -> int:
@@ -96,7 +96,7 @@ class Plan:
     def from_config(
         cls, cfg: CacheConfig, split: str = "train", tokens: int | None = None, shards: int | None = None
     ) -> Plan:
-        tokens_per_window = cfg.data.context_size - (1 if cfg.data.prepend_bos else 0)
+        tokens_per_window = tokens_in_window(cfg.data.context_size, cfg.data.prepend_bos)
         return cls(
             model=cfg.model.name,
             model_id=model_id(cfg),
@@ -262,15 +262,7 @@ class CacheJob:
 
     def _forward(self, model: Any, windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids and activations of a chunk's windows, BOS positions dropped."""
-        first = 1 if self.plan.prepend_bos else 0
-        batch = self.cfg.batch_size
-        parts_in, parts_out = [], []
-        stacked = torch.stack(windows)
-        for start in range(0, len(windows), batch):
-            mlp_in, mlp_out = mlp_activations(model, stacked[start : start + batch].to(self.cfg.model.device))
-            parts_in.append(mlp_in[:, first:].reshape(-1, *mlp_in.shape[2:]).cpu())
-            parts_out.append(mlp_out[:, first:].reshape(-1, *mlp_out.shape[2:]).cpu())
-        return stacked[:, first:].reshape(-1), torch.cat(parts_in), torch.cat(parts_out)
+        return window_activations(model, torch.stack(windows), self.plan.prepend_bos, self.cfg.batch_size)
 
     def _commit(self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> None:
         data = encode_chunk(tokens, mlp_in, mlp_out, self.spec)
@@ -335,7 +327,7 @@ def merge_if_complete(out: Path, count: int) -> bool:
         d_model=stats.d_model,
         dtype="float32",
         quant=plan["quant"],
-        chunk_tokens=plan["windows_per_chunk"] * (plan["context_size"] - (1 if plan["prepend_bos"] else 0)),
+        chunk_tokens=plan["windows_per_chunk"] * tokens_in_window(plan["context_size"], plan["prepend_bos"]),
         context_size=plan["context_size"],
         prepend_bos=plan["prepend_bos"],
         bos_stored=False,

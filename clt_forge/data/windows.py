@@ -20,6 +20,11 @@ from clt_forge.data.text import Document, load_documents
 from clt_forge.errors import CLTError
 
 
+def tokens_in_window(context_size: int, prepend_bos: bool) -> int:
+    """Tokens of a window after its BOS: what the cache stores and the CLT models."""
+    return context_size - 1 if prepend_bos else context_size
+
+
 def token_windows(
     cfg: DataConfig,
     tokenizer: Any,
@@ -32,7 +37,7 @@ def token_windows(
         raise CLTError("data.prepend_bos=true but the model's tokenizer has no BOS token: set data.prepend_bos=false.")
     if cfg.context_size < 2:
         raise CLTError(f"data.context_size={cfg.context_size}: use at least 2.")
-    piece = cfg.context_size - 1 if cfg.prepend_bos else cfg.context_size
+    piece = tokens_in_window(cfg.context_size, cfg.prepend_bos)
     buffer: list[int] = []
     for doc in documents if documents is not None else load_documents(cfg, split):
         buffer.extend(tokenizer(doc.text, add_special_tokens=False).input_ids)

@@ -53,3 +53,22 @@ def mlp_activations(
         for handle in handles:
             handle.remove()
     return inputs, outputs
+
+
+def window_activations(
+    model: HookedTransformer, windows: Int[torch.Tensor, "n_windows context"], skip_first: bool, batch_size: int
+) -> tuple[
+    Int[torch.Tensor, " tokens"],
+    Float[torch.Tensor, "tokens n_layers d_model"],
+    Float[torch.Tensor, "tokens n_layers d_model"],
+]:
+    """Token ids and MLP inputs/outputs of whole context windows, flattened to one row per
+    stored token, on the CPU. `skip_first` drops position 0 (BOS), which is never stored."""
+    first = 1 if skip_first else 0
+    device = next(model.parameters()).device
+    parts_in, parts_out = [], []
+    for start in range(0, windows.shape[0], batch_size):
+        mlp_in, mlp_out = mlp_activations(model, windows[start : start + batch_size].to(device))
+        parts_in.append(mlp_in[:, first:].flatten(0, 1).cpu())
+        parts_out.append(mlp_out[:, first:].flatten(0, 1).cpu())
+    return windows[:, first:].flatten(), torch.cat(parts_in), torch.cat(parts_out)
