@@ -22,20 +22,50 @@ if TYPE_CHECKING:
 __all__ = ["init_clt", "init_encoder_bias"]
 
 
+INIT_BLOCK = 256  # features per independently seeded block of a seeded init
+
+
 @torch.no_grad()
 def init_clt(
-    model: CrossLayerTranscoder, jumprelu_threshold: float = 0.03, generator: torch.Generator | None = None
+    model: CrossLayerTranscoder,
+    jumprelu_threshold: float = 0.03,
+    generator: torch.Generator | None = None,
+    *,
+    seed: int | None = None,
+    features: slice | None = None,
+    d_features: int | None = None,
 ) -> None:
-    """Weights uniform at the scales above, biases zero, threshold = `jumprelu_threshold` everywhere."""
+    """Weights uniform at the scales above, biases zero, threshold = `jumprelu_threshold` everywhere.
+
+    With `seed`, the weights of global feature f come from a generator seeded by (seed, f // 256),
+    so `model` may hold only the features `features` of a CLT with `d_features` features per
+    layer (a feature shard) and gets exactly that slice of the full CLT's initial weights, at
+    any world size, without the full CLT ever being built.
+    """
     if jumprelu_threshold <= 0:
         raise ValueError(f"jumprelu_threshold must be positive, got {jumprelu_threshold}")
-    enc_bound = 1.0 / math.sqrt(model.d_features)
+    total = d_features or model.d_features
+    enc_bound = 1.0 / math.sqrt(total)
     dec_bound = 1.0 / math.sqrt(model.n_layers * model.d_model)
-    model.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
-    model.W_dec.uniform_(-dec_bound, dec_bound, generator=generator)
     model.b_enc.zero_()
     model.b_dec.zero_()
     model.log_threshold.fill_(math.log(jumprelu_threshold))
+    if seed is None:
+        model.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
+        model.W_dec.uniform_(-dec_bound, dec_bound, generator=generator)
+        return
+    features = features or slice(0, total)
+    if features.stop - features.start != model.d_features:
+        raise ValueError(f"features {features} do not match the model's {model.d_features} features")
+    for block in range(features.start // INIT_BLOCK, (features.stop - 1) // INIT_BLOCK + 1):
+        first, last = block * INIT_BLOCK, min((block + 1) * INIT_BLOCK, total)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        W_enc = torch.empty(model.n_layers, model.d_model, last - first).uniform_(-enc_bound, enc_bound, generator=gen)
+        W_dec = torch.empty(last - first, model.n_pairs, model.d_model).uniform_(-dec_bound, dec_bound, generator=gen)
+        lo, hi = max(first, features.start), min(last, features.stop)  # the overlap, in global indices
+        local = slice(lo - features.start, hi - features.start)
+        model.W_enc[:, :, local] = W_enc[:, :, lo - first : hi - first]
+        model.W_dec[local] = W_dec[lo - first : hi - first]
 
 
 @torch.no_grad()
@@ -44,6 +74,9 @@ def init_encoder_bias(
     x_batch: Float[torch.Tensor, "batch n_layers d_model"],
     target_l0: float,
     generator: torch.Generator | None = None,
+    *,
+    features: slice | None = None,
+    d_features: int | None = None,
 ) -> None:
     """Set b_enc so that on `x_batch` each layer has `target_l0` active features per token.
 
@@ -56,11 +89,14 @@ def init_encoder_bias(
     other batches of the same distribution it is close. target_l0 >= d_features turns every
     feature on for every token of the batch. (With fewer than d_features / target_l0 tokens some
     features get k_f = 0 and start silent on this batch: pass a batch of a few thousand tokens.)
+    A feature shard passes `features` (its slice of the `d_features` features per layer) and the
+    same generator state as every other rank: it gets exactly its slice of the full CLT's b_enc.
     """
     if target_l0 <= 0:
         raise ValueError(f"target_l0 must be positive, got {target_l0}")
     batch, n_layers, _ = x_batch.shape
-    d_features = model.d_features
+    d_features = d_features or model.d_features
+    features = features or slice(0, d_features)
     x_batch = x_batch.to(device=model.W_enc.device, dtype=model.W_enc.dtype)
     theta = model.log_threshold.exp()
     total = round(min(float(target_l0), float(d_features)) * batch)  # activations per layer
@@ -71,6 +107,7 @@ def init_encoder_bias(
         if extra:
             lucky = torch.randperm(d_features, generator=generator, device="cpu")[:extra].to(x_batch.device)
             counts[lucky] += 1
+        counts = counts[features]
         h0 = x_batch[:, layer] @ model.W_enc[layer]  # [B, F] pre-activations without the bias
         ordered = h0.sort(dim=0, descending=True).values  # [B, F]
         spread = (ordered[0] - ordered[-1]).abs().clamp_min(1.0)

@@ -259,9 +259,10 @@ class FinetuneConfig:
 class TrainConfig(PipelineConfig):
     tokens: int = 1_000_000  # tokens to train on
     activations: str | None = None  # an activation dataset from `clt cache`
-    batch_size: int = 1024  # tokens per optimizer step
+    batch_size: int = 1024  # tokens per optimizer step (the global batch, over all ranks)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: Precision = Precision.fp32
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu; or cpu / cuda
     log_every: int = 10  # steps between training-metric lines
     eval_every: int = 100  # steps between held-out evaluations
     eval_tokens: int = 2048  # held-out tokens per evaluation

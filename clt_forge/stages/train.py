@@ -4,6 +4,9 @@
 so `clt train resume=RUN` needs no other argument. KEY=VALUE overrides given with it apply on
 top (the runner refuses ones that change the architecture); group choices (model=...) are
 ignored: the run's own choices hold.
+
+Under torchrun (`torchrun --nproc_per_node=N -m clt_forge train sharding=feature ...`) every
+rank runs this; `sharding=` decides how they split the work (clt_forge/distributed/parallel.py).
 """
 
 from __future__ import annotations
@@ -13,29 +16,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from clt_forge.config.schema import TrainConfig
-from clt_forge.errors import NotImplementedStage
 from clt_forge.training.runner import CLTTrainingRunner, read_run_config
 
 
 def run(cfg: TrainConfig) -> Path:
-    refuse_multi_process(cfg)
     if cfg.resume and not cfg.plot:
         cfg = recorded_config(cfg)
     return CLTTrainingRunner(cfg).run()
-
-
-def refuse_multi_process(cfg: TrainConfig) -> None:
-    """Multi-process training is not wired into the trainer yet: say so instead of running N
-    independent copies under torchrun."""
-    from clt_forge.config.schema import ShardingMode
-    from clt_forge.distributed.setup import dist_env
-
-    if cfg.sharding.mode is not ShardingMode.single or dist_env().distributed:
-        raise NotImplementedStage(
-            f"clt train with sharding={cfg.sharding.mode.value} or under torchrun (WORLD_SIZE>1) is not "
-            "available yet: the feature-sharding building blocks exist (clt_forge/distributed) but the "
-            "trainer does not use them; run with sharding=single in one process. Nothing was written."
-        )
 
 
 def recorded_config(cfg: TrainConfig) -> TrainConfig:

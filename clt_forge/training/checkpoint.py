@@ -8,13 +8,18 @@ never sees a half-written one; a crash leaves the previous checkpoint untouched)
                         b_dec [L, D], norm.in_scale [L], norm.out_scale [L] (float32)
     config.json         {"format", "version", "n_layers", "d_model", "d_features", "bandwidth",
                          "model": {...}, "hooks": {...}, "step", "tokens", "metrics", "train": {...}}
-    training_state.pt   optional: optimizer, step, reader position, RNG states (exact resume)
+    training_state.pt   optional, for exact resume: step, reader positions, RNG state, ...
+    training_state.safetensors
+                        with it: Adam moments "exp_avg.NAME" / "exp_avg_sq.NAME" shaped like
+                        parameter NAME, and "dead.last_fired" [L, F] (dead-feature counter)
 
 A feature-sharded run (clt_forge/distributed/checkpoint.py) writes one
 clt.shard-RRR-of-WWW.safetensors per rank instead of clt.safetensors (rank r's contiguous
-feature slice of W_enc, b_enc, log_threshold, W_dec; b_dec and norm.* in every shard) and
-lists them in config.json's "shards"; `load_checkpoint` merges them into the full CLT, so
-every consumer reads either kind.
+feature slice of W_enc, b_enc, log_threshold, W_dec; b_dec and norm.* in every shard), likewise
+training_state.shard-RRR-of-WWW.safetensors, and lists the slices in config.json's "shards".
+`read_tensors` reads any feature range from either layout (only the shards that overlap it), so
+`load_checkpoint` gives every consumer the full CLT and a resumed run of any world size reads
+just its own slice.
 
 The CLT works in normalised units: it reads x / in_scale[l] and predicts y / out_scale[l].
 `load_checkpoint` needs no training code.
@@ -31,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.errors import CLTError
@@ -42,6 +48,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "clt.safetensors"
 CONFIG = "config.json"
 TRAINING_STATE = "training_state.pt"
+WEIGHTS_STEM, STATE_STEM = "clt", "training_state"
 ARCHITECTURE_KEYS = ("n_layers", "d_model", "d_features", "bandwidth")
 
 
@@ -67,26 +74,41 @@ class CheckpointInfo:
 
 def save_checkpoint(
     folder: Path,
-    clt: CrossLayerTranscoder,
+    clt: CrossLayerTranscoder | dict[str, torch.Tensor],
     normalization: Normalization,
     info: CheckpointInfo,
     training_state: dict[str, Any] | None = None,
+    state_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint folder atomically (temporary sibling + rename)."""
+    """Write the checkpoint folder atomically (temporary sibling + rename). `clt` is the module or
+    its state dict; `state_tensors` go beside `training_state` (Adam moments, dead counters)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        tensors = {name: p.detach().float().contiguous().cpu() for name, p in clt.state_dict().items()}
-        tensors.update(normalization.state())
-        save_file(tensors, scratch / WEIGHTS, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        write_tensors(scratch / WEIGHTS, weight_tensors(clt, normalization))
         (scratch / CONFIG).write_text(json.dumps(info.__dict__, indent=1, default=str))
         if training_state is not None:
             torch.save(training_state, scratch / TRAINING_STATE)
+            write_tensors(scratch / f"{STATE_STEM}.safetensors", state_tensors or {})
         install(scratch, folder)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return folder
+
+
+def weight_tensors(
+    clt: CrossLayerTranscoder | dict[str, torch.Tensor], normalization: Normalization
+) -> dict[str, torch.Tensor]:
+    weights = clt.state_dict() if isinstance(clt, torch.nn.Module) else clt
+    return {**weights, **normalization.state()}
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    plain = {
+        name: (t.float() if t.is_floating_point() else t).detach().contiguous().cpu() for name, t in tensors.items()
+    }
+    save_file(plain, path, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
 
 
 def install(scratch: Path, folder: Path) -> None:
@@ -125,29 +147,59 @@ def load_checkpoint(
     """The CLT (normalised units), its normalisation factors and its config."""
     folder = Path(folder)
     info = read_info(folder)
-    tensors = _merged_shards(folder, info, device) if info.shards else load_file(folder / WEIGHTS, device=str(device))
+    tensors = read_tensors(folder, WEIGHTS_STEM, info, device=device)
     clt = CrossLayerTranscoder(info.n_layers, info.d_model, info.d_features, bandwidth=info.bandwidth, device=device)
     clt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("norm.")})
     return clt, Normalization.from_state(tensors), info
 
 
-SHARDED_KEYS = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0}  # name -> feature dimension
+SHARDED_KEYS = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0, "dead.last_fired": 1}  # -> feature dim
 
 
-def _merged_shards(folder: Path, info: CheckpointInfo, device: str | torch.device) -> dict[str, torch.Tensor]:
-    assert info.shards is not None
-    parts = []
-    for name in info.shards["files"]:
-        if not (folder / name).is_file():
-            raise CLTError(f"sharded checkpoint {folder}: shard {name} listed in {CONFIG} is missing.")
-        parts.append(load_file(folder / name, device=str(device)))
-    merged = {key: torch.cat([p[key] for p in parts], dim=dim) for key, dim in SHARDED_KEYS.items()}
-    merged.update({key: value for key, value in parts[0].items() if key not in SHARDED_KEYS})
-    if merged["W_enc"].shape[2] != info.d_features:
+def feature_dim(key: str) -> int | None:
+    """The feature dimension of a checkpoint tensor (None: replicated, the same on every shard)."""
+    for prefix in ("exp_avg.", "exp_avg_sq."):
+        key = key.removeprefix(prefix)
+    return SHARDED_KEYS.get(key)
+
+
+def shard_file(stem: str, rank: int, world: int) -> str:
+    return f"{stem}.shard-{rank:03d}-of-{world:03d}.safetensors"
+
+
+def read_tensors(
+    folder: Path, stem: str, info: CheckpointInfo, features: slice | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of `stem` (clt or training_state) for global features `features` of every layer
+    (all by default), from a plain or a sharded checkpoint; only overlapping shards are read."""
+    if info.shards is None:
+        files = [(folder / f"{stem}.safetensors", slice(0, info.d_features))]
+    else:
+        world = info.shards["world"]
+        files = [(folder / shard_file(stem, r, world), slice(*info.shards["slices"][r])) for r in range(world)]
+    want = features or slice(0, info.d_features)
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {}
+    for path, held in files:
+        if not path.is_file():
+            raise CLTError(f"checkpoint {folder}: {path.name} is missing (listed in its {CONFIG}).")
+        lo, hi = max(held.start, want.start), min(held.stop, want.stop)
+        with safe_open(path, "pt", device=str(device)) as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                dim = feature_dim(key)
+                if dim is None:
+                    if key not in out:
+                        out[key] = handle.get_tensor(key)
+                elif lo < hi:
+                    index = (slice(None),) * dim + (slice(lo - held.start, hi - held.start),)
+                    parts.setdefault(key, []).append(handle.get_slice(key)[index])
+    for key, pieces in parts.items():
+        out[key] = torch.cat(pieces, dim=feature_dim(key) or 0)
+    if "W_enc" in out and out["W_enc"].shape[2] != want.stop - want.start:
         raise CLTError(
-            f"sharded checkpoint {folder}: shards hold {merged['W_enc'].shape[2]} features, not {info.d_features}."
+            f"checkpoint {folder}: its shards hold {out['W_enc'].shape[2]} of features {want.start}..{want.stop - 1}."
         )
-    return merged
+    return out
 
 
 def check_model_matches(info: CheckpointInfo, source: Path, model_cfg: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,30 @@ from clt_forge.config.schema import LoggerConfig, LoggerKind
 
 
 @torch.no_grad()
-def evaluate(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> dict[str, Any]:
+def evaluate(
+    clt: CrossLayerTranscoder | torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1024,
+    reduce_l0: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Per-layer metrics on held-out (normalised) activations x, y: [tokens, n_layers, d_model].
 
     explained_variance[l] = 1 - SSE / sum ||y - mean(y)||^2 and nmse[l] = SSE / sum ||y||^2,
-    both over the held-out tokens; l0[l] = mean active features per token.
+    both over the held-out tokens; l0[l] = mean active features per token. `clt` is anything
+    whose forward gives a CLTOutput with the full reconstruction (a feature-sharded CLT holds
+    only its features: `reduce_l0` sums its per-layer counts over the ranks).
     """
-    sse = torch.zeros(clt.n_layers, dtype=torch.float64)
-    l0 = torch.zeros(clt.n_layers, dtype=torch.float64)
+    n_layers = y.shape[1]
+    sse = torch.zeros(n_layers, dtype=torch.float64)
+    l0 = torch.zeros(n_layers, dtype=torch.float64)
     for start in range(0, x.shape[0], batch_size):
         out = clt(x[start : start + batch_size])
         target = y[start : start + batch_size]
         sse += (out.reconstruction - target).double().square().sum(dim=(0, 2)).cpu()
         l0 += (out.features != 0).double().sum(dim=(0, 2)).cpu()
+    if reduce_l0 is not None:
+        l0 = reduce_l0(l0)
     y64 = y.double()
     total = y64.square().sum(dim=(0, 2)).cpu()
     centered = (y64 - y64.mean(0)).square().sum(dim=(0, 2)).cpu()
@@ -55,9 +67,13 @@ class DeadFeatures:
 
     @torch.no_grad()
     def update(self, features: torch.Tensor) -> None:
-        self.tokens += features.shape[0]
-        fired = (features != 0).any(0).cpu()
-        self.last_fired[fired] = self.tokens
+        self.update_fired((features != 0).any(0), features.shape[0])
+
+    @torch.no_grad()
+    def update_fired(self, fired: torch.Tensor, tokens: int) -> None:
+        """`fired` [n_layers, d_features]: which features were active on the step's `tokens` tokens."""
+        self.tokens += tokens
+        self.last_fired[fired.cpu()] = self.tokens
 
     def per_layer(self) -> list[int]:
         if self.tokens < self.window:

@@ -4,12 +4,17 @@ The loop reads top to bottom: batch -> normalise -> forward -> loss -> backward 
 Adam -> schedules; held-out evaluation, checkpoints and L0-target saves around it. Everything
 that decides a step's result (weights, Adam state, step, data position, RNG) is in the
 resumable checkpoint, so `resume=<run dir>` continues the same loss curve.
+
+Under torchrun the same loop runs on every rank; `sharding=` (clt_forge/distributed/parallel.py)
+decides what a rank holds and reads and how its terms are reduced. Rank 0 alone writes logs,
+plots and the run config; every rank takes part in evaluation and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import shutil
 import time
@@ -24,17 +29,20 @@ from clt_forge.cache.format import read_manifest
 from clt_forge.cache.reader import ActivationBatch, check_compatible
 from clt_forge.cache.store import ActivationsStore
 from clt_forge.cache.writer import HELD_OUT, plain
-from clt_forge.clt import CrossLayerTranscoder, clt_loss, init_encoder_bias
+from clt_forge.clt import CrossLayerTranscoder, init_clt, init_encoder_bias
 from clt_forge.config.schema import DataSource, Precision, TrainConfig
+from clt_forge.distributed.parallel import Parallel, start_parallel
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names
 from clt_forge.stages.common import setup
 from clt_forge.training.checkpoint import (
+    STATE_STEM,
     TRAINING_STATE,
+    WEIGHTS_STEM,
     CheckpointInfo,
     load_checkpoint,
     read_info,
-    save_checkpoint,
+    read_tensors,
 )
 from clt_forge.training.metrics import DeadFeatures, MetricsLog, evaluate
 from clt_forge.training.normalization import Normalization
@@ -65,6 +73,8 @@ class CLTTrainingRunner:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.d_features = cfg.clt.d_features or round(cfg.clt.expansion_factor * cfg.model.d_model)
+        self.parallel: Parallel
+        self.adam_step = 0.0
 
     # -- set-up -----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -77,38 +87,70 @@ class CLTTrainingRunner:
             for path in plot_sweep(folder) if is_sweep(folder) else draw_plots(folder):
                 print(f"wrote {path}")
             return folder
+        self.parallel = start_parallel(cfg)
+        try:
+            return self._run()
+        finally:
+            self.parallel.close()
+
+    def _run(self) -> Path:
+        cfg, parallel = self.cfg, self.parallel
         out = Path(cfg.resume) if cfg.resume else setup(cfg)
+        out = parallel.broadcast_object(out)  # rank 0's folder: each process has its own Hydra run dir
         if cfg.resume:
             setup(dataclasses.replace(cfg, out=str(out)))
             self._check_resume(out)
-        (out / RUN_CONFIG).write_text(json.dumps(plain(cfg), indent=1))
+        if parallel.main:
+            (out / RUN_CONFIG).write_text(json.dumps(plain(cfg), indent=1))
         self.out = out
         self.total_steps = max(1, cfg.tokens // cfg.batch_size)
-        store, held_out = self._data()
+        store, (x_eval, y_eval, eval_source) = self._data()
+        self.store = store
         self.normalization = self._normalization(store)
+        self.features = parallel.features(self.d_features)
         self.clt = self._model()
+        self.dead = DeadFeatures(cfg.model.n_layers, self.features.stop - self.features.start, cfg.dead_window_tokens)
+        self.log = MetricsLog(out / "metrics.jsonl", cfg.logger, plain(cfg)) if parallel.main else NullLog()
+        self.l0_saved: list[float] = []
+        start_step, moments = self._restore(store) if cfg.resume else (0, {})
+        if start_step == 0:
+            self.log.truncate_after(-1)
+        batches: Iterator[ActivationBatch] = iter(store)
+        first = next(batches)
+        if start_step == 0 and not cfg.finetune.source:
+            self.init_encoder_bias(self.normalization.inputs(first.mlp_in.to(parallel.device)))
+        self.prepare(moments)
+        try:
+            self._train(itertools.chain([first], batches), start_step, x_eval, y_eval, eval_source)
+        finally:
+            self.log.close()
+        if parallel.main:
+            from clt_forge.training.plots import draw_plots
+
+            draw_plots(out)
+            print(f"CLT checkpoint: {out / 'checkpoints' / 'final'}")
+        return out
+
+    def init_encoder_bias(self, x: torch.Tensor) -> None:
+        """Step 0: b_enc from the first global batch (seeded, so every rank gets its slice of one init)."""
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        x = self.parallel.global_batch(x)
+        init_encoder_bias(
+            self.clt, x, self.cfg.clt.init_l0, generator, features=self.features, d_features=self.d_features
+        )
+
+    def prepare(self, moments: dict[str, torch.Tensor] | None = None) -> None:
+        """Wrap the CLT for its sharding mode and make the optimizer (with resumed Adam moments)."""
+        cfg = self.cfg
+        self.module = self.parallel.wrap(self.clt)
         self.optimizer = torch.optim.Adam(
             [p for p in self.clt.parameters() if p.requires_grad],
             lr=cfg.optim.lr,
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             fused=True,  # one kernel over all parameters: ~5x faster than foreach on CPU (benchmarks/train_step.py)
         )
-        self.dead = DeadFeatures(cfg.model.n_layers, self.d_features, cfg.dead_window_tokens)
-        self.log = MetricsLog(out / "metrics.jsonl", cfg.logger, plain(cfg))
-        self.l0_saved: list[float] = []
-        start_step = self._restore(store) if cfg.resume else 0
-        if start_step == 0:
-            self.log.truncate_after(-1)
-        x_eval, y_eval, eval_source = held_out
-        try:
-            self._train(store, start_step, x_eval, y_eval, eval_source)
-        finally:
-            self.log.close()
-        from clt_forge.training.plots import draw_plots
-
-        draw_plots(out)
-        print(f"CLT checkpoint: {out / 'checkpoints' / 'final'}")
-        return out
+        if moments:
+            self._load_moments(moments)
 
     def _check_resume(self, out: Path) -> None:
         before = read_run_config(out)
@@ -122,7 +164,12 @@ class CLTTrainingRunner:
 
     def _data(self) -> tuple[ActivationsStore, tuple[torch.Tensor, torch.Tensor, str]]:
         """The training batches and a fixed held-out evaluation set (x, y, where it came from)."""
-        cfg = self.cfg
+        cfg, parallel = self.cfg, self.parallel
+        if parallel.world > 1 and (cfg.data.source is DataSource.model or not cfg.activations):
+            raise CLTError(
+                f"sharding={parallel.mode.value} on {parallel.world} ranks trains from a cached dataset: "
+                "pass activations=PATH (write one with `clt cache`)."
+            )
         if cfg.data.source is DataSource.model or not cfg.activations:
             if not cfg.activations:
                 print("note: no activations=PATH given; running the model on the fly (data.source=model).")
@@ -148,8 +195,10 @@ class CLTTrainingRunner:
         check_compatible(manifest, folder, model=cfg.model.name, n_layers=cfg.model.n_layers, d_model=cfg.model.d_model)
         store = ActivationsStore.from_cache(
             folder,
-            cfg.batch_size,
+            parallel.local_batch_size(cfg.batch_size),
             seed=cfg.seed,
+            rank=parallel.data_rank,
+            world_size=parallel.data_world,
             shuffle_chunks=cfg.reader.shuffle_chunks,
             prefetch_groups=cfg.reader.prefetch_groups,
             workers=cfg.reader.workers,
@@ -167,39 +216,58 @@ class CLTTrainingRunner:
     def _normalization(self, store: ActivationsStore) -> Normalization:
         if store.reader is not None and store.reader.manifest.stats:
             return Normalization.from_manifest(store.reader.manifest)
+        if self.parallel.world > 1:
+            raise CLTError(f"{self.cfg.activations}: its manifest has no normalisation statistics (needed on >1 rank).")
         batches = iter(store)
         return Normalization.estimate(next(batches) for _ in range(self.cfg.norm_batches))
 
     def _model(self) -> CrossLayerTranscoder:
-        cfg = self.cfg
+        """This rank's CLT (all features, or its slice under feature sharding), seeded init."""
+        cfg, device = self.cfg, self.parallel.device
         if cfg.finetune.source:
             from clt_forge.training.lora import add_lora
 
-            clt, self.normalization, _ = load_checkpoint(cfg.finetune.source)
+            if self.parallel.world > 1:
+                raise CLTError("finetune.from runs in one process (sharding=single); LoRA adapters are small.")
+            clt, self.normalization, _ = load_checkpoint(cfg.finetune.source, device=device)
             add_lora(clt, cfg.finetune.rank)
             return clt
-        return CrossLayerTranscoder(
+        clt = CrossLayerTranscoder(
             cfg.model.n_layers,
             cfg.model.d_model,
-            self.d_features,
+            self.features.stop - self.features.start,
             bandwidth=cfg.clt.jumprelu_bandwidth,
             jumprelu_threshold=cfg.clt.jumprelu_threshold,
+            device=device,
         )
+        init_clt(clt, cfg.clt.jumprelu_threshold, seed=cfg.seed, features=self.features, d_features=self.d_features)
+        return clt
 
     # -- the loop ---------------------------------------------------------------------------
     def _train(
-        self, store: ActivationsStore, start_step: int, x_eval: torch.Tensor, y_eval: torch.Tensor, eval_source: str
+        self,
+        batches: Iterator[ActivationBatch],
+        start_step: int,
+        x_eval: torch.Tensor,
+        y_eval: torch.Tensor,
+        eval_source: str,
     ) -> None:
-        cfg = self.cfg
-        batches: Iterator[ActivationBatch] = iter(store)
-        x_eval, y_eval = self.normalization.inputs(x_eval), self.normalization.outputs(y_eval)
-        bar = tqdm(total=self.total_steps, initial=start_step, unit="step", desc="clt train", disable=None)
+        cfg, device = self.cfg, self.parallel.device
+        x_eval = self.normalization.inputs(x_eval.to(device))
+        y_eval = self.normalization.outputs(y_eval.to(device))
+        bar = tqdm(
+            total=self.total_steps,
+            initial=start_step,
+            unit="step",
+            desc="clt train",
+            disable=None if self.parallel.main else True,
+        )
         started, tokens_at_start = time.perf_counter(), start_step * cfg.batch_size
+        step = start_step
         for step in range(start_step, self.total_steps):
             batch = next(batches)
-            x, y = self.normalization.inputs(batch.mlp_in), self.normalization.outputs(batch.mlp_out)
-            if step == 0 and not cfg.finetune.source:
-                init_encoder_bias(self.clt, x, cfg.clt.init_l0)
+            x = self.normalization.inputs(batch.mlp_in.to(device, non_blocking=True))
+            y = self.normalization.outputs(batch.mlp_out.to(device, non_blocking=True))
             result = self.train_step(step, x, y)
             tokens = (step + 1) * cfg.batch_size
             if step % cfg.log_every == 0 or step == self.total_steps - 1:
@@ -222,65 +290,58 @@ class CLTTrainingRunner:
                 bar.set_postfix(
                     loss=f"{result.loss:.3g}", l0=f"{metrics['l0_mean']:.1f}", ev=f"{metrics['ev_mean']:.3f}"
                 )
-                if self._l0_targets(step, metrics["l0_mean"], store):
+                if self._l0_targets(step, metrics["l0_mean"]):
                     break
             if (step + 1) % cfg.checkpoint_every == 0 and not last:
-                self._save_resumable(step + 1, store)
+                self._save_resumable(step + 1)
             bar.update(1)
         bar.close()
-        self._save("final", self.total_steps if not cfg.optimal_l0 else step + 1, store, training_state=True)
+        self._save("final", self.total_steps if not cfg.optimal_l0 else step + 1, training_state=True)
 
     def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        cfg = self.cfg
+        """One optimizer step on this rank's share (x, y) of the global batch (normalised units)."""
+        cfg, parallel = self.cfg, self.parallel
         lambda0 = l0_coefficient(step, self.total_steps, cfg.sparsity)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * lr_multiplier(step, self.total_steps, cfg.optim)
         with self._autocast():
-            output = self.clt(x)
-            terms = clt_loss(
-                output,
-                y,
-                output.decoder_norms,
-                self.clt.jumprelu_threshold(),
-                l0_coefficient=lambda0,
-                c=cfg.sparsity.c,
-                dead_coefficient=cfg.sparsity.dead_coefficient,
+            output = self.module(x)
+            terms, logged = parallel.loss(
+                self.clt, output, y, lambda0, c=cfg.sparsity.c, dead=cfg.sparsity.dead_coefficient
             )
         for name in ("mse", "sparsity", "dead", "total"):
-            value = getattr(terms, name)
+            value = getattr(logged, name)
             if not torch.isfinite(value):
                 raise CLTError(f"step {step}: the {name} loss term is {value.item()}; stopped. {self._last_good()}")
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        params = [p for p in self.clt.parameters() if p.grad is not None]
-        if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))  # type: ignore[union-attr]
+        grad_norm = parallel.clip_grad_norm(self.clt, cfg.optim.grad_clip)
         if not torch.isfinite(grad_norm):
             raise CLTError(
                 f"step {step}: the gradient norm is {grad_norm.item()}; stopped before the update. {self._last_good()}"
             )
         self.optimizer.step()
-        self.dead.update(output.features)
+        self.dead.update_fired(*parallel.fired(output.features))
         return StepResult(
-            loss=terms.total.item(),
-            mse=terms.mse.item(),
-            sparsity=terms.sparsity.item(),
-            dead=terms.dead.item(),
+            loss=logged.total.item(),
+            mse=logged.mse.item(),
+            sparsity=logged.sparsity.item(),
+            dead=logged.dead.item(),
             grad_norm=grad_norm.item(),
-            l0_mean=(output.features != 0).sum(-1).float().mean().item(),
+            l0_mean=parallel.l0_mean(output.features),
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.precision is Precision.fp32:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.cfg.precision is Precision.bf16 else torch.float16
-        return torch.autocast(device_type=self.clt.W_enc.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.parallel.device.type, dtype=dtype)
 
     def _evaluate(self, step: int, tokens: int, x: torch.Tensor, y: torch.Tensor, source: str) -> dict[str, Any]:
-        metrics = evaluate(self.clt, x, y)
-        dead = self.dead.per_layer()
+        module = self.parallel.eval_module(self.module)
+        metrics = evaluate(module, x, y, reduce_l0=self.parallel.sum_features)
+        self.parallel.after_eval(self.module)
+        dead = self.parallel.sum_features(torch.tensor(self.dead.per_layer())).tolist()
         record = {
             "kind": "eval",
             "step": step,
@@ -293,12 +354,12 @@ class CLTTrainingRunner:
         self.log.write(record)
         return record
 
-    def _l0_targets(self, step: int, l0_mean: float, store: ActivationsStore) -> bool:
+    def _l0_targets(self, step: int, l0_mean: float) -> bool:
         """Save at each checkpoint_l0 target when first reached; True when optimal_l0 is reached."""
         for target in sorted(self.cfg.checkpoint_l0, reverse=True):
             if l0_mean <= target and target not in self.l0_saved:
                 self.l0_saved.append(target)
-                self._save(f"l0-{target:g}", step + 1, store, training_state=False)
+                self._save(f"l0-{target:g}", step + 1, training_state=False)
         return self.cfg.optimal_l0 is not None and l0_mean <= self.cfg.optimal_l0
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -316,53 +377,119 @@ class CLTTrainingRunner:
             train=plain(cfg),
         )
 
-    def _save(self, name: str, step: int, store: ActivationsStore, training_state: bool) -> Path:
+    def _save(self, name: str, step: int, training_state: bool) -> Path:
+        """Collective: every rank calls it (gathers, shards); see Parallel.save."""
         from clt_forge.training.lora import merged_copy
 
-        state = self._training_state(step, store) if training_state else None
-        clt = merged_copy(self.clt)
-        return save_checkpoint(self.out / "checkpoints" / name, clt, self.normalization, self._info(step), state)
+        weights = self.parallel.full_tensors(dict(merged_copy(self.clt).state_dict()))
+        state, tensors = self._training_state(step) if training_state else (None, None)
+        folder = self.out / "checkpoints" / name
+        self.parallel.save(folder, weights, self.normalization, self._info(step), state, tensors)
+        return folder
 
-    def _save_resumable(self, step: int, store: ActivationsStore) -> None:
-        self._save(f"step-{step:08d}", step, store, training_state=True)
-        resumable = sorted((self.out / "checkpoints").glob("step-*"))
-        for old in resumable[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+    def _save_resumable(self, step: int) -> None:
+        self._save(f"step-{step:08d}", step, training_state=True)
+        if self.parallel.main:
+            resumable = sorted((self.out / "checkpoints").glob("step-*"))
+            for old in resumable[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.parallel.barrier()
 
-    def _training_state(self, step: int, store: ActivationsStore) -> dict[str, Any]:
-        return {
+    def _training_state(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(scalars and small things, this rank's tensors: Adam moments by parameter name, dead counters)."""
+        moments: dict[str, torch.Tensor] = {}
+        adam_step = 0.0
+        for name, param in self.clt.named_parameters():
+            found = self.optimizer.state.get(param)
+            if found:
+                moments[f"exp_avg.{name}"], moments[f"exp_avg_sq.{name}"] = found["exp_avg"], found["exp_avg_sq"]
+                adam_step = float(found["step"])
+        tensors = self.parallel.full_tensors(moments)
+        tensors["dead.last_fired"] = self.dead.last_fired
+        state = {
             "step": step,
-            "optimizer": self.optimizer.state_dict(),
-            "tokens_served": store.tokens_served,
-            "dead": self.dead.state(),
+            "adam_step": adam_step,
+            "readers": self.parallel.gather_ints(self.store.tokens_served),  # tokens served, per data rank
+            "data_world": self.parallel.data_world,
+            "dead_tokens": self.dead.tokens,
             "l0_saved": list(self.l0_saved),
             "rng": torch.get_rng_state(),
-            "trainable": {n: p.detach().clone() for n, p in self.clt.named_parameters() if p.requires_grad},
         }
+        if self.cfg.finetune.source:  # LoRA: the checkpoint holds merged weights; keep the adapters
+            state["trainable"] = {n: p.detach().clone() for n, p in self.clt.named_parameters() if p.requires_grad}
+        return state, tensors
 
     def _last_good(self) -> str:
         found = latest_checkpoint(self.out)
         return f"The last good checkpoint is {found}." if found else "No checkpoint was written yet."
 
-    def _restore(self, store: ActivationsStore) -> int:
+    def _restore(self, store: ActivationsStore) -> tuple[int, dict[str, torch.Tensor]]:
+        """Load this rank's slice of the newest resumable checkpoint, written at any world size and
+        in any sharding mode; returns (step, the Adam moments to load once the optimizer exists)."""
         found = latest_checkpoint(self.out)
         if found is None:
             raise CLTError(f"resume={self.out}: no resumable checkpoint under {self.out / 'checkpoints'}.")
-        state = torch.load(found / TRAINING_STATE, weights_only=False)
-        with torch.no_grad():
-            params = dict(self.clt.named_parameters())
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.dead.load(state["dead"])
-        self.l0_saved = state["l0_saved"]
-        torch.set_rng_state(state["rng"])
         if store.reader is None:
             raise CLTError("resume needs a cached dataset (activations=PATH): on-the-fly batches cannot be replayed.")
-        store.reader.start_tokens = store.reader.tokens_served = state["tokens_served"]
+        info = read_info(found)
+        state = torch.load(found / TRAINING_STATE, weights_only=False)
+        if "readers" not in state:
+            raise CLTError(f"{found}: written by an older clt-forge (training state without 'readers'); cannot resume.")
+        device = self.parallel.device
+        with torch.no_grad():
+            params = dict(self.clt.named_parameters())
+            if self.cfg.finetune.source:
+                for name, value in state["trainable"].items():
+                    params[name].copy_(value)
+            else:
+                weights = read_tensors(found, WEIGHTS_STEM, info, self.features, device=device)
+                self.clt.load_state_dict({k: v for k, v in weights.items() if not k.startswith("norm.")})
+        tensors = read_tensors(found, STATE_STEM, info, self.features, device=device)
+        self.dead.load({"tokens": state["dead_tokens"], "last_fired": tensors.pop("dead.last_fired").cpu()})
+        self.l0_saved = state["l0_saved"]
+        torch.set_rng_state(state["rng"])
+        self.adam_step = state["adam_step"]
+        readers, world = state["readers"], self.parallel.data_world
+        if state["data_world"] == world:
+            position = readers[self.parallel.data_rank]
+        else:
+            position = sum(readers[: state["data_world"]]) // world
+            if self.parallel.main:
+                print(
+                    f"note: {found} was written with {state['data_world']} data-parallel ranks, this run has {world}: "
+                    "the weights and optimizer continue exactly, the data order starts afresh at the same token count."
+                )
+        store.reader.start_tokens = store.reader.tokens_served = position
         self.log.truncate_after(state["step"] - 1)
-        print(f"resumed from {found} at step {state['step']}")
-        return int(state["step"])
+        if self.parallel.main:
+            print(f"resumed from {found} at step {state['step']}")
+        return int(state["step"]), tensors
+
+    def _load_moments(self, moments: dict[str, torch.Tensor]) -> None:
+        """Adam state from checkpoint tensors (this rank's features); FSDP takes its own shard."""
+        for name, param in self.clt.named_parameters():
+            if f"exp_avg.{name}" not in moments:
+                continue
+            pair = [moments[f"{kind}.{name}"].to(self.parallel.device) for kind in ("exp_avg", "exp_avg_sq")]
+            if hasattr(param, "device_mesh"):  # an FSDP2 DTensor parameter
+                from torch.distributed.tensor import distribute_tensor
+
+                pair = [distribute_tensor(t, param.device_mesh, param.placements) for t in pair]  # type: ignore[attr-defined]
+            step = torch.tensor(self.adam_step, dtype=torch.float32, device=self.parallel.device)
+            self.optimizer.state[param] = {"step": step, "exp_avg": pair[0], "exp_avg_sq": pair[1]}
+
+
+class NullLog:
+    """The metrics log of ranks other than 0: they compute the same numbers and write nothing."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def latest_checkpoint(run: Path) -> Path | None:
