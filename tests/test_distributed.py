@@ -1,5 +1,8 @@
-"""Feature sharding under real torch.distributed (gloo, 2 processes): every parameter's gradient,
-the logged loss terms and the global gradient norm equal the single-process ones."""
+"""Multi-process training under real torch.distributed (gloo on CPU): feature sharding's building
+blocks; for sharding=feature, ddp and fsdp, the runner's training steps (loss terms, every
+parameter's gradient, final weights) equal the single-process run on the same global batches;
+sharded checkpoints load as the full CLT and reshard exactly; `torchrun ... clt train` resumes
+exactly at the same world size and continues at another one."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import torch.multiprocessing as mp
 from clt_forge.clt.loss import clt_loss
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.distributed.feature_sharding import FeatureShardedCLT, feature_slice, shard_clt
+from clt_forge.training.checkpoint import CheckpointInfo
+from clt_forge.training.normalization import Normalization
 
 L, D, F, B = 3, 16, 10, 32
 COEFFICIENTS = {"l0_coefficient": 0.3, "c": 2.0, "dead_coefficient": 0.01}
@@ -136,14 +141,182 @@ def test_device_follows_the_local_rank_and_backend_the_device():
     assert dist_env({}, backend="gloo", cuda=True).backend == "gloo"
 
 
-def test_clt_train_refuses_multi_process_modes_it_cannot_run_yet(tmp_path):
-    import subprocess
-    import sys
+# -- the runner under each sharding mode vs one process ------------------------------------------
+STEPS, GLOBAL_BATCH = 4, 64
 
-    done = subprocess.run(
-        [sys.executable, "-m", "clt_forge", "train", "sharding=feature", "model=tiny", f"out={tmp_path / 'run'}"],
-        capture_output=True,
-        text=True,
+
+def runner_config(mode: str, out: str):
+    from omegaconf import OmegaConf
+
+    from clt_forge.config.compose import compose_stage
+
+    overrides = ["model=tiny", "clt.d_features=40", f"batch_size={GLOBAL_BATCH}", f"sharding={mode}", f"out={out}"]
+    overrides += ["sparsity.l0_coefficient=0.5", "sparsity.dead_coefficient=0.01", "optim.grad_clip=0.5", "threads=1"]
+    return OmegaConf.to_object(compose_stage("train", overrides))
+
+
+def global_batches(n_layers: int, d_model: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, n_layers, d_model, generator=generator) * 1.5,
+            torch.randn(GLOBAL_BATCH, n_layers, d_model, generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def stepped_runner(mode: str, out: str, rank: int, world: int, parallel=None):
+    """A runner built like `run` does, then STEPS training steps on this rank's share of the batches.
+    Returns (runner, per-step logged results, per-step full gradients on rank-held features)."""
+    from clt_forge.distributed.parallel import start_parallel
+    from clt_forge.training.runner import CLTTrainingRunner
+
+    runner = CLTTrainingRunner(runner_config(mode, out))
+    runner.parallel = parallel or start_parallel(runner.cfg)
+    runner.total_steps = STEPS
+    runner.build_model()
+    batches = global_batches(runner.cfg.model.n_layers, runner.cfg.model.d_model)
+    share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    local = (lambda t: t) if mode in ("single", "feature") else (lambda t: t[share])
+    runner.init_encoder_bias(local(batches[0][0]))
+    runner.prepare()
+    results, grads = [], []
+    for step, (x, y) in enumerate(batches):
+        results.append(runner.train_step(step, local(x), local(y)))
+        full = {
+            n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in runner.clt.named_parameters()
+        }
+        grads.append(full)
+    return runner, results, grads
+
+
+def single_reference(out: str):
+    from clt_forge.distributed.parallel import Parallel
+    from clt_forge.distributed.setup import dist_env
+
+    return stepped_runner("single", out, 0, 1, parallel=Parallel(dist_env({}, cuda=False)))
+
+
+def mode_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+    from dataclasses import asdict
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
-    assert done.returncode == 3 and "sharding=feature" in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "run").exists()
+    torch.set_num_threads(1)
+    reference, expected_results, expected_grads = single_reference(out)
+    runner, results, grads = stepped_runner(mode, out, rank, world)
+    try:
+        cols = runner.features
+        for step in range(STEPS):
+            got, want = asdict(results[step]), asdict(expected_results[step])
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (mode, step, key, got[key], want[key])
+            for name, grad in expected_grads[step].items():
+                if name in ("W_enc", "b_enc", "log_threshold", "W_dec"):
+                    dim = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0}[name]
+                    grad = grad.narrow(dim, cols.start, cols.stop - cols.start)
+                torch.testing.assert_close(
+                    grads[step][name], grad, rtol=1e-4, atol=1e-6, msg=f"{mode} step {step} grad {name}"
+                )
+        weights = runner.parallel.full_tensors(dict(runner.clt.state_dict()))
+        for name, value in reference.clt.state_dict().items():
+            if name in ("W_enc", "b_enc", "log_threshold", "W_dec"):
+                dim = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0}[name]
+                value = value.narrow(dim, cols.start, cols.stop - cols.start)
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{mode} final {name}")
+        if mode == "feature":
+            assert cols.stop - cols.start == 20, "each of 2 ranks holds half the features"
+    finally:
+        runner.parallel.close()
+
+
+@pytest.mark.parametrize("mode", ["feature", "ddp", "fsdp"])
+def test_each_sharding_mode_trains_like_one_process(mode, tmp_path):
+    """Same global batches (ddp/fsdp: each rank half of them): per-step loss terms, L0, gradient
+    norm, every parameter's gradient (after clipping by the global norm) and the final weights
+    match the single-process runner."""
+    mp.spawn(mode_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+
+
+# -- checkpoints: 2 ranks -> 1 -> 2 is lossless --------------------------------------------------
+def full_state() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    shapes = {
+        "W_enc": (L, D, F),
+        "b_enc": (L, F),
+        "log_threshold": (L, F),
+        "W_dec": (F, L * (L + 1) // 2, D),
+        "b_dec": (L, D),
+    }
+    weights = {n: torch.randn(shape, generator=generator) for n, shape in shapes.items()}
+    state = {
+        f"{kind}.{n}": torch.rand(shape, generator=generator)
+        for kind in ("exp_avg", "exp_avg_sq")
+        for n, shape in shapes.items()
+    }
+    state["dead.last_fired"] = torch.randint(0, 2**40, (L, F), generator=generator)
+    return {**weights, **state}
+
+
+def reshard_worker(rank: int, world: int, port: int, source: str, folder: str) -> None:
+    from pathlib import Path
+
+    from clt_forge.distributed.checkpoint import save_sharded_checkpoint
+    from clt_forge.training.checkpoint import read_info, read_tensors
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cols = feature_slice(F, rank, world)
+        if source:  # read this rank's slice of a checkpoint written at another world size
+            info = read_info(source)
+            weights = read_tensors(Path(source), "clt", info, cols)
+            state = read_tensors(Path(source), "training_state", info, cols)
+            norm = Normalization.from_state(weights)
+            weights = {k: v for k, v in weights.items() if not k.startswith("norm.")}
+        else:
+            full = full_state()
+            dims = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0, "dead.last_fired": 1}
+
+            def mine(name, t):
+                dim = dims.get(name.removeprefix("exp_avg_sq.").removeprefix("exp_avg."))
+                return t if dim is None else t.narrow(dim, cols.start, cols.stop - cols.start)
+
+            weights = {n: mine(n, t) for n, t in full.items() if "." not in n}
+            state = {n: mine(n, t) for n, t in full.items() if "." in n}
+            norm = Normalization(torch.arange(1, L + 1).float(), torch.arange(2, L + 2).float())
+        info = CheckpointInfo(n_layers=L, d_model=D, d_features=F, bandwidth=1.0, model={"name": "test"}, hooks={})
+        save_sharded_checkpoint(Path(folder), weights, norm, info, {"step": 3}, state)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resharding_round_trip_two_one_two_is_exact(tmp_path):
+    from clt_forge.training.checkpoint import read_info, read_tensors, save_checkpoint
+
+    two, one, back = tmp_path / "two", tmp_path / "one", tmp_path / "back"
+    mp.spawn(reshard_worker, args=(2, free_port(), "", str(two)), nprocs=2, join=True)
+    info = read_info(two)
+    weights, state = read_tensors(two, "clt", info), read_tensors(two, "training_state", info)
+    expected = full_state()
+    for name, value in {**weights, **state}.items():
+        if not name.startswith("norm."):
+            assert torch.equal(value, expected[name]), name
+    plain = CheckpointInfo(n_layers=L, d_model=D, d_features=F, bandwidth=1.0, model={"name": "test"}, hooks={})
+    norm = Normalization.from_state(weights)
+    save_checkpoint(
+        one, {k: v for k, v in weights.items() if not k.startswith("norm.")}, norm, plain, {"step": 3}, state
+    )
+    mp.spawn(reshard_worker, args=(2, free_port(), str(one), str(back)), nprocs=2, join=True)
+    from safetensors.torch import load_file
+
+    shards = sorted(p.name for p in two.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in back.glob("*.safetensors")) and len(shards) == 4
+    for shard in shards:
+        before, after = load_file(two / shard), load_file(back / shard)
+        assert before.keys() == after.keys()
+        for name in before:
+            assert torch.equal(before[name], after[name]) and before[name].dtype == after[name].dtype, (shard, name)

@@ -107,9 +107,7 @@ class CLTTrainingRunner:
         store, (x_eval, y_eval, eval_source) = self._data()
         self.store = store
         self.normalization = self._normalization(store)
-        self.features = parallel.features(self.d_features)
-        self.clt = self._model()
-        self.dead = DeadFeatures(cfg.model.n_layers, self.features.stop - self.features.start, cfg.dead_window_tokens)
+        self.build_model()
         self.log = MetricsLog(out / "metrics.jsonl", cfg.logger, plain(cfg)) if parallel.main else NullLog()
         self.l0_saved: list[float] = []
         start_step, moments = self._restore(store) if cfg.resume else (0, {})
@@ -130,6 +128,14 @@ class CLTTrainingRunner:
             draw_plots(out)
             print(f"CLT checkpoint: {out / 'checkpoints' / 'final'}")
         return out
+
+    def build_model(self) -> None:
+        """This rank's CLT (seeded init) and dead-feature counters; `prepare` wraps it afterwards."""
+        self.features = self.parallel.features(self.d_features)
+        self.clt = self._model()
+        self.dead = DeadFeatures(
+            self.cfg.model.n_layers, self.features.stop - self.features.start, self.cfg.dead_window_tokens
+        )
 
     def init_encoder_bias(self, x: torch.Tensor) -> None:
         """Step 0: b_enc from the first global batch (seeded, so every rank gets its slice of one init)."""
