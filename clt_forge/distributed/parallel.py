@@ -252,7 +252,7 @@ class DataParallel(_Distributed):
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(clt, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(clt, device_ids=device_ids)
 
     def loss(
         self, clt: CrossLayerTranscoder, output: CLTOutput, y: torch.Tensor, lambda0: float, c: float, dead: float
