@@ -355,12 +355,28 @@ class ServeConfig(PipelineConfig):
     port: int = 8050  # port to bind
 
 
+@dataclass
+class DemoConfig(PipelineConfig):
+    """`clt demo`: every stage on the embedded default, into one run folder (runs/demo)."""
+
+    explainer: ExplainerConfig = MISSING
+    prompt: str = 'The opposite of "large" is "'  # the prompt attributed
+    slug: str = "opposite"  # the graph's file name: <out>/graphs/<slug>.json
+    cache_tokens: int = 65_536  # tokens of text cached (plus 2,048 held out)
+    train_tokens: int = 65_536  # tokens the CLT trains on
+    batch_size: int = 256  # training batch
+    lr: float = 2e-3  # training learning rate (cosine schedule)
+    autointerp_tokens: int = 65_536  # tokens scanned for feature examples
+    max_feature_nodes: int = 256  # features attributed (most influential first)
+
+
 STAGE_SCHEMAS: dict[str, type[Any]] = {
     "cache": CacheConfig,
     "train": TrainConfig,
     "autointerp": AutointerpConfig,
     "attribute": AttributeConfig,
     "serve": ServeConfig,
+    "demo": DemoConfig,
 }
 
 GROUP_SCHEMAS: dict[str, type[Any]] = {

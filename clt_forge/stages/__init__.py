@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "autointerp": "Find top activating contexts and statistics per feature; explain and score them.",
     "attribute": "Compute an attribution graph for a prompt through the trained CLT.",
     "serve": "Explore attribution graphs, build clusters and intervene in a local web interface.",
+    "demo": "Run cache -> train -> attribute -> autointerp on the embedded default into runs/demo.",
 }
 
 

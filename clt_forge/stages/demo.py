@@ -1,0 +1,141 @@
+"""`clt demo`: the whole workflow on the embedded default, into one run folder.
+
+    runs/demo/
+      activations/          clt cache: the bundled text through the embedded model (+ held_out/)
+      clt/                  clt train: metrics, plots, checkpoints/final (the CLT)
+      graphs/<slug>.{json,pt}  clt attribute: the prompt's attribution graph
+      features/             clt autointerp on the graph's features: features.db, summary.json
+
+The graph comes before autointerp so that the explainer spends its time on exactly the
+features the graph shows; the graph's nodes are then labelled with their explanations. Each
+step runs only when its output is missing (training resumes from its last checkpoint), so
+re-running continues where an interrupted demo stopped. Every step prints the `clt` command
+that does it alone, from the artifacts of the steps before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from clt_forge.config.schema import (
+    AttributeConfig,
+    AutointerpConfig,
+    CacheConfig,
+    DemoConfig,
+    PipelineConfig,
+    TrainConfig,
+)
+from clt_forge.stages.common import setup
+
+STEPS = 5
+
+
+def run(cfg: DemoConfig) -> Path:
+    out = setup(cfg)
+    acts, clt, graphs, features = out / "activations", out / "clt", out / "graphs", out / "features"
+    final = clt / "checkpoints" / "final"
+    graph = graphs / f"{cfg.slug}.json"
+    started = time.perf_counter()
+
+    cache = {"out": acts, "tokens": cfg.cache_tokens, "held_out_tokens": 2048}
+    if _step(1, "cache", cache, done=(acts / "manifest.json").is_file()):
+        from clt_forge.stages import cache as cache_stage
+
+        cache_stage.run(stage_config(CacheConfig, cfg, cache))
+
+    train = {
+        "activations": acts,
+        "out": clt,
+        "tokens": cfg.train_tokens,
+        "batch_size": cfg.batch_size,
+        "optim.lr": cfg.lr,
+        "optim.lr_schedule": "cosine",
+        "clt.d_features": cfg.clt.d_features,
+        "sparsity.l0_coefficient": cfg.sparsity.l0_coefficient,
+        "sparsity.warmup_fraction": cfg.sparsity.warmup_fraction,
+        "eval_every": max(1, cfg.train_tokens // cfg.batch_size // 8),
+        "log_every": 8,
+        "checkpoint_every": 64,
+    }
+    if _step(2, "train", train, done=(final / "config.json").is_file()):
+        from clt_forge.training.runner import CLTTrainingRunner, latest_checkpoint
+
+        resume = {"resume": clt} if (clt / "checkpoints").is_dir() and latest_checkpoint(clt) else {}
+        CLTTrainingRunner(stage_config(TrainConfig, cfg, {**train, **resume})).run()
+
+    attribute = {"checkpoint": final, "out": graphs, "prompt": cfg.prompt, "slug": cfg.slug}
+    attribute["max_feature_nodes"] = cfg.max_feature_nodes
+    if _step(3, "attribute", attribute, done=graph.is_file()):
+        from clt_forge.stages import attribute as attribute_stage
+
+        attribute_stage.run(stage_config(AttributeConfig, cfg, attribute))
+
+    autointerp = {"checkpoint": final, "activations": acts, "out": features, "features_from": graph}
+    autointerp["tokens"] = cfg.autointerp_tokens
+    if _step(4, "autointerp", autointerp, done=(features / "summary.json").is_file()):
+        from clt_forge.autointerp.runner import AutoInterp
+
+        AutoInterp(stage_config(AutointerpConfig, cfg, autointerp)).run(out=features)
+
+    from clt_forge.attribution.labels import label_graph
+
+    print(f"[5/{STEPS}] label the graph's features with their explanations")
+    labelled = label_graph(graph, features / "features.db")
+    print(f"{labelled} feature nodes of {graph} labelled ({(time.perf_counter() - started) / 60:.1f} min).")
+    print(f"\nOpen it:\n  {clt_command()} serve {graph}")
+    return out
+
+
+def _step(number: int, stage: str, overrides: dict[str, Any], done: bool) -> bool:
+    command = " ".join([clt_command(), stage, *(shell_quote(hydra_override(k, v)) for k, v in overrides.items())])
+    if done:
+        print(f"[{number}/{STEPS}] {stage}: already done, skipped ({command})")
+    else:
+        print(f"[{number}/{STEPS}] {stage}: {command}", flush=True)
+    return not done
+
+
+def clt_command() -> str:
+    """`clt` when it is on PATH, else the path of the one running (e.g. .venv/bin/clt)."""
+    if shutil.which("clt") or not sys.argv[0].endswith("clt"):
+        return "clt"
+    relative = os.path.relpath(sys.argv[0])
+    return relative if not relative.startswith("..") else sys.argv[0]
+
+
+def shell_quote(word: str) -> str:
+    """A shell word that reads well: double quotes around words holding single quotes."""
+    if "'" in word and not any(c in word for c in "$`\\!"):
+        return '"' + word.replace('"', '\\"') + '"'
+    return shlex.quote(word)
+
+
+def hydra_override(key: str, value: Any) -> str:
+    """KEY=VALUE as Hydra parses it (values with spaces or quotes single-quoted)."""
+    text = str(value)
+    if any(c in text for c in " \"'=,[]{}()"):
+        text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f"{key}={text}"
+
+
+def stage_config(schema: type[Any], cfg: DemoConfig, overrides: dict[str, Any]) -> Any:
+    """A stage's typed config: the demo's shared settings (model, data, quant, sparsity, clt,
+    logger, seed, threads; the explainer for autointerp) with `overrides` (dotted keys) on top."""
+    names = [f.name for f in dataclasses.fields(PipelineConfig)]
+    if schema is AutointerpConfig:
+        names.append("explainer")
+    conf = OmegaConf.structured(schema)
+    for name in names:
+        conf[name] = getattr(cfg, name)
+    for key, value in overrides.items():
+        OmegaConf.update(conf, key, str(value) if isinstance(value, Path) else value, merge=True)
+    return OmegaConf.to_object(conf)

@@ -1,0 +1,72 @@
+"""`clt demo` on the tiny model: every stage writes into one run folder, the graph's feature
+nodes carry the local explainer's explanations, a re-run skips every finished stage, and each
+stage runs alone from the artifacts the demo wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "model=tiny",
+    "cache_tokens=4096",
+    "train_tokens=4096",
+    "batch_size=128",
+    "autointerp_tokens=2048",
+    "max_feature_nodes=16",
+    "clt.d_features=32",
+    "explainer.max_new_tokens=12",
+    "threads=2",
+]
+
+
+def clt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-m", "clt_forge", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def test_demo_runs_every_stage_labels_the_graph_and_skips_finished_stages(tmp_path):
+    out = tmp_path / "demo"
+    first = clt("demo", *SMALL, f"out={out}", cwd=tmp_path)
+    for n, stage in enumerate(["cache", "train", "attribute", "autointerp"], start=1):
+        assert f"[{n}/5] {stage}: " in first.stdout and "already done" not in first.stdout
+    assert (out / "activations" / "manifest.json").is_file()
+    assert (out / "activations" / "held_out" / "manifest.json").is_file()
+    assert (out / "clt" / "checkpoints" / "final" / "config.json").is_file()
+    assert (out / "features" / "features.db").is_file() and (out / "features" / "summary.json").is_file()
+    graph = json.loads((out / "graphs" / "opposite.json").read_text())
+    assert graph["metadata"]["prompt"].endswith('The opposite of "large" is "')
+    assert graph["metadata"]["features"] == str((out / "features" / "features.db").resolve())
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    labelled = [n for n in features if n["clerp"].strip()]
+    assert features and len(labelled) == len(features), "every feature node has its explanation"
+    summary = json.loads((out / "features" / "summary.json").read_text())
+    assert summary["features"] == len({(n["layer"], n["node_id"].split("_")[1]) for n in features})
+    assert f"serve {out / 'graphs' / 'opposite.json'}" in first.stdout
+
+    again = clt("demo", *SMALL, f"out={out}", cwd=tmp_path)
+    assert again.stdout.count("already done, skipped") == 4
+    assert f"{len(labelled)} feature nodes" in again.stdout
+
+    # each stage alone, from the artifacts of the stages before (the commands the demo printed)
+    lines = [line for line in first.stdout.splitlines() if line.startswith("[3/5] attribute: ")]
+    assert lines and "checkpoint=" in lines[0] and "prompt=" in lines[0]
+    alone = clt(
+        "attribute",
+        f"checkpoint={out / 'clt' / 'checkpoints' / 'final'}",
+        f"features={out / 'features' / 'features.db'}",
+        f"out={tmp_path / 'graphs'}",
+        "prompt=The cat sat",
+        "max_feature_nodes=16",
+        cwd=tmp_path,
+    )
+    assert "graph written to" in alone.stdout
+    relabelled = json.loads((tmp_path / "graphs" / "the-cat-sat.json").read_text())
+    assert relabelled["metadata"]["features"] == graph["metadata"]["features"]
