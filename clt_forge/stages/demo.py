@@ -72,14 +72,14 @@ def run(cfg: DemoConfig) -> Path:
         resume = {"resume": clt} if (clt / "checkpoints").is_dir() and latest_checkpoint(clt) else {}
         CLTTrainingRunner(stage_config(TrainConfig, cfg, {**train, **resume})).run()
 
-    attribute = {"checkpoint": final, "out": graphs, "prompt": cfg.prompt, "slug": cfg.slug}
+    attribute: dict[str, Any] = {"checkpoint": final, "out": graphs, "prompt": cfg.prompt, "slug": cfg.slug}
     attribute["max_feature_nodes"] = cfg.max_feature_nodes
     if _step(3, "attribute", attribute, done=graph.is_file()):
         from clt_forge.stages import attribute as attribute_stage
 
         attribute_stage.run(stage_config(AttributeConfig, cfg, attribute))
 
-    autointerp = {"checkpoint": final, "activations": acts, "out": features, "features_from": graph}
+    autointerp: dict[str, Any] = {"checkpoint": final, "activations": acts, "out": features, "features_from": graph}
     autointerp["tokens"] = cfg.autointerp_tokens
     if _step(4, "autointerp", autointerp, done=(features / "summary.json").is_file()):
         from clt_forge.autointerp.runner import AutoInterp
