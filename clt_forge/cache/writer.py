@@ -207,12 +207,14 @@ class CacheJob:
         if (self.out / MANIFEST).is_file():
             print(f"{self.out / MANIFEST} exists: the dataset is complete, nothing to do.")
             return True
-        if not self.part.complete:
-            self._cache_chunks(model)
         if self.plan.split == "train" and self.index == 0 and self.cfg.held_out_tokens > 0:
+            # before shard 0's part can be complete: the last shard to finish merges, and the
+            # held-out set must exist by then
             held_out = CacheJob(self.cfg, self.out / HELD_OUT, split="held_out")
             held_out.load_progress()
             held_out.run(model)
+        if not self.part.complete:
+            self._cache_chunks(model)
         return merge_if_complete(self.out, self.count)
 
     def my_windows(self, tokenizer: Any) -> Any:
