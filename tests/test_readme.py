@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"```(bash|python)\n(.*?)```", re.DOTALL)
 # Commands CI runs itself (.ci/run calls scripts/test.sh, which calls scripts/setup.sh).
 RUN_BY_CI = {"bash scripts/setup.sh", "bash scripts/test.sh"}
+VENV_COMMANDS = (".venv/bin/clt", ".venv/bin/torchrun")  # run from this test's environment
 
 
 def readme_steps() -> list[tuple[str, str]]:
@@ -39,7 +40,6 @@ def test_readme_has_the_two_commands():
 
 @pytest.mark.slow
 def test_every_readme_command_and_snippet_runs(tmp_path):
-    clt = str(Path(sys.executable).parent / "clt")
     env = dict(os.environ, OMP_NUM_THREADS="2")
     steps = readme_steps()
     assert len(steps) >= 6
@@ -48,8 +48,8 @@ def test_every_readme_command_and_snippet_runs(tmp_path):
             args = [sys.executable, "-c", code]
         else:
             words = shlex.split(code)
-            assert words[0] == ".venv/bin/clt", f"README command not covered by this test: {code}"
-            args = [clt, *words[1:]]
+            assert words[0] in VENV_COMMANDS, f"README command not covered by this test: {code}"
+            args = [str(Path(sys.executable).parent / words[0].removeprefix(".venv/bin/")), *words[1:]]
         result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"README step failed: {code}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         if "Paris" in code:
