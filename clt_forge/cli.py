@@ -7,6 +7,7 @@ wrong key or value exits with status 2 and one paragraph naming it.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated
 
@@ -47,6 +48,27 @@ def apply_aliases(overrides: list[str]) -> list[str]:
     return out
 
 
+def serve_positional(overrides: list[str]) -> list[str]:
+    """`clt serve GRAPH.json ...`: a first argument that is not KEY=VALUE is the graph."""
+    if not overrides or "=" in overrides[0] or overrides[0].startswith(("-", "+", "~")):
+        return overrides
+    path = overrides[0]
+    if not all(c.isascii() and (c.isalnum() or c in "_-./:") for c in path):  # quote what Hydra would split
+        # inside quotes Hydra reads a backslash literally, except in a run before a quote or the end
+        path = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", path)
+        path = "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, path) + "'"
+    return [f"graph={path}", *overrides[1:]]
+
+
+def run_dir_overrides(overrides: list[str]) -> list[str]:
+    """With out=PATH, Hydra's run directory is PATH and Hydra writes nothing into it, instead of
+    leaving a runs/<stage>/<time>/.hydra folder beside every run (torchrun: one per rank)."""
+    outs = [o.split("=", 1)[1] for o in overrides if o.startswith("out=")]
+    if not outs or any(o.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for o in overrides):
+        return []
+    return [f"hydra.run.dir={outs[-1]}", "hydra.output_subdir=null"]
+
+
 def groups_help() -> str:
     lines = [f"{group}: {', '.join(options)}" for group, options in compose.all_groups().items()]
     return "\n\n".join(["Config groups (choose with GROUP=OPTION):", *lines])
@@ -65,6 +87,8 @@ def run_hydra_stage(
     """Validate, then hand the stage to Hydra exactly as `python app.py OVERRIDES FLAGS` would."""
     import hydra
 
+    if stage == "serve":
+        overrides = serve_positional(overrides)
     overrides = apply_aliases(overrides)
     try:
         compose.validate(stage, overrides, multirun)
@@ -75,6 +99,8 @@ def run_hydra_stage(
         # Hydra refuses --cfg with --multirun; print every job of the sweep instead.
         print_sweep(stage, overrides, cfg, resolve)
         return
+    if not multirun:
+        overrides = [*overrides, *run_dir_overrides(overrides)]
     compose.register_schemas()
     argv = [f"clt {stage}", *overrides]
     if cfg:

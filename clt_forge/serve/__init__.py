@@ -1,0 +1,21 @@
+"""`clt serve`: a local Dash interface to explore attribution graphs, cluster features and intervene.
+
+graphs.py     which graph files may be opened; loading and checking one (clear errors)
+pruning.py    re-pruning at other thresholds (exactly, from the raw graph beside the JSON)
+layout.py     node positions (token position x layer) and the Cytoscape stylesheet
+features.py   a feature's explanation, examples, histogram and logits (database or files)
+panel.py      the node panel, job list and logit chart (HTML text)
+clusters.py   clusters (supernodes): collapse, save into qParams.supernodes, export a subgraph
+jobs.py       intervention jobs: a worker process, a queue, job states on disk
+state.py      what is drawn: views, their cached drawings, node panels
+page.py       the page's components
+app.py        the Dash app: callbacks and the routes the page fetches drawings and panels from
+server.py     `launch_interface`: serve the app (blocking, or in a thread with a handle)
+assets/       the browser side: click / hover / selection handlers and the style sheet
+"""
+
+from __future__ import annotations
+
+from clt_forge.serve.server import ServeHandle, launch_interface
+
+__all__ = ["ServeHandle", "launch_interface"]

@@ -1,0 +1,205 @@
+"""The page of `clt serve`: header with the graph picker, the graph and its controls, the
+sidebar (node panel, clusters, interventions), the error page. Component ids are what
+app.py's callbacks and assets/serve.js refer to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash_cytoscape as cyto
+from dash import dcc, html
+
+from clt_forge.serve.graphs import GraphDocument
+from clt_forge.serve.layout import STYLESHEET, short_token
+from clt_forge.serve.panel import empty_panel
+from clt_forge.serve.state import DEFAULT_MAX_LINKS, DEFAULT_THRESHOLDS, ServeState
+
+__all__ = ["error_page", "header", "page"]
+
+LINK_CHOICES = [500, 1000, 2000, 5000, 20000, 0]  # links drawn; 0: all
+
+
+def _slider(component_id: str, low: float, value: float) -> dcc.Slider:
+    return dcc.Slider(
+        id=component_id,
+        min=low,
+        max=1.0,
+        step=0.01,
+        value=value,
+        marks={low: str(low), 1.0: "1"},
+        updatemode="mouseup",
+        tooltip={"placement": "bottom", "always_visible": False},
+    )
+
+
+def page(state: ServeState) -> html.Div:
+    legend = html.Div(
+        [
+            html.Span([html.I(className="key embedding"), "token"]),
+            html.Span([html.I(className="key feature"), "feature"]),
+            html.Span([html.I(className="key error"), "error"]),
+            html.Span([html.I(className="key logit"), "logit"]),
+            html.Span([html.I(className="key edge-pos"), "+ weight"]),
+            html.Span([html.I(className="key edge-neg"), "− weight"]),
+            html.Div(id="view-note", className="view-note"),
+        ],
+        className="legend-bar",
+    )
+    controls = html.Div(
+        [
+            html.Div(
+                [html.Label("node threshold"), _slider("node-threshold", 0.3, DEFAULT_THRESHOLDS[0])],
+                className="control",
+            ),
+            html.Div(
+                [html.Label("edge threshold"), _slider("edge-threshold", 0.5, DEFAULT_THRESHOLDS[1])],
+                className="control",
+            ),
+            html.Div(
+                [
+                    html.Label("links drawn"),
+                    dcc.Dropdown(
+                        id="max-links",
+                        options=[{"label": f"{n:,} strongest" if n else "all", "value": n} for n in LINK_CHOICES],
+                        value=DEFAULT_MAX_LINKS,
+                        clearable=False,
+                        searchable=False,
+                    ),
+                ],
+                className="control links",
+            ),
+            dcc.Checklist(
+                id="collapse",
+                options=[{"label": " collapse clusters", "value": "on"}],
+                value=[],
+                className="control-check",
+            ),
+        ],
+        className="controls",
+    )
+    graph = cyto.Cytoscape(
+        id="graph",
+        elements=[],
+        stylesheet=STYLESHEET,
+        layout={"name": "preset", "fit": True, "padding": 24, "animate": False},
+        style={"width": "100%", "height": "100%"},
+        minZoom=0.05,
+        maxZoom=8,
+        boxSelectionEnabled=True,
+        autoungrabify=True,
+        autoRefreshLayout=False,
+    )
+    clusters = html.Section(
+        [
+            html.H2("Clusters"),
+            html.Div(
+                [
+                    dcc.Input(id="cluster-name", placeholder="name, e.g. say a capital", type="text", debounce=False),
+                    html.Button("Group selected", id="cluster-create", className="btn"),
+                ],
+                className="row",
+            ),
+            html.Div("Shift+click or shift+drag to select nodes.", id="selection-note", className="hint"),
+            html.Div(id="cluster-list"),
+            html.Div(id="cluster-status", className="status"),
+            html.Button("Export subgraph", id="export", className="btn secondary"),
+        ],
+        className="card",
+    )
+    interventions = html.Section(
+        [
+            html.H2("Intervene"),
+            dcc.Dropdown(id="target", options=[], placeholder="click a feature or make a cluster", clearable=False),
+            html.Div(
+                [
+                    dcc.RadioItems(
+                        id="mode",
+                        options=[{"label": " scale by", "value": "scale"}, {"label": " set to", "value": "set"}],
+                        value="scale",
+                        inline=True,
+                        className="mode",
+                    ),
+                    dcc.Input(id="amount", type="number", value=0, step="any", className="amount"),
+                    html.Button("Queue", id="queue", className="btn"),
+                ],
+                className="row",
+            ),
+            html.Div(id="queue-status", className="status"),
+            html.Div(id="jobs-view"),
+            dcc.Store(id="jobs-html"),
+            dcc.Store(id="jobs-live"),
+            dcc.Store(id="jobs-html-shown"),
+            dcc.Store(id="jobs-live-shown"),
+        ],
+        className="card",
+    )
+    return html.Div(
+        [
+            dcc.Location(id="url", refresh=False),
+            dcc.Store(id="graph-key"),
+            dcc.Store(id="rendered"),
+            dcc.Store(id="graph-meta"),
+            dcc.Store(id="cy-ready"),
+            dcc.Store(id="clicked"),
+            dcc.Store(id="panel-html", data=empty_panel()),
+            dcc.Store(id="panel-html-shown"),
+            dcc.Store(id="selection", data=[]),
+            dcc.Store(id="clusters", data=[]),
+            dcc.Store(id="jobs", data=[]),
+            dcc.Download(id="download"),
+            html.Header(
+                [
+                    html.Span("clt serve", className="brand"),
+                    dcc.Dropdown(id="picker", options=state.library.names(), clearable=False, className="picker"),
+                    html.Div(id="header-info", className="header-info"),
+                ],
+                className="header",
+            ),
+            html.Div(id="error-box", className="error-page", style={"display": "none"}),
+            html.Main(
+                [
+                    html.Section(
+                        [
+                            controls,
+                            html.Div([graph, html.Div(id="hover-tip", className="hover-tip")], className="graph-wrap"),
+                            legend,
+                        ],
+                        className="graph-column",
+                    ),
+                    html.Aside(
+                        [
+                            html.Section(
+                                [html.H2("Node"), html.Div(id="panel", className="panel-box")], className="card"
+                            ),
+                            clusters,
+                            interventions,
+                        ],
+                        className="sidebar",
+                    ),
+                ],
+                id="main",
+                className="main",
+            ),
+        ],
+        className="app",
+    )
+
+
+def header(document: GraphDocument) -> list[Any]:
+    meta = document.metadata
+    tokens = [html.Span(short_token(t), className="prompt-token") for t in document.prompt_tokens]
+    scores = []
+    for key, label in (("replacement_score", "replacement"), ("completeness_score", "completeness")):
+        if isinstance(meta.get(key), int | float):
+            scores.append(html.Span(f"{label} {meta[key]:.2f}", className="score"))
+    model = [html.Span(str(meta["model"]), className="score")] if meta.get("model") else []
+    return [html.Div(tokens, className="prompt"), *model, *scores]
+
+
+def error_page(message: str) -> list[Any]:
+    return [
+        html.H2("This graph cannot be shown"),
+        html.Pre(message, className="error-message"),
+        html.P("The server is still running: pick another graph above, or fix the file and reload the page."),
+    ]

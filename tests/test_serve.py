@@ -1,0 +1,614 @@
+"""`clt serve` in a real browser (Debian's Chromium driven by Playwright), plus its pieces.
+
+One graph is made with the `clt attribute` machinery on the embedded model (a small random
+CLT whose decoders are scaled up, so that features, not only error nodes, survive pruning),
+with a small feature database beside it. The browser tests then click a feature and read its
+examples, make and save a cluster and see it after a reload, run queued interventions and
+read the logit chart, and open malformed graphs. Screenshots of each step are written to
+test-artifacts/serve/ (git-ignored; nothing depends on them).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from clt_forge.serve import launch_interface
+from clt_forge.serve.clusters import Cluster, add_cluster, collapse, save_clusters
+from clt_forge.serve.graphs import GraphFileError, GraphLibrary, load_graph
+from clt_forge.serve.pruning import GraphView, Pruner
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((REPO / "tests" / "data" / "neuronpedia-graph-schema.json").read_text())
+SHOTS = REPO / "test-artifacts" / "serve"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PROMPT = "The capital of France is"
+D_FEATURES = 16
+WORDS = [" the", " king", " of", " France", " spoke", " to", " Paris", " is", " a", " city", " in", " spring"]
+HIST_EDGES = [2.0**k * (1 + j / 4) for k in range(-10, 10) for j in range(4)] + [2.0**10]
+
+
+# ---- the graph, its feature database, and a folder with broken files -----------------------------
+
+
+def loud_checkpoint(folder: Path, d_features: int) -> Path:
+    """A random CLT for the embedded model whose decoders are 30x the usual scale: its features
+    carry enough of the MLP outputs to survive pruning next to the error nodes."""
+    from clt_forge.cache.writer import plain
+    from clt_forge.clt.model import CrossLayerTranscoder
+    from clt_forge.models.activations import hook_names
+    from clt_forge.models.loading import model_config
+    from clt_forge.training.checkpoint import CheckpointInfo, save_checkpoint
+    from clt_forge.training.normalization import Normalization
+
+    cfg = model_config("smollm2_135m")
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(cfg.n_layers, cfg.d_model, d_features, jumprelu_threshold=0.05)
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.2)
+        clt.W_dec.mul_(30.0)
+    norm = Normalization(torch.ones(cfg.n_layers), torch.ones(cfg.n_layers))
+    info = CheckpointInfo(cfg.n_layers, cfg.d_model, d_features, 1.0, plain(cfg), hook_names(cfg.n_layers))
+    return save_checkpoint(folder, clt, norm, info)
+
+
+def feature_database(path: Path, n_layers: int, d_features: int) -> Path:
+    """Every feature explained ("capital cities (L/F)"), with three top examples each."""
+    from clt_forge.autointerp.store import FeatureStore
+
+    rows, examples = [], []
+    for layer in range(n_layers):
+        for feature in range(d_features):
+            histogram = [0] * (len(HIST_EDGES) + 1)
+            histogram[40 + feature % 8] = 30
+            histogram[50] = 10
+            rows.append(
+                {
+                    "layer": layer,
+                    "feature": feature,
+                    "n_active": 40,
+                    "frequency": 0.0125,
+                    "mean_act": 1.5,
+                    "max_act": 6.0,
+                    "histogram": histogram,
+                    "top_tokens": [[" Paris", 9]],
+                    "top_logits": [" Paris", " Lyon", " Rome"],
+                    "bottom_logits": [" the", " of"],
+                    "explanation": f"capital cities ({layer}/{feature})",
+                    "score": 0.81,
+                    "score_tpr": 0.8,
+                    "score_tnr": 0.82,
+                    "status": "scored",
+                }
+            )
+            for rank in range(3):
+                tokens = [WORDS[(feature + rank + i) % len(WORDS)] for i in range(10)]
+                acts = [0.0] * 10
+                acts[6] = 6.0 - rank
+                acts[5] = 1.0
+                examples.append(
+                    {
+                        "layer": layer,
+                        "feature": feature,
+                        "kind": "top",
+                        "rank": rank,
+                        "position": rank,
+                        "value": acts[6],
+                        "center": 6,
+                        "token_ids": list(range(10)),
+                        "tokens": tokens,
+                        "acts": acts,
+                    }
+                )
+    with FeatureStore(path) as store:
+        store.write_pass(rows, examples, hist_edges=HIST_EDGES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict[str, Path]:
+    """A graph from `clt attribute` (JSON + raw .pt), its checkpoint and feature database, and
+    a malformed and a wrong-schema JSON beside it."""
+    from clt_forge.attribution.runner import AttributionRunner, AttributionSettings
+    from clt_forge.autointerp.store import read_explanations
+
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = loud_checkpoint(root / "ckpt", D_FEATURES)
+    features = feature_database(root / "features.db", 30, D_FEATURES)
+    settings = AttributionSettings(max_feature_nodes=48, batch_size=64, node_threshold=0.9, verbose=False)
+    runner = AttributionRunner(
+        checkpoint, labels=read_explanations(features), features_path=features, settings=settings
+    )
+    graphs = root / "graphs"
+    graph = runner.save(runner.run(PROMPT), graphs)
+    del runner  # the model's memory back before the browser and the intervention worker start
+    gc.collect()
+    (graphs / "broken.json").write_text('{"metadata": {"slug": "broken"}, "nodes": [')
+    (graphs / "wrong-schema.json").write_text(json.dumps({"metadata": {"prompt_tokens": ["a"]}, "nodes": []}))
+    return {"root": root, "graph": graph, "checkpoint": checkpoint, "features": features}
+
+
+@pytest.fixture(scope="module")
+def server(made):
+    with launch_interface(made["graph"], port=0, block=False, cache_dir=made["root"] / "cache", threads=1) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def web(chromium):
+    """A fresh browser page; fails the test on any JavaScript error in it."""
+    context = chromium.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def open_graph(page, url: str, name: str | None = None) -> dict:
+    page.goto(url + (f"?graph={name}" if name else ""))
+    page.wait_for_function("window.cltServe && window.cltServe.ready", timeout=60_000)
+    return page.evaluate("window.cltServe.ready")
+
+
+def click_node(page, node_id: str, shift: bool = False) -> None:
+    at = page.evaluate("(id) => window.cltServe.nodePosition(id)", node_id)
+    assert at is not None, f"{node_id} is not drawn"
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(at["x"], at["y"])
+    if shift:
+        page.keyboard.up("Shift")
+
+
+def graph_json(made) -> dict:
+    return json.loads(made["graph"].read_text())
+
+
+def feature_ids(document: dict) -> list[str]:
+    nodes = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    return [n["node_id"] for n in sorted(nodes, key=lambda n: -(n["activation"] or 0))]
+
+
+# ---- in the browser ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_clicking_a_feature_shows_its_examples_and_other_nodes_their_facts(made, server, web):
+    assert server.url.startswith("http://127.0.0.1:"), "bound to the loopback interface by default"
+    document = graph_json(made)
+    ready = open_graph(web, server.url)
+    assert ready["key"] == made["graph"].name
+    assert ready["nodes"] == len(document["nodes"]) and ready["edges"] == len(document["links"])
+    assert "re-pruned from the raw graph" in web.inner_text("#view-note")
+    node_id = feature_ids(document)[0]
+    layer, feature, _ = (int(x) for x in node_id.split("_"))
+    at = web.evaluate("(id) => window.cltServe.nodePosition(id)", node_id)
+    web.mouse.move(at["x"], at["y"])
+    web.wait_for_selector("#hover-tip", state="visible")
+    assert f"capital cities ({layer}/{feature})" in web.inner_text("#hover-tip")
+    click_node(web, node_id)
+    web.wait_for_selector(f"#panel [data-node='{node_id}']", timeout=10_000)
+    panel = web.inner_text("#panel")
+    assert f"Feature L{layer} #{feature}" in panel and f"capital cities ({layer}/{feature})" in panel
+    assert "detection score" in panel and "0.81" in panel and "1.25%" in panel  # score, frequency
+    examples = web.locator("#panel .example")
+    assert examples.count() == 3
+    centre = examples.nth(0).locator(".tok.centre")
+    assert centre.inner_text() == WORDS[(feature + 6) % len(WORDS)]  # the token the top example is about
+    assert centre.get_attribute("title") == "6"  # and the feature's activation on it
+    assert "background" in (centre.get_attribute("style") or "")
+    assert web.locator("#panel .hist-bar").count() == 32 and web.locator("#panel .hist-mark").count() == 1
+    assert web.locator("#panel .chip.pos").all_inner_texts()[:2] == [" Paris", " Lyon"]
+    shot(web, "01-feature-panel")
+
+    logit = next(n for n in document["nodes"] if n["feature_type"] == "logit" and n["is_target_logit"])
+    click_node(web, logit["node_id"])
+    web.wait_for_selector(f"#panel [data-node='{logit['node_id']}']", timeout=10_000)
+    assert f"{logit['token_prob']:.3f}" in web.inner_text("#panel")
+    error = next(n for n in document["nodes"] if n["feature_type"] == "mlp reconstruction error")
+    click_node(web, error["node_id"])
+    web.wait_for_selector(f"#panel [data-node='{error['node_id']}']", timeout=10_000)
+    assert "magnitude" in web.inner_text("#panel")
+
+    # the node-threshold slider re-prunes from the raw graph: fewer nodes at 0.8 than at 0.9
+    web.locator("#node-threshold [role=slider]").focus()
+    for _ in range(10):
+        web.keyboard.press("ArrowLeft")
+    web.wait_for_function("window.cltServe.ready.view.includes(', 0.8, ')", timeout=30_000)
+    fewer = web.evaluate("window.cltServe.ready")
+    assert 0 < fewer["nodes"] < ready["nodes"]
+    shot(web, "02-pruned-at-0.8")
+
+
+@pytest.mark.slow
+def test_a_cluster_is_saved_into_the_graph_and_shown_after_a_reload(made, server, web):
+    open_graph(web, server.url)
+    first, second = feature_ids(graph_json(made))[:2]
+    click_node(web, first)
+    click_node(web, second, shift=True)
+    web.wait_for_selector("text=2 nodes selected", timeout=10_000)
+    web.fill("#cluster-name", "says a capital")
+    web.click("#cluster-create")
+    web.wait_for_selector("[data-cluster='says a capital']", timeout=10_000)
+    assert f"saved to {made['graph'].name}" in web.inner_text("#cluster-status")
+    saved = graph_json(made)
+    assert saved["qParams"]["supernodes"] == [["says a capital", first, second]]
+    jsonschema.validate(saved, SCHEMA)
+    assert not list(made["graph"].parent.glob(".*.tmp")), "no temporary file is left behind"
+    shot(web, "03-cluster")
+
+    web.reload()
+    web.wait_for_function("window.cltServe && window.cltServe.ready && window.cltServe.ready.key", timeout=60_000)
+    web.wait_for_selector("[data-cluster='says a capital']", timeout=10_000)
+    assert web.evaluate(f"window.cy.getElementById('{first}').hasClass('member')")
+    web.click("#collapse label")
+    web.wait_for_function("window.cltServe.ready.view.includes('true')", timeout=30_000)
+    cluster_id = "cluster:says a capital"
+    assert web.evaluate(f"window.cy.getElementById('{cluster_id}').length") == 1
+    assert web.evaluate(f"window.cy.getElementById('{first}').length") == 0
+    # aggregated links: one per neighbour, carrying the summed weight of the links it replaces
+    into = {}
+    for link in saved["links"]:
+        if link["source"] in (first, second) and link["target"] not in (first, second):
+            into[link["target"]] = into.get(link["target"], 0.0) + link["weight"]
+    drawn = web.evaluate(
+        "(id) => window.cy.getElementById(id).outgoers('edge').map(e => [e.data('target'), e.data('weight')])",
+        cluster_id,
+    )
+    assert len(drawn) == len(into)
+    for target, weight in drawn:
+        assert weight == pytest.approx(into[target], rel=1e-6)
+    click_node(web, cluster_id)
+    web.wait_for_selector(f"#panel [data-node='{cluster_id}']", timeout=10_000)
+    assert "members (2)" in web.inner_text("#panel").lower()
+    shot(web, "04-collapsed-cluster")
+
+    with web.expect_download() as download:
+        web.click("#export")
+    exported = json.loads(Path(download.value.path()).read_text())
+    jsonschema.validate(exported, SCHEMA)
+    ids = {n["node_id"] for n in exported["nodes"]}
+    assert {first, second} <= ids and all(n["feature_type"] != "mlp reconstruction error" for n in exported["nodes"])
+    assert all(link["source"] in ids and link["target"] in ids for link in exported["links"])
+    assert exported["qParams"]["supernodes"] == [["says a capital", first, second]]
+
+
+@pytest.mark.slow
+def test_queued_interventions_run_in_the_background_and_update_the_logit_chart(made, server, web):
+    document = graph_json(made)
+    open_graph(web, server.url)
+    target = next(n for n in document["nodes"] if n["feature_type"] == "logit" and n["is_target_logit"])
+    node_id = feature_ids(document)[0]
+    click_node(web, node_id)
+    web.wait_for_selector(f"#panel [data-node='{node_id}']", timeout=10_000)
+    web.wait_for_function("document.querySelector('#target').innerText.includes('feature L')", timeout=10_000)
+    web.click("label:has-text('set to')")
+    web.fill("#amount", "400")
+    web.click("#queue")
+    web.wait_for_selector("[data-number='1']", timeout=10_000)
+    # the page stays responsive while the worker loads the model and runs job 1
+    other = feature_ids(document)[1]
+    started = time.perf_counter()
+    click_node(web, other)
+    web.wait_for_selector(f"#panel [data-node='{other}']", timeout=10_000)
+    assert time.perf_counter() - started < 5
+    web.wait_for_selector("[data-job='1']", timeout=180_000)
+    rows = web.locator("#jobs-view .chart-row")
+    assert rows.count() >= 10
+    chart_one = dict(
+        zip(
+            rows.evaluate_all("rs => rs.map(r => r.dataset.token)"),
+            rows.evaluate_all("rs => rs.map(r => +r.dataset.after)"),
+            strict=True,
+        )
+    )
+    # the clean run is the one attributed: the target token's probability before the edit matches the graph's
+    token = target["clerp"][target["clerp"].index('"') + 1 : target["clerp"].rindex('"')]
+    assert token in chart_one
+    bars = web.locator(f"#jobs-view .chart-row[data-token='{token}'] .bars").get_attribute("title") or ""
+    assert float(bars.split(",")[0].removeprefix("before ")) == pytest.approx(target["token_prob"], abs=2e-3)
+    web.locator("#jobs-view .chart").scroll_into_view_if_needed()
+    shot(web, "05-intervention")
+
+    # two more jobs queue behind each other; the chart follows the newest finished one
+    web.click("label:has-text('scale by')")
+    web.fill("#amount", "0")
+    web.click("#queue")
+    web.fill("#amount", "-20")
+    web.click("#queue")
+    web.wait_for_selector("[data-number='3']", timeout=10_000)
+    statuses = web.locator("#jobs-view .job-row").evaluate_all("rs => rs.map(r => r.dataset.status)")
+    assert len(statuses) == 3
+    web.wait_for_selector("[data-job='3']", timeout=120_000)
+    assert web.locator("#jobs-view .job-row[data-status='done']").count() == 3
+    rows = web.locator("#jobs-view .chart-row")
+    chart_three = dict(
+        zip(
+            rows.evaluate_all("rs => rs.map(r => r.dataset.token)"),
+            rows.evaluate_all("rs => rs.map(r => +r.dataset.after)"),
+            strict=True,
+        )
+    )
+    assert chart_three != chart_one, "a different edit gives a different chart"
+    web.locator("#jobs-view .chart").scroll_into_view_if_needed()
+    shot(web, "06-queued-interventions")
+
+
+@pytest.mark.slow
+def test_malformed_graphs_show_an_error_page_and_the_server_keeps_serving(made, server, web):
+    open_graph(web, server.url, "broken.json")
+    web.wait_for_selector("#error-box:visible", timeout=10_000)
+    message = web.inner_text("#error-box")
+    assert "broken.json" in message and "not valid JSON" in message and "line 1" in message
+    assert not web.locator("#main").is_visible()
+    shot(web, "07-malformed-graph")
+    open_graph(web, server.url, "wrong-schema.json")
+    web.wait_for_selector("#error-box:visible", timeout=10_000)
+    assert "wrong-schema.json: missing key 'links'" in web.inner_text("#error-box")
+    open_graph(web, server.url, "..%2Fgraphs%2Fbroken.json")
+    web.wait_for_selector("#error-box:visible", timeout=10_000)
+    assert "is not a graph file in" in web.inner_text("#error-box")
+    # the picker lists the folder's graphs, and choosing the good one opens it
+    web.click("#picker")
+    options = web.get_by_role("option")
+    assert sorted(options.all_inner_texts()) == ["broken.json", made["graph"].name, "wrong-schema.json"]
+    web.get_by_role("option", name=made["graph"].name).click()
+    web.wait_for_function(
+        "(name) => window.cltServe.ready && window.cltServe.ready.key === name", arg=made["graph"].name, timeout=30_000
+    )
+    assert web.evaluate("window.location.search") == f"?graph={made['graph'].name}"
+    assert web.evaluate("window.cltServe.ready.nodes") > 0
+    assert not web.locator("#error-box").is_visible()
+    assert web.evaluate("window.cy.zoom()") > 0.3, "drawn while hidden, fitted once shown"
+    shot(web, "08-picked-after-an-error")
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_clt_serve_takes_the_graph_as_first_argument(made, tmp_path):
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "clt_forge", "serve", str(made["graph"]), f"port={port}", f"runs={tmp_path}"]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_clt/initial", timeout=30) as response:
+                    drawing = json.loads(response.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "clt serve did not answer within 120 s"
+                time.sleep(0.5)
+        assert drawing["key"] == made["graph"].name and drawing["nodes"] > 0
+        assert list(tmp_path.glob("serve/*/cache")), "the run folder holds the job cache"
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl+C: the server stops and the command ends cleanly
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
+    assert f"http://127.0.0.1:{port}/" in output
+
+
+def test_clt_serve_without_a_graph_says_what_it_needs(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "clt_forge", "serve", str(tmp_path / "missing.json"), f"runs={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"graph={tmp_path / 'missing.json'}: no such file or folder" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "clt_forge", "serve", f"runs={tmp_path}"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 2 and "clt serve needs a graph" in done.stderr
+
+
+# ---- the pieces, without a browser ---------------------------------------------------------------
+
+
+def small_graph() -> dict:
+    nodes = [
+        {
+            "node_id": "E_5_0",
+            "feature": 0,
+            "layer": "E",
+            "ctx_idx": 0,
+            "feature_type": "embedding",
+            "jsNodeId": "E",
+            "clerp": "",
+        },
+        {
+            "node_id": "0_3_0",
+            "feature": 9,
+            "layer": "0",
+            "ctx_idx": 0,
+            "feature_type": "cross layer transcoder",
+            "jsNodeId": "a",
+            "clerp": "a",
+            "influence": 0.2,
+        },
+        {
+            "node_id": "1_4_0",
+            "feature": 19,
+            "layer": "1",
+            "ctx_idx": 0,
+            "feature_type": "cross layer transcoder",
+            "jsNodeId": "b",
+            "clerp": "b",
+            "influence": 0.5,
+        },
+        {
+            "node_id": "err_1_0",
+            "feature": -1,
+            "layer": "1",
+            "ctx_idx": 0,
+            "feature_type": "mlp reconstruction error",
+            "jsNodeId": "c",
+            "clerp": "",
+            "influence": 0.95,
+        },
+        {
+            "node_id": "3_7_0",
+            "feature": 7,
+            "layer": "3",
+            "ctx_idx": 0,
+            "feature_type": "logit",
+            "jsNodeId": "d",
+            "clerp": 'Output "x" (p=0.500)',
+            "token_prob": 0.5,
+        },
+    ]
+    links = [
+        {"source": "E_5_0", "target": "0_3_0", "weight": 1.0},
+        {"source": "E_5_0", "target": "1_4_0", "weight": 0.5},
+        {"source": "0_3_0", "target": "1_4_0", "weight": 2.0},
+        {"source": "0_3_0", "target": "3_7_0", "weight": -1.0},
+        {"source": "1_4_0", "target": "3_7_0", "weight": 3.0},
+        {"source": "err_1_0", "target": "3_7_0", "weight": 0.01},
+    ]
+    metadata = {
+        "slug": "small",
+        "scan": "x",
+        "prompt": "x",
+        "prompt_tokens": ["x"],
+        "pruning_settings": {"node_threshold": 0.8, "edge_threshold": 0.98},
+    }
+    return {"metadata": metadata, "qParams": {"supernodes": []}, "nodes": nodes, "links": links}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d.pop("links"), "missing key 'links'"),
+        (
+            lambda d: d["links"].append({"source": "E_5_0", "target": "nope", "weight": 1}),
+            "links[6].target 'nope' is not a node id",
+        ),
+        (lambda d: d["nodes"][2].update(node_id="0_3_0"), "nodes[2].node_id '0_3_0' repeats nodes[1]"),
+        (lambda d: d["nodes"][1].update(ctx_idx=4), "nodes[1].ctx_idx 4 is outside the prompt (1 tokens)"),
+        (lambda d: d["links"][0].update(weight=float("nan")), "links[0].weight must be a finite number"),
+        (lambda d: d["qParams"].update(supernodes=[["name", 3]]), "qParams.supernodes[0] must be a list of strings"),
+        (lambda d: d["nodes"][0].update(feature_type="pixel"), "nodes[0].feature_type 'pixel' is not one of"),
+    ],
+)
+def test_a_wrong_graph_is_refused_naming_the_problem(tmp_path, change, expected):
+    document = small_graph()
+    change(document)
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(GraphFileError, match=r"g\.json") as raised:
+        load_graph(path)
+    assert expected in str(raised.value)
+
+
+def test_the_library_opens_only_graph_files_in_its_folder(tmp_path):
+    (tmp_path / "graphs").mkdir()
+    (tmp_path / "graphs" / "a.json").write_text(json.dumps(small_graph()))
+    (tmp_path / "secret.json").write_text(json.dumps(small_graph()))
+    library = GraphLibrary(tmp_path / "graphs" / "a.json")
+    assert library.names() == ["a.json"] and library.first() == "a.json"
+    for name in ("../secret.json", str(tmp_path / "secret.json"), "b.json", ""):
+        with pytest.raises(GraphFileError, match="is not a graph file"):
+            library.load(name)
+    assert library.sibling(library.load("a.json"), "../secret.json") is None
+
+
+def test_saving_clusters_is_atomic_and_keeps_the_rest_of_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(small_graph()))
+    document = load_graph(path)
+    clusters = add_cluster([], "first", ["0_3_0", "1_4_0"])
+    save_clusters(document, clusters)
+    saved = json.loads(path.read_text())
+    assert saved["qParams"]["supernodes"] == [["first", "0_3_0", "1_4_0"]]
+    assert saved["nodes"] == small_graph()["nodes"] and saved["links"] == small_graph()["links"]
+    clusters = add_cluster(clusters, "second", ["1_4_0"])  # a node moves to the newer cluster
+    assert clusters == [Cluster("first", ("0_3_0",)), Cluster("second", ("1_4_0",))]
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_clusters(document, clusters)
+    assert path.read_bytes() == before, "a failed save leaves the file as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"], "and no temporary file"
+    assert document.supernodes == [["first", "0_3_0", "1_4_0"]]
+
+
+def test_collapse_sums_the_links_between_groups(tmp_path):
+    document = small_graph()
+    view = GraphView(document["nodes"], document["links"], exact=False)
+    nodes, links = collapse(view, [Cluster("both", ("0_3_0", "1_4_0"))])
+    assert {n["node_id"] for n in nodes} == {"E_5_0", "err_1_0", "3_7_0", "cluster:both"}
+    weights = {(link["source"], link["target"]): link["weight"] for link in links}
+    assert weights == {("E_5_0", "cluster:both"): 1.5, ("cluster:both", "3_7_0"): 2.0, ("err_1_0", "3_7_0"): 0.01}
+
+
+def test_pruning_without_the_raw_graph_prunes_the_saved_links_further(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(small_graph()))
+    pruner = Pruner(load_graph(path), None)
+    assert len(pruner.view(0.8, 0.98).links) == 6, "at the saved thresholds, the graph as saved"
+    tighter = pruner.view(0.3, 0.9)
+    assert {n["node_id"] for n in tighter.nodes} == {"E_5_0", "0_3_0", "3_7_0"}  # influence <= 0.3
+    assert not pruner.exact and pruner.error_magnitudes() == {"err_1_0": 0.01}
+
+
+def test_re_pruning_the_raw_graph_at_the_saved_thresholds_gives_the_saved_graph(made):
+    document = load_graph(made["graph"])
+    pruner = Pruner(document, made["graph"].with_suffix(".pt"))
+    view = pruner.view(0.9, 0.98)
+    assert pruner.exact
+    assert [n["node_id"] for n in view.nodes] == [n["node_id"] for n in document.nodes]
+    assert view.links == document.links
