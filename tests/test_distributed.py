@@ -230,7 +230,7 @@ def mode_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
         if mode == "feature":
             assert cols.stop - cols.start == 20, "each of 2 ranks holds half the features"
     finally:
-        runner.parallel.close()
+        runner.close()
 
 
 @pytest.mark.parametrize("mode", ["feature", "ddp", "fsdp"])

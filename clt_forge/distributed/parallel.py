@@ -18,7 +18,7 @@ from __future__ import annotations
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,10 @@ from clt_forge.config.schema import ShardingMode, TrainConfig
 from clt_forge.distributed.feature_sharding import FeatureShardedCLT, feature_slice
 from clt_forge.distributed.setup import DistEnv, dist_env
 from clt_forge.errors import CLTError
-from clt_forge.training.checkpoint import CheckpointInfo, save_checkpoint
-from clt_forge.training.normalization import Normalization
+
+if TYPE_CHECKING:  # the training package imports this module (a runtime import would be circular)
+    from clt_forge.training.checkpoint import CheckpointInfo
+    from clt_forge.training.normalization import Normalization
 
 __all__ = ["Parallel", "start_parallel"]
 
@@ -130,6 +132,8 @@ class Parallel:
         state_tensors: dict[str, torch.Tensor] | None,
     ) -> None:
         """Collective: write the checkpoint (rank 0 writes one file set; sharded modes one per rank)."""
+        from clt_forge.training.checkpoint import save_checkpoint
+
         if self.main:
             save_checkpoint(folder, weights, normalization, info, state, state_tensors)
         self.barrier()
@@ -178,9 +182,10 @@ class _Distributed(Parallel):
 
 class FeatureParallel(_Distributed):
     """sharding=feature (the paper's): every rank holds a contiguous slice of every layer's
-    features and sees the same batch (each reads the same chunks; see docs/performance.md for
-    why not read-once-and-broadcast); partial reconstructions are summed with an all-reduce
-    whose backward is the identity (clt_forge/distributed/feature_sharding.py)."""
+    features and sees the same batch: each reads and decodes the same chunks (simple, the same
+    resume position everywhere; reading once and broadcasting measured ~30% cheaper on CPU, see
+    docs/performance.md); partial reconstructions are summed with an all-reduce whose backward
+    is the identity (clt_forge/distributed/feature_sharding.py)."""
 
     mode = ShardingMode.feature
 

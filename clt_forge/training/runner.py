@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import shutil
@@ -91,7 +92,15 @@ class CLTTrainingRunner:
         try:
             return self._run()
         finally:
-            self.parallel.close()
+            self.close()
+
+    def close(self) -> None:
+        """Free the wrapped module, then leave the process group. In this order: a DDP reducer
+        freed after the group can deadlock gloo's teardown (its thread waits for the GIL)."""
+        for name in ("module", "optimizer"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        self.parallel.close()
 
     def _run(self) -> Path:
         cfg, parallel = self.cfg, self.parallel
