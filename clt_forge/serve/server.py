@@ -15,6 +15,7 @@ called, so the worker process of jobs.py starts without it.
 from __future__ import annotations
 
 import logging
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -109,10 +110,24 @@ def launch_interface(
         handle.thread.start()
         return handle
     print(f"clt serve: {handle.url} (Ctrl+C stops)", flush=True)
+    previous = _stop_on_signals()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         handle.stop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return handle
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """Ctrl+C (SIGINT) and SIGTERM stop a blocking server cleanly, also where SIGINT arrives
+    ignored (a process started in the background by a non-interactive shell inherits SIG_IGN)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, signal.default_int_handler)
+    return previous
