@@ -75,24 +75,36 @@ def test_every_readme_command_and_snippet_runs(tmp_path):
 
 
 def check_server(args: list[str], cwd: Path, env: dict[str, str]) -> None:
-    """Start a serving command, wait until its page answers, stop it with Ctrl+C (SIGINT)."""
+    """Start a serving command on a free port, wait until its page answers, stop it with Ctrl+C."""
     import signal
+    import socket
     import time
     import urllib.request
 
-    server = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen(
+        [*args, f"port={port}"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 120
         while True:
             assert server.poll() is None, f"{args} exited: {server.communicate()[1][-3000:]}"
             try:
-                with urllib.request.urlopen("http://127.0.0.1:8050/", timeout=5) as response:
+                with urllib.request.urlopen(url, timeout=5) as response:
                     assert response.status == 200 and "clt serve" in response.read().decode()
                     break
             except OSError:
-                assert time.time() < deadline, f"{args}: no page at http://127.0.0.1:8050/ after 120 s"
+                assert time.time() < deadline, f"{args}: no page at {url} after 120 s"
                 time.sleep(0.5)
     finally:
         server.send_signal(signal.SIGINT)
-        _, stderr = server.communicate(timeout=60)
-    assert "Traceback" not in stderr, stderr[-3000:]
+        try:
+            _, stderr = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
+            raise AssertionError(f"{args} did not stop on Ctrl+C (SIGINT) within 60 s") from None
+    assert server.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
