@@ -329,7 +329,7 @@ def test_queued_interventions_run_in_the_background_and_update_the_logit_chart(m
     click_node(web, other)
     web.wait_for_selector(f"#panel [data-node='{other}']", timeout=10_000)
     assert time.perf_counter() - started < 5
-    web.wait_for_selector("[data-job='1']", timeout=180_000)
+    web.wait_for_selector("[data-job='1']", timeout=300_000)
     rows = web.locator("#jobs-view .chart-row")
     assert rows.count() >= 10
     chart_one = dict(
@@ -356,7 +356,7 @@ def test_queued_interventions_run_in_the_background_and_update_the_logit_chart(m
     web.wait_for_selector("[data-number='3']", timeout=10_000)
     statuses = web.locator("#jobs-view .job-row").evaluate_all("rs => rs.map(r => r.dataset.status)")
     assert len(statuses) == 3
-    web.wait_for_selector("[data-job='3']", timeout=120_000)
+    web.wait_for_selector("[data-job='3']", timeout=300_000)
     assert web.locator("#jobs-view .job-row[data-status='done']").count() == 3
     rows = web.locator("#jobs-view .chart-row")
     chart_three = dict(
