@@ -129,8 +129,10 @@ def load_raw_graph(path: Path) -> Any:
     from circuit_tracer.graph import Graph
     from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig
 
-    with torch.serialization.safe_globals([UnifiedConfig, LogitTarget]):
-        fields = torch.load(path, weights_only=True, map_location="cpu")
+    # Added for good, not with the safe_globals() context manager: that one is process-wide
+    # state undone on exit, so two threads loading graphs at once broke each other.
+    torch.serialization.add_safe_globals([UnifiedConfig, LogitTarget])
+    fields = torch.load(path, weights_only=True, map_location="cpu")
     return Graph(**fields)
 
 

@@ -35,6 +35,7 @@ class ServeHandle:
     server: Any = field(repr=False)
     jobs: Any = field(repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
+    warming: threading.Thread | None = field(default=None, repr=False)
     scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
     stopped: bool = False
 
@@ -46,6 +47,10 @@ class ServeHandle:
             self.server.shutdown()
             self.thread.join(10)
         self.server.server_close()
+        if self.warming is not None:
+            # Python must not exit while this thread is inside torch: its thread pool would
+            # be torn down under it ("terminate called without an active exception").
+            self.warming.join()
         self.jobs.stop()
         if self.scratch is not None:
             self.scratch.cleanup()
@@ -102,9 +107,10 @@ def launch_interface(
         if scratch is not None:
             scratch.cleanup()
         raise
-    threading.Thread(target=warm_up, args=(state,), name="clt-serve-warm-up", daemon=True).start()
+    warming = threading.Thread(target=warm_up, args=(state,), name="clt-serve-warm-up", daemon=True)
+    warming.start()
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    handle = ServeHandle(f"http://{shown_host}:{server.server_port}/", server, jobs, scratch=scratch)
+    handle = ServeHandle(f"http://{shown_host}:{server.server_port}/", server, jobs, warming=warming, scratch=scratch)
     if not block:
         handle.thread = threading.Thread(target=server.serve_forever, name="clt-serve", daemon=True)
         handle.thread.start()

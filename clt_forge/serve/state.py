@@ -163,6 +163,7 @@ class ServeState:
         self._pruners: dict[str, tuple[GraphDocument, Pruner]] = {}
         self._drawings: dict[View, tuple[GraphDocument, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self._loading = threading.Lock()  # one raw graph load at a time (the warm-up and the first page)
 
     def document(self, name: str) -> GraphDocument:
         return self.library.load(name)
@@ -188,11 +189,13 @@ class ServeState:
     def pruner(self, name: str) -> Pruner:
         """The pruner of the graph's current version (clusters saved by us keep the same version)."""
         document = self.document(name)
-        cached = self._pruners.get(name)
-        if cached is None or cached[0] is not document:
-            raw = self.library.sibling(document, document.metadata.get("raw_graph") or "")
-            source = self.features(document)[0]
-            cached = self._pruners[name] = (document, Pruner(document, raw, source.explanation if source else None))
+        with self._loading:
+            cached = self._pruners.get(name)
+            if cached is None or cached[0] is not document:
+                raw = self.library.sibling(document, document.metadata.get("raw_graph") or "")
+                source = self.features(document)[0]
+                pruner = Pruner(document, raw, source.explanation if source else None)
+                cached = self._pruners[name] = (document, pruner)
         return cached[1]
 
     def view(self, name: str, node_threshold: float, edge_threshold: float) -> GraphView:
