@@ -1,6 +1,6 @@
 """Autointerp streaming-pass throughput and memory.
 
-    .venv/bin/python benchmarks/autointerp.py DATASET [--tokens 8192] [--d-features 1152] [--threads 2]
+    .venv/bin/python benchmarks/autointerp.py DATASET [--tokens 8192] [--d-features 1152] [--threads 2] [--repeats 3]
 
 DATASET is an activation dataset of the embedded model (e.g. `.venv/bin/clt cache out=/tmp/acts`).
 The CLT is random at the embedded model's shape (L=30, d_model=576, d_features as given), with
@@ -8,7 +8,10 @@ thresholds set so each layer fires on ~50 features per token, like a trained one
 one run: tokens/s of the pass from the dataset (read + encode + top-K/sample/statistics
 bookkeeping), the same pass with the encoder only, the bookkeeping's share of the pass, the
 pass on the fly (model forward included), and peak RSS of the pass at 1x and 10x the token
-budget (each in a fresh process). Prints one JSON object.
+budget (each in a fresh process). The two dataset passes alternate `--repeats` times and the
+medians are reported (the share: the median of each repeat's pair), so that a burst of load
+from other processes on a shared machine skews one sample, not the result. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 from typing import Any
 
 import torch
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--d-features", type=int, default=1152)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternate the two dataset passes this many times")
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,10 +92,15 @@ def main() -> None:
         print(memory_probe(args.dataset, args.memory_probe, args.d_features))
         return
 
-    # warm-up (page cache, allocator), then the two dataset passes back to back
+    # warm-up (page cache, allocator), then the two dataset passes back to back, alternating
     timed_pass(dataset_batches(args.dataset), 2048, args.d_features, bookkeeping=True)
-    full_s, full_tokens = timed_pass(dataset_batches(args.dataset), args.tokens, args.d_features, True)
-    encoder_s, encoder_tokens = timed_pass(dataset_batches(args.dataset), args.tokens, args.d_features, False)
+    full_rates, encoder_rates = [], []
+    for _ in range(args.repeats):
+        full_s, full_tokens = timed_pass(dataset_batches(args.dataset), args.tokens, args.d_features, True)
+        encoder_s, encoder_tokens = timed_pass(dataset_batches(args.dataset), args.tokens, args.d_features, False)
+        full_rates.append(full_tokens / full_s)
+        encoder_rates.append(encoder_tokens / encoder_s)
+    shares = [1 - full / encoder for full, encoder in zip(full_rates, encoder_rates, strict=True)]
 
     from clt_forge.autointerp.source import model_windows
     from clt_forge.config.schema import DataConfig
@@ -106,7 +116,6 @@ def main() -> None:
         return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
     small, large = probe(args.tokens // 4), probe(args.tokens * 10 // 4)
-    full_rate, encoder_rate = full_tokens / full_s, encoder_tokens / encoder_s
     print(
         json.dumps(
             {
@@ -114,10 +123,16 @@ def main() -> None:
                 "shape": {"n_layers": 30, "d_model": 576, "d_features": args.d_features, "l0_per_layer": TARGET_L0},
                 "threads": args.threads,
                 "tokens": full_tokens,
-                "pass_from_dataset_tokens_per_s": full_rate,
-                "encoder_only_tokens_per_s": encoder_rate,
-                "bookkeeping_share_of_pass": 1 - full_rate / encoder_rate,
+                "repeats": args.repeats,
+                "pass_from_dataset_tokens_per_s": median(full_rates),
+                "encoder_only_tokens_per_s": median(encoder_rates),
+                "bookkeeping_share_of_pass": median(shares),
                 "target_bookkeeping_share": 0.20,
+                "each_repeat": {
+                    "pass_tokens_per_s": full_rates,
+                    "encoder_only_tokens_per_s": encoder_rates,
+                    "share": shares,
+                },
                 "pass_on_the_fly_tokens_per_s": fly_seen / fly_s,
                 "peak_rss_bytes": {f"{args.tokens // 4}_tokens": small, f"{args.tokens * 10 // 4}_tokens": large},
                 "peak_rss_growth_for_10x_tokens": large / small,

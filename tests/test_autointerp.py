@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from clt_forge.autointerp.collect import HIST_EDGES
+from clt_forge.autointerp.collect import HIST_EDGES, Collector, FeatureSlice
 from clt_forge.autointerp.export import cantor
 from clt_forge.autointerp.runner import AutoInterp, select_features
 from clt_forge.autointerp.store import FeatureStore, merge_stores, read_explanations
@@ -121,6 +121,48 @@ def test_pass_keeps_exactly_the_brute_force_top_contexts(dataset, planted, tmp_p
         assert not {e["position"] for e in top} & {e["position"] for e in store.examples(*PLANTED, "sample")} - {
             e["position"] for e in top
         }
+
+
+def test_collector_keeps_every_features_brute_force_top_contexts_and_statistics():
+    """Random encoder, many batches: top-K reservoirs (values, positions, context windows) and
+    the count/sum/max/histogram of every feature equal a brute-force pass over all tokens."""
+    n_layers, d_model, n, windows, length, batches = 3, 16, 40, 4, 16, 25
+    g = torch.Generator().manual_seed(1)
+    encoder = FeatureSlice(
+        [layer for layer in range(n_layers) for _ in range(n)],
+        [f for _ in range(n_layers) for f in range(n)],
+        [torch.randn(n, d_model, generator=g) for _ in range(n_layers)],
+        [torch.randn(n, generator=g) * 0.5 - 1.0 for _ in range(n_layers)],
+        [torch.rand(n, generator=g) * 0.3 for _ in range(n_layers)],
+        torch.ones(n_layers),
+    )
+    collector = Collector(encoder, top_k=6, sample=5, silent=4, before=3, after=2, seed=7, silent_every=16)
+    all_tokens, all_z = [], []
+    for _ in range(batches):
+        tokens = torch.randint(0, 50, (windows, length), generator=g)
+        all_tokens.append(tokens.reshape(-1))
+        all_z.append(collector.update(tokens, torch.randn(windows, length, n_layers, d_model, generator=g)).clone())
+    tokens, z = torch.cat(all_tokens), torch.cat(all_z, dim=1)  # [T], [N, T]
+    assert torch.equal(collector.count, (z > 0).sum(1))
+    torch.testing.assert_close(collector.total, z.double().sum(1))
+    assert torch.equal(collector.max, z.max(1).values)
+    bins = torch.bucketize(z, HIST_EDGES.float(), right=True)
+    expected_histogram = torch.stack(
+        [torch.bincount(bins[f][z[f] > 0], minlength=len(HIST_EDGES) + 1) for f in range(len(z))]
+    )
+    assert torch.equal(collector.histogram, expected_histogram)
+    top = collector.top
+    for f in range(len(z)):
+        best = z[f].topk(6)
+        kept = torch.argsort(top.keys[f], descending=True)
+        assert top.positions[f, kept].tolist() == best.indices.tolist()
+        assert torch.equal(top.values[f, kept], best.values)
+        for slot, t in zip(kept.tolist(), best.indices.tolist(), strict=True):
+            start = t - t % length
+            span = range(max(t - 3, start), min(t + 3, start + length))
+            window = [int(tokens[i]) if i in span else -1 for i in range(t - 3, t + 3)]
+            assert top.tokens[f, slot].tolist() == window
+            assert top.acts[f, slot].tolist() == [float(z[f, i]) if i in span else 0.0 for i in range(t - 3, t + 3)]
 
 
 def test_two_workers_merged_equal_one_worker(dataset, planted, tmp_path):
