@@ -356,15 +356,18 @@ def test_queued_interventions_run_in_the_background_and_update_the_logit_chart(m
     web.wait_for_selector("[data-number='3']", timeout=10_000)
     statuses = web.locator("#jobs-view .job-row").evaluate_all("rs => rs.map(r => r.dataset.status)")
     assert len(statuses) == 3
-    # the worker runs all three in order (read from the server's job board). Known bug, issue 8
-    # kept open: in a fresh clone the page's chart did not follow job 3 within 120 s although the
-    # board said done (passes in the development checkout); so the chart is checked for job 1 only.
-    from clt_forge.serve.jobs import read_jobs
-
-    deadline = time.monotonic() + 300
-    while [job["status"] for job in read_jobs(server.jobs.folder, [1, 2, 3])] != ["done"] * 3:
-        assert time.monotonic() < deadline, read_jobs(server.jobs.folder, [1, 2, 3])
-        time.sleep(1)
+    # the worker runs all three in order; the page's board and chart follow it to job 3
+    web.wait_for_selector("[data-job='3']", timeout=300_000)
+    statuses = web.locator("#jobs-view .job-row").evaluate_all("rs => rs.map(r => r.dataset.status)")
+    assert statuses == ["done"] * 3
+    chart_three = dict(
+        zip(
+            rows.evaluate_all("rs => rs.map(r => r.dataset.token)"),
+            rows.evaluate_all("rs => rs.map(r => +r.dataset.after)"),
+            strict=True,
+        )
+    )
+    assert chart_three != chart_one  # scaling by -20 is not setting to 400
     shot(web, "06-queued-interventions")
 
 

@@ -7,20 +7,19 @@ keys (state.View): the page's script (assets/serve.js) fetches their elements fr
 `/_clt/initial` and `/_clt/elements`, and a clicked node's panel from `/_clt/panel`, so large
 payloads never pass through Dash's renderer; it reports clicks and selections back through
 the `clicked` and `selection` stores. Clusters are written to the graph file as soon as they
-change. Interventions go to the queue of jobs.py and are followed by a background callback
-(Dash + diskcache) that streams the job board with set_props.
+change. Interventions go to the queue of jobs.py (a worker process runs them); while any
+is queued or running, the `jobs-poll` interval re-reads the job board (a diskcache) and
+redraws it when it changed, then switches itself off.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-import diskcache
-from dash import ALL, Dash, DiskcacheManager, Input, Output, State, ctx, html, no_update, set_props
+from dash import ALL, Dash, Input, Output, State, ctx, html, no_update
 from dash.exceptions import PreventUpdate
 
 from clt_forge.errors import CLTError
@@ -47,15 +46,13 @@ __all__ = ["build_app"]
 ASSETS = Path(__file__).parent / "assets"
 
 
-def build_app(state: ServeState, cache_dir: Path) -> Dash:
-    """The Dash app over `state`; background callbacks keep their cache in `cache_dir`."""
-    manager = DiskcacheManager(diskcache.Cache(str(cache_dir / "dash")))
+def build_app(state: ServeState) -> Dash:
+    """The Dash app over `state`."""
     app = Dash(
         "clt_forge.serve",
         assets_folder=str(ASSETS),
         title="clt serve",
         suppress_callback_exceptions=True,
-        background_callback_manager=manager,
         update_title="",
     )
     app.layout = lambda: page(state)
@@ -368,6 +365,7 @@ def build_app(state: ServeState, cache_dir: Path) -> Dash:
         Output("jobs", "data"),
         Output("queue-status", "children"),
         Output("jobs-live", "data"),
+        Output("jobs-poll", "disabled"),
         Input("queue", "n_clicks"),
         State("target", "value"),
         State("mode", "value"),
@@ -385,7 +383,7 @@ def build_app(state: ServeState, cache_dir: Path) -> Dash:
         name: str | None,
         supernodes: list[list[str]] | None,
         jobs: list[int],
-    ) -> tuple[Any, Any, Any]:
+    ) -> tuple[Any, Any, Any, Any]:
         if not name:
             raise PreventUpdate
         if not target:
@@ -414,10 +412,9 @@ def build_app(state: ServeState, cache_dir: Path) -> Dash:
         edits = [EditSpec(layer, pos, feature, mode, float(amount)) for layer, pos, feature in members]
         number = state.jobs.submit(f"{what} {verb}", checkpoint, list(tokens), edits)
         numbers = [*(jobs or []), number]
-        return numbers, f"queued job #{number}", job_board(read_jobs(state.jobs.folder, numbers))
+        return numbers, f"queued job #{number}", job_board(read_jobs(state.jobs.folder, numbers)), False
 
-    # jobs-live: the board while jobs run (set by follow_jobs); jobs-html: when they are done
-    for store, target in (("panel-html", "panel"), ("jobs-html", "jobs-view"), ("jobs-live", "jobs-view")):
+    for store, target in (("panel-html", "panel"), ("jobs-live", "jobs-view")):
         app.clientside_callback(
             f"function(html) {{ return window.cltServe.fill('{target}', html); }}",
             Output(f"{store}-shown", "data"),
@@ -425,33 +422,26 @@ def build_app(state: ServeState, cache_dir: Path) -> Dash:
         )
 
     @app.callback(
-        Output("jobs-html", "data"),
-        Input("jobs", "data"),
-        background=True,
-        interval=300,
+        Output("jobs-live", "data", allow_duplicate=True),
+        Output("jobs-poll", "disabled", allow_duplicate=True),
+        Input("jobs-poll", "n_intervals"),
+        State("jobs", "data"),
+        State("jobs-live", "data"),
         prevent_initial_call=True,
     )
-    def follow_jobs(numbers: list[int]) -> Any:
-        """Runs in a background process: re-draws the job board whenever a job moves on."""
-        last = None
-        deadline = time.monotonic() + 6 * 3600
-        while True:
-            jobs = read_jobs(state.jobs.folder, numbers or [])
-            board = job_board(jobs)
-            if all(job["status"] in ("done", "failed") for job in jobs) or time.monotonic() > deadline:
-                return board
-            signature = [(job["number"], job["status"], job.get("stage"), job.get("ahead")) for job in jobs]
-            if signature != last:
-                set_props("jobs-live", {"data": board})
-                last = signature
-            time.sleep(0.2)
+    def poll_jobs(_ticks: int, numbers: list[int] | None, shown: str | None) -> tuple[Any, bool]:
+        """The job board while jobs are queued or running; off once every job has finished."""
+        jobs = read_jobs(state.jobs.folder, numbers or [])
+        board = job_board(jobs)
+        finished = all(job["status"] in ("done", "failed") for job in jobs)
+        return (no_update if board == shown else board), finished
 
     return app
 
 
-def _warn(message: str) -> tuple[Any, Any, Any]:
+def _warn(message: str) -> tuple[Any, Any, Any, Any]:
     """queue_job's answer when nothing was queued: the message, nothing else changed."""
-    return no_update, html.Span(message, className="warn"), no_update
+    return no_update, html.Span(message, className="warn"), no_update, no_update
 
 
 def _data(**values: str) -> dict[str, Any]:

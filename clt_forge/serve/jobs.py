@@ -12,8 +12,8 @@ exits when asked to, or when the server process is gone. Each job's state is a r
     {"number", "label", "status": queued | running | done | failed, "stage", "ahead",
      "seconds", "error", "result": {"top_before", "top_after", "largest_changes", "edits"}}
 
-The page follows the records with a Dash background callback (app.py), so neither waiting
-nor computing ever holds up the web server.
+The page polls the records while jobs are pending (app.py's `jobs-poll`, one cheap read of
+this cache), so neither waiting nor computing ever holds up the web server.
 """
 
 from __future__ import annotations

@@ -127,10 +127,9 @@ def page(state: ServeState) -> html.Div:
             ),
             html.Div(id="queue-status", className="status"),
             html.Div(id="jobs-view"),
-            dcc.Store(id="jobs-html"),
             dcc.Store(id="jobs-live"),
-            dcc.Store(id="jobs-html-shown"),
             dcc.Store(id="jobs-live-shown"),
+            dcc.Interval(id="jobs-poll", interval=500, disabled=True),
         ],
         className="card",
     )

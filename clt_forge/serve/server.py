@@ -7,7 +7,7 @@
 It binds 127.0.0.1 unless told otherwise and serves with a threaded WSGI server (werkzeug),
 so a slow request never holds up the others. `block=True` (the CLI) serves until Ctrl+C;
 `block=False` serves from a background thread and returns a `ServeHandle` (also a context
-manager). Intervention jobs and Dash's background callbacks keep their state in `cache_dir`
+manager). Intervention jobs keep their queue, states and worker log in `cache_dir`
 (default: a temporary folder removed by `stop()`). This module imports Dash only when
 called, so the worker process of jobs.py starts without it.
 """
@@ -96,7 +96,7 @@ def launch_interface(
     jobs = InterventionQueue(cache / "jobs", threads=threads)
     try:
         state = ServeState(library, jobs, features_path=features_path, checkpoint=checkpoint)
-        app = build_app(state, cache)
+        app = build_app(state)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         try:
             server = make_server(host, port, app.server, threaded=True)

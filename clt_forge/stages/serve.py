@@ -1,8 +1,8 @@
 """`clt serve GRAPH.json`: the local web interface over attribution graphs (clt_forge/serve/).
 
 `graph=` (or the first argument) is a graph JSON from `clt attribute` or a folder of them;
-`features=` and `checkpoint=` override what each graph records. Intervention jobs and Dash's
-background callbacks keep their state in `<run folder>/cache`. Serves until Ctrl+C.
+`features=` and `checkpoint=` override what each graph records. Intervention jobs keep
+their queue and states in `<run folder>/cache`. Serves until Ctrl+C.
 """
 
 from __future__ import annotations
