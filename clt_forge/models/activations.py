@@ -34,27 +34,37 @@ def mlp_activations(
 
     The forward pass stops after the last block (no final norm or unembedding).
     """
-    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    shape = (*tokens.shape, n_layers, d_model)
+    shape = (*tokens.shape, model.cfg.n_layers, model.cfg.d_model)
     inputs = torch.empty(shape, dtype=dtype, device=tokens.device)
     outputs = torch.empty(shape, dtype=dtype, device=tokens.device)
+    _record(model, tokens, inputs, outputs, first=0)
+    return inputs, outputs
+
+
+@torch.no_grad()
+def _record(
+    model: HookedTransformer, tokens: torch.Tensor, inputs: torch.Tensor, outputs: torch.Tensor, first: int
+) -> None:
+    """Run the model on tokens [B, S] up to its last block, writing positions first.. of every
+    layer's MLP input and output into inputs/outputs [B, S - first, n_layers, d_model] (any
+    strides, any device: each hook copies its layer straight in)."""
     handles = []
     for layer, block in enumerate(model.blocks):
 
         def record(module: torch.nn.Module, args: tuple, output: torch.Tensor, layer: int = layer) -> None:
-            inputs[:, :, layer] = args[0]
-            outputs[:, :, layer] = output
+            inputs[:, :, layer] = args[0][:, first:]
+            outputs[:, :, layer] = output[:, first:]
 
         mlp: torch.nn.Module = block.mlp  # type: ignore[assignment]
         handles.append(mlp.register_forward_hook(record))
     try:
-        model(tokens, stop_at_layer=n_layers)
+        model(tokens, stop_at_layer=model.cfg.n_layers)
     finally:
         for handle in handles:
             handle.remove()
-    return inputs, outputs
 
 
+@torch.no_grad()
 def window_activations(
     model: HookedTransformer, windows: Int[torch.Tensor, "n_windows context"], skip_first: bool, batch_size: int
 ) -> tuple[
@@ -63,12 +73,24 @@ def window_activations(
     Float[torch.Tensor, "tokens n_layers d_model"],
 ]:
     """Token ids and MLP inputs/outputs of whole context windows, flattened to one row per
-    stored token, on the CPU. `skip_first` drops position 0 (BOS), which is never stored."""
+    stored token, on the CPU. `skip_first` drops position 0 (BOS), which is never stored.
+
+    The hooks write each layer straight into its rows of the returned tensors (on a CPU model;
+    a GPU model's batch is copied over once), so no activation is copied twice."""
     first = 1 if skip_first else 0
+    n_windows, length = windows.shape
     device = next(model.parameters()).device
-    parts_in, parts_out = [], []
-    for start in range(0, windows.shape[0], batch_size):
-        mlp_in, mlp_out = mlp_activations(model, windows[start : start + batch_size].to(device))
-        parts_in.append(mlp_in[:, first:].flatten(0, 1).cpu())
-        parts_out.append(mlp_out[:, first:].flatten(0, 1).cpu())
-    return windows[:, first:].flatten(), torch.cat(parts_in), torch.cat(parts_out)
+    shape = (n_windows, length - first, model.cfg.n_layers, model.cfg.d_model)
+    inputs, outputs = torch.empty(shape), torch.empty(shape)
+    for start in range(0, n_windows, batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        rows = slice(start, start + len(batch))
+        if device.type == "cpu":
+            _record(model, batch, inputs[rows], outputs[rows], first)
+        else:
+            batch_in = torch.empty(inputs[rows].shape, device=device)
+            batch_out = torch.empty_like(batch_in)
+            _record(model, batch, batch_in, batch_out, first)
+            inputs[rows].copy_(batch_in)
+            outputs[rows].copy_(batch_out)
+    return windows[:, first:].flatten(), inputs.flatten(0, 1), outputs.flatten(0, 1)
