@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from clt_forge.cache.format import MANIFEST, read_chunk, read_manifest
 from clt_forge.cache.reader import ActivationReader, check_compatible
 from clt_forge.cache.store import ActivationsStore
-from clt_forge.cache.writer import CacheJob, Plan, merge_if_complete
+from clt_forge.cache.writer import CacheJob, Part, Plan, merge_if_complete
 from clt_forge.config.compose import compose_stage
 from clt_forge.data import token_windows
 from clt_forge.errors import CLTError
@@ -117,7 +117,7 @@ def test_other_settings_on_the_same_folder_are_refused(tiny_model, tmp_path):
 
 def test_interrupted_job_resumes_to_the_same_bytes(tiny_model, tmp_path, monkeypatch):
     write(tiny_model, tmp_path / "whole")
-    original = CacheJob._commit
+    original = CacheJob._store
     calls = {"n": 0}
 
     def crash_after_two(self, *args):
@@ -127,16 +127,40 @@ def test_interrupted_job_resumes_to_the_same_bytes(tiny_model, tmp_path, monkeyp
             calls["n"] += 1
         original(self, *args)
 
-    monkeypatch.setattr(CacheJob, "_commit", crash_after_two)
+    monkeypatch.setattr(CacheJob, "_store", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         write(tiny_model, tmp_path / "resumed")
-    monkeypatch.setattr(CacheJob, "_commit", original)
+    monkeypatch.setattr(CacheJob, "_store", original)
     part = json.loads(next((tmp_path / "resumed" / "parts").glob("*.json")).read_text())
     assert len(part["chunks"]) == 2 and not part["complete"]
     assert write(tiny_model, tmp_path / "resumed")
     whole, resumed = read_manifest(tmp_path / "whole"), read_manifest(tmp_path / "resumed")
     assert [c.checksum for c in whole.chunks] == [c.checksum for c in resumed.chunks]
     assert whole.stats == resumed.stats
+
+
+def test_a_job_killed_after_writing_statistics_does_not_count_a_chunk_twice(tiny_model, tmp_path, monkeypatch):
+    """Killed after chunk 3 and its statistics are written but before the part file lists
+    them: the resumed job redoes chunk 3 and its statistics equal an uninterrupted job's."""
+    write(tiny_model, tmp_path / "whole")
+    original = Part.save
+
+    def crash_before_listing_chunk_3(self, out, count):
+        if self.plan["split"] == "train" and len(self.chunks) == 3:
+            raise KeyboardInterrupt
+        original(self, out, count)
+
+    monkeypatch.setattr(Part, "save", crash_before_listing_chunk_3)
+    with pytest.raises(KeyboardInterrupt):
+        write(tiny_model, tmp_path / "resumed")
+    monkeypatch.setattr(Part, "save", original)
+    stats_files = sorted(p.name for p in (tmp_path / "resumed" / "parts").glob("shard-*.stats.safetensors"))
+    assert stats_files == [
+        "shard-00000-of-00001.c000001.stats.safetensors",
+        "shard-00000-of-00001.c000002.stats.safetensors",
+    ]
+    assert write(tiny_model, tmp_path / "resumed")
+    assert read_manifest(tmp_path / "whole").stats == read_manifest(tmp_path / "resumed").stats
 
 
 @pytest.mark.slow

@@ -241,18 +241,21 @@ class CacheJob:
         inline = self.cfg.encode == EncodeMode.inline or (
             self.cfg.encode == EncodeMode.auto and next(model.parameters()).device.type == "cpu"
         )
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clt-encode") as encoder:
+        # Inline, only the writing (checksum, file writes, fsyncs: mostly waiting) goes to the
+        # thread; in the background, encoding too. At most one chunk is in flight either way.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clt-write") as worker:
             for number, windows in enumerate(chunks):
                 if number < done:
                     bar.update(len(windows) * self.plan.tokens_per_window)
                     continue  # committed before an interruption
                 tokens, mlp_in, mlp_out = self._forward(model, windows)
-                if inline:
-                    self._commit(number, tokens, mlp_in, mlp_out)
+                encoded = self._encode(tokens, mlp_in, mlp_out) if inline else None
+                if pending is not None:
+                    pending.result()  # bounded memory; errors surface here
+                if encoded is not None:
+                    pending = worker.submit(self._store, number, *encoded)
                 else:
-                    if pending is not None:
-                        pending.result()  # at most one chunk in flight: bounded memory, errors surface
-                    pending = encoder.submit(self._commit, number, tokens, mlp_in, mlp_out)
+                    pending = worker.submit(self._commit, number, tokens, mlp_in, mlp_out)
                 bar.update(tokens.numel())
                 served = sum(c.n_tokens for c in self.part.chunks) + tokens.numel()
                 ratio = served * raw_bytes_per_token / max(self.bytes_written, 1)
@@ -275,18 +278,33 @@ class CacheJob:
         return window_activations(model, torch.stack(windows), self.plan.prepend_bos, self.cfg.batch_size)
 
     def _commit(self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> None:
+        self._store(number, *self._encode(tokens, mlp_in, mlp_out))
+
+    def _encode(self, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> tuple[int, bytes, bytes]:
+        """The chunk file's bytes, and the shard's running statistics including this chunk."""
         data = encode_chunk(tokens, mlp_in, mlp_out, self.spec)
-        relative = f"chunks/s{self.index:05d}-c{number:06d}.clt"
-        atomic_write(self.out / relative, data)
         self.stats.update("mlp_in", mlp_in)
         self.stats.update("mlp_out", mlp_out)
-        stats_file = f"parts/shard-{self.index:05d}-of-{self.count:05d}.stats.safetensors"
-        atomic_write(self.out / stats_file, self.stats.to_bytes())
+        return tokens.numel(), data, self.stats.to_bytes()
+
+    def _store(self, number: int, n_tokens: int, data: bytes, stats: bytes) -> None:
+        """Write chunk `number` and the statistics up to it, then record both in the part file.
+
+        The statistics file is named after the chunk, so the part file always names the one
+        that matches its chunk list: a job killed between the two writes resumes with the
+        statistics of the chunks it lists, and redoes the chunk without counting it twice."""
+        relative = f"chunks/s{self.index:05d}-c{number:06d}.clt"
+        atomic_write(self.out / relative, data)
+        stats_file = f"parts/shard-{self.index:05d}-of-{self.count:05d}.c{number:06d}.stats.safetensors"
+        atomic_write(self.out / stats_file, stats)
         with self._commit_lock:
-            self.part.chunks.append(ChunkEntry(relative, tokens.numel(), len(data), checksum(data)))
+            previous = self.part.stats_file
+            self.part.chunks.append(ChunkEntry(relative, n_tokens, len(data), checksum(data)))
             self.part.stats_file = stats_file
             self.part.save(self.out, self.count)
             self.bytes_written += len(data)
+        if previous and previous != stats_file:
+            (self.out / previous).unlink(missing_ok=True)
 
 
 def batched(items: Any, size: int) -> Any:
