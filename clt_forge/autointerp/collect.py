@@ -79,27 +79,27 @@ class FeatureSlice:
     @torch.no_grad()
     def encode(
         self, mlp_in: torch.Tensor, each: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """JumpReLU features of the raw MLP inputs [T, L, D], feature-major: z [N, T], and the
-        mask z > 0 (the JumpReLU's own comparison, kept for the bookkeeping).
+    ) -> torch.Tensor:
+        """JumpReLU features of the raw MLP inputs [T, L, D], feature-major: z [N, T].
 
         Each layer's GEMM writes its rows of the output in place (no concatenation); `each(row,
-        z_rows, mask_rows)` (if given) sees every layer's block as soon as it is written."""
+        z_rows, mask_rows)` (if given) sees every layer's block as soon as it is written, with
+        its mask z > 0 (the JumpReLU's own comparison; valid only during the call)."""
         z = mlp_in.new_empty(self.size, mlp_in.shape[0])
-        active = torch.empty(z.shape, dtype=torch.bool)
+        scratch = torch.empty(max((W.shape[0] for W in self.W_enc), default=0), z.shape[1], dtype=torch.bool)
         row = 0
         for layer, (W, b, theta) in enumerate(zip(self.W_enc, self.b_enc, self.threshold, strict=True)):
             n = W.shape[0]
             if n == 0:
                 continue
-            h, mask = z[row : row + n], active[row : row + n]
+            h, mask = z[row : row + n], scratch[:n]
             torch.addmm(b[:, None], W, mlp_in[:, layer].T, alpha=1.0 / float(self.in_scale[layer]), out=h)
             torch.gt(h, theta[:, None], out=mask)
             h.mul_(mask)
             if each is not None:
                 each(row, h, mask)
             row += n
-        return z, active
+        return z
 
 
 @dataclass
@@ -183,7 +183,7 @@ class Collector:
         n_windows, length = tokens.shape
         x = mlp_in.reshape(n_windows * length, *mlp_in.shape[2:])
         if not bookkeeping:
-            z, _ = self.features.encode(x)
+            z = self.features.encode(x)
         else:
             total = n_windows * length
             u = torch.rand(total, generator=self.generator).numpy()
@@ -192,7 +192,7 @@ class Collector:
             ids = np.full((n_windows, self.before + length + self.after), -1, np.int32)
             ids[:, self.before : self.before + length] = tokens.numpy()
             batch = _Batch(u, probes, spans, probe_keys, ids, length, self.tokens_seen)
-            z, _ = self.features.encode(x, each=lambda row, h, mask: self._block(row, h.numpy(), mask.numpy(), batch))
+            z = self.features.encode(x, each=lambda row, h, mask: self._block(row, h.numpy(), mask.numpy(), batch))
         self.tokens_seen += n_windows * length
         return z
 

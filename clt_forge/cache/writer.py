@@ -13,6 +13,7 @@ manifest.json (written last, atomically).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -249,13 +250,13 @@ class CacheJob:
                     bar.update(len(windows) * self.plan.tokens_per_window)
                     continue  # committed before an interruption
                 tokens, mlp_in, mlp_out = self._forward(model, windows)
-                encoded = self._encode(tokens, mlp_in, mlp_out) if inline else None
+                if inline:
+                    job = functools.partial(self._store, number, *self._encode(tokens, mlp_in, mlp_out))
+                else:
+                    job = functools.partial(self._commit, number, tokens, mlp_in, mlp_out)
                 if pending is not None:
                     pending.result()  # bounded memory; errors surface here
-                if encoded is not None:
-                    pending = worker.submit(self._store, number, *encoded)
-                else:
-                    pending = worker.submit(self._commit, number, tokens, mlp_in, mlp_out)
+                pending = worker.submit(job)
                 bar.update(tokens.numel())
                 served = sum(c.n_tokens for c in self.part.chunks) + tokens.numel()
                 ratio = served * raw_bytes_per_token / max(self.bytes_written, 1)

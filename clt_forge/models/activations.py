@@ -64,7 +64,6 @@ def _record(
             handle.remove()
 
 
-@torch.no_grad()
 def window_activations(
     model: HookedTransformer, windows: Int[torch.Tensor, "n_windows context"], skip_first: bool, batch_size: int
 ) -> tuple[

@@ -163,7 +163,7 @@ class ServeState:
         self._pruners: dict[str, tuple[GraphDocument, Pruner]] = {}
         self._drawings: dict[View, tuple[GraphDocument, dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self._loading = threading.Lock()  # one raw graph load at a time (the warm-up and the first page)
+        self._loading = threading.Lock()  # one Pruner per graph version, so its raw graph loads once
 
     def document(self, name: str) -> GraphDocument:
         return self.library.load(name)
