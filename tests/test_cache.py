@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -14,8 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from clt_forge.cache.format import MANIFEST, read_chunk, read_manifest
+from clt_forge.cache import writer
+from clt_forge.cache.format import MANIFEST, STATS, encode_chunk, read_chunk, read_manifest
 from clt_forge.cache.reader import ActivationReader, check_compatible
+from clt_forge.cache.stats import load_stats
 from clt_forge.cache.store import ActivationsStore
 from clt_forge.cache.writer import CacheJob, Part, Plan, merge_if_complete
 from clt_forge.config.compose import compose_stage
@@ -80,6 +83,44 @@ def test_int8_dataset_is_smaller_and_close(tiny_model, tmp_path):
         assert ((x - y).square().sum() / x.square().sum()).item() < 1e-3
     size = lambda folder: sum(c.n_bytes for c in read_manifest(folder).chunks)  # noqa: E731
     assert size(tmp_path / "int8") < size(tmp_path / "fp32") / 3
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_statistics_are_those_of_the_exact_activations(tiny_model, tmp_path, quant):
+    """The encoder gathers them layer by layer as it reads (int8: before outliers are set aside)."""
+    out = tmp_path / quant
+    write(tiny_model, out, f"quant={quant}")
+    manifest = read_manifest(out)
+    windows = torch.stack(list(token_windows(cache_config(out).data, tiny_model.tokenizer))[:100])
+    exact = dict(zip(("mlp_in", "mlp_out"), mlp_activations(tiny_model, windows), strict=True))
+    means = load_stats(out / STATS)
+    for kind, x in exact.items():
+        x = x[:, 1:].flatten(0, 1).double()  # BOS is not stored
+        close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-6, check_dtype=False)
+        close(means[f"{kind}.mean"], x.mean(0).float())
+        close(means[f"{kind}.mean_sq"], x.square().mean(0).float())
+        stats = manifest.stats[kind]
+        close(torch.tensor(stats["std"]), x.var(0, unbiased=False).mean(1).sqrt())
+        close(torch.tensor(stats["mean_sq_norm"]), x.square().sum(2).mean(0))
+        assert stats["max_abs"] == x.abs().amax(dim=(0, 2)).float().tolist()
+
+
+def test_background_encoding_writes_the_same_bytes_as_inline(tiny_model, tmp_path, monkeypatch):
+    """encode=background (the GPU default) encodes chunk n while chunk n + 1 is computed into
+    the other of two reused buffer pairs: a chunk overwritten before it was encoded would differ
+    (a slow encoder makes sure the next forward runs first)."""
+    write(tiny_model, tmp_path / "inline", "quant=int8", "encode=inline")
+
+    def slow_encode_chunk(*args, **kwargs):
+        time.sleep(0.1)
+        return encode_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "encode_chunk", slow_encode_chunk)
+    write(tiny_model, tmp_path / "background", "quant=int8", "encode=background")
+    inline, background = read_manifest(tmp_path / "inline"), read_manifest(tmp_path / "background")
+    assert len(inline.chunks) == 10
+    assert [c.checksum for c in inline.chunks] == [c.checksum for c in background.chunks]
+    assert inline.stats == background.stats
 
 
 def test_two_shards_merge_into_the_single_job_dataset(tiny_model, tmp_path):

@@ -30,9 +30,9 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -40,6 +40,7 @@ from clt_forge.autointerp.prompts import split_detection_question
 from clt_forge.config.schema import ExplainerConfig, ExplainerKind
 from clt_forge.errors import CLTError
 from clt_forge.registry import Registry
+from clt_forge.threads import torch_threads
 
 __all__ = ["EXPLAINERS", "PMI_MARGIN", "Explainer", "LocalExplainer", "OpenAIExplainer", "make_explainer"]
 
@@ -123,19 +124,8 @@ class LocalExplainer(Explainer):
         ids = {tuple(self.tokenizer.encode(form, add_special_tokens=False)) for w in words for form in (w, " " + w)}
         return sorted(i[0] for i in ids if len(i) == 1)
 
-    @contextmanager
-    def _threads(self) -> Iterator[None]:
-        import torch
-
-        if self.threads is None:
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    def _threads(self) -> AbstractContextManager[None]:
+        return torch_threads(self.threads)
 
     def _chat(self, messages: Messages) -> str:
         return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))

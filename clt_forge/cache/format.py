@@ -25,11 +25,14 @@ checksum; readers verify both before decoding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 import zstandard
 
-from clt_forge.cache.quant import QuantSpec, decode, encode
+from clt_forge.cache.quant import Observer, QuantSpec, decode, encode
 from clt_forge.errors import CLTError
 
 FORMAT = "clt-forge/activations"
@@ -135,15 +138,30 @@ def checksum(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def encode_chunk(tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, spec: QuantSpec) -> bytes:
-    """One self-contained chunk file: tokens [n] and activations [n, n_layers, d_model]."""
+def encode_chunk(
+    tokens: torch.Tensor,
+    mlp_in: torch.Tensor,
+    mlp_out: torch.Tensor,
+    spec: QuantSpec,
+    observe: Mapping[str, Observer] | None = None,
+    pool: Executor | None = None,
+) -> bytes:
+    """One self-contained chunk file: tokens [n] and activations [n, n_layers, d_model].
+
+    observe: per kind ("mlp_in", "mlp_out"), called with each layer's values as the encoder
+    reads them (`clt_forge.cache.quant.encode`). pool: encodes the two kinds side by side."""
     n_tokens, n_layers, d_model = mlp_in.shape
     token_bytes = tokens.to(torch.int32).numpy().astype("<i4").tobytes()
-    sections = {
-        "tokens": zstandard.ZstdCompressor(level=3).compress(token_bytes),
-        "mlp_in": encode(mlp_in.contiguous(), spec),
-        "mlp_out": encode(mlp_out.contiguous(), spec),
+    jobs: dict[str, Callable[[], bytes]] = {
+        kind: functools.partial(encode, x.contiguous(), spec, (observe or {}).get(kind))
+        for kind, x in (("mlp_in", mlp_in), ("mlp_out", mlp_out))
     }
+    if pool is None:
+        blobs = {kind: job() for kind, job in jobs.items()}
+    else:
+        futures = {kind: pool.submit(job) for kind, job in jobs.items()}
+        blobs = {kind: future.result() for kind, future in futures.items()}
+    sections = {"tokens": zstandard.ZstdCompressor(level=3).compress(token_bytes), **blobs}
     offsets, position = {}, 0
     for name, blob in sections.items():
         offsets[name] = {"offset": position, "length": len(blob)}

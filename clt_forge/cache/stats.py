@@ -7,6 +7,7 @@ to stats.safetensors, with per-layer scalars (std, mean squared norm, max |x|) i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,21 +35,33 @@ class RunningStats:
 
     def update(self, kind: str, x: torch.Tensor) -> None:
         """x: [tokens, n_layers, d_model]; call once per kind with the same tokens."""
-        # float32 sums over one chunk's tokens (blocked summation, ~1e-7 relative error), then
-        # accumulated across chunks in float64: 10x cheaper than converting x to float64.
-        self.sums[kind] += x.sum(0).double()
-        self.squares[kind] += x.square().sum(0).double()
-        peak = torch.maximum(x.amax(dim=(0, 2)), -x.amin(dim=(0, 2)))  # max |x| without an abs copy
-        self.max_abs[kind] = torch.maximum(self.max_abs[kind], peak.double())
+        observe = self.observer(kind)
+        for layer in range(self.n_layers):
+            observe(layer, x[:, layer])
         if kind == KINDS[0]:
             self.count += x.shape[0]
+
+    def observer(self, kind: str) -> Callable[[int, torch.Tensor], None]:
+        """observe(layer, values [tokens, d_model]) adds one layer of a chunk (count: `count +=`
+        once per chunk). The chunk encoder calls it while each layer is in cache, so the
+        statistics cost no pass of their own over the activations."""
+        sums, squares, max_abs = self.sums[kind], self.squares[kind], self.max_abs[kind]
+
+        def observe(layer: int, values: torch.Tensor) -> None:
+            # float32 sums over one chunk's tokens (blocked summation, ~1e-7 relative error),
+            # accumulated across chunks in float64: 10x cheaper than converting to float64
+            sums[layer] += values.sum(0)
+            squares[layer] += torch.linalg.vecdot(values, values, dim=0)
+            max_abs[layer] = max(float(max_abs[layer]), float(values.amax()), -float(values.amin()))
+
+        return observe
 
     def merge(self, other: RunningStats) -> None:
         self.count += other.count
         for kind in KINDS:
             self.sums[kind] += other.sums[kind]
             self.squares[kind] += other.squares[kind]
-            self.max_abs[kind] = torch.maximum(self.max_abs[kind], other.max_abs[kind])
+            torch.maximum(self.max_abs[kind], other.max_abs[kind], out=self.max_abs[kind])
 
     def to_bytes(self) -> bytes:
         tensors = {"count": torch.tensor([self.count], dtype=torch.float64)}

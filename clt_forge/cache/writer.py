@@ -38,11 +38,12 @@ from clt_forge.cache.format import (
     read_manifest,
 )
 from clt_forge.cache.quant import QuantSpec
-from clt_forge.cache.stats import RunningStats
+from clt_forge.cache.stats import KINDS, RunningStats
 from clt_forge.config.schema import CacheConfig, EncodeMode, QuantConfig
 from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names, window_activations
+from clt_forge.threads import torch_threads
 
 
 def plain(value: Any) -> Any:
@@ -166,6 +167,7 @@ class CacheJob:
         self.part = Part(plan=dataclasses.asdict(self.plan), index=self.index, chunks=[])
         self.bytes_written = 0
         self._commit_lock = threading.Lock()
+        self._encoders: ThreadPoolExecutor | None = None  # encodes a chunk's two kinds side by side
 
     # -- resume ---------------------------------------------------------------------------
     def load_progress(self) -> None:
@@ -242,16 +244,31 @@ class CacheJob:
         inline = self.cfg.encode == EncodeMode.inline or (
             self.cfg.encode == EncodeMode.auto and next(model.parameters()).device.type == "cpu"
         )
-        # Inline, only the writing (checksum, file writes, fsyncs: mostly waiting) goes to the
+        # Inline, the two kinds are encoded side by side with half of torch's threads each
+        # (no thread team to synchronise per operation, and zstd runs on every core), and only
+        # the writing (checksum, file writes, fsyncs: mostly waiting) goes to the writer
         # thread; in the background, encoding too. At most one chunk is in flight either way.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clt-write") as worker:
+        threads = max(1, torch.get_num_threads() // 2) if inline else None
+        # The activations are written into reused buffers (fresh memory costs page faults):
+        # inline, a chunk is encoded before the next forward; in the background, chunk n's job
+        # has finished before chunk n + 2 is computed, so two pairs take turns.
+        size = (
+            self.plan.windows_per_chunk * self.plan.tokens_per_window * self.cfg.model.n_layers * self.cfg.model.d_model
+        )
+        buffers = [(torch.empty(size), torch.empty(size)) for _ in range(1 if inline else 2)]
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="clt-write") as worker,
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="clt-encode") as self._encoders,
+        ):
             for number, windows in enumerate(chunks):
                 if number < done:
                     bar.update(len(windows) * self.plan.tokens_per_window)
                     continue  # committed before an interruption
-                tokens, mlp_in, mlp_out = self._forward(model, windows)
+                tokens, mlp_in, mlp_out = self._forward(model, windows, buffers[number % len(buffers)])
                 if inline:
-                    job = functools.partial(self._store, number, *self._encode(tokens, mlp_in, mlp_out))
+                    with torch_threads(threads):
+                        encoded = self._encode(tokens, mlp_in, mlp_out)
+                    job = functools.partial(self._store, number, *encoded)
                 else:
                     job = functools.partial(self._commit, number, tokens, mlp_in, mlp_out)
                 if pending is not None:
@@ -274,18 +291,21 @@ class CacheJob:
             f"{self.plan.split} shard {self.index}/{self.count}: {len(self.part.chunks)} chunks, {self.bytes_written / 1e6:.1f} MB in {elapsed:.0f} s"
         )
 
-    def _forward(self, model: Any, windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, model: Any, windows: list[torch.Tensor], buffers: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids and activations of a chunk's windows, BOS positions dropped."""
-        return window_activations(model, torch.stack(windows), self.plan.prepend_bos, self.cfg.batch_size)
+        return window_activations(model, torch.stack(windows), self.plan.prepend_bos, self.cfg.batch_size, buffers)
 
     def _commit(self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> None:
         self._store(number, *self._encode(tokens, mlp_in, mlp_out))
 
     def _encode(self, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> tuple[int, bytes, bytes]:
-        """The chunk file's bytes, and the shard's running statistics including this chunk."""
-        data = encode_chunk(tokens, mlp_in, mlp_out, self.spec)
-        self.stats.update("mlp_in", mlp_in)
-        self.stats.update("mlp_out", mlp_out)
+        """The chunk file's bytes, and the shard's running statistics including this chunk
+        (gathered by the encoder as it reads each layer)."""
+        observers = {kind: self.stats.observer(kind) for kind in KINDS}
+        data = encode_chunk(tokens, mlp_in, mlp_out, self.spec, observers, self._encoders)
+        self.stats.count += tokens.numel()
         return tokens.numel(), data, self.stats.to_bytes()
 
     def _store(self, number: int, n_tokens: int, data: bytes, stats: bytes) -> None:
