@@ -177,8 +177,9 @@ class RawQuantizer(Quantizer):
         return h.tokens * h.n_layers * h.d_model * DTYPES[self.spec.dtype][1].itemsize
 
     def encode_payload(self, x: torch.Tensor, observe: Observer | None = None) -> tuple[Header, Parts]:
-        for layer in range(x.shape[1] if observe else 0):
-            observe(layer, x[:, layer])  # type: ignore[misc]
+        if observe:
+            for layer in range(x.shape[1]):
+                observe(layer, x[:, layer])
         return self.header(_shape3(x.shape), 0), iter([_bytes(x.to(DTYPES[self.spec.dtype][1]))])
 
     def decode_payload(self, buf: memoryview, h: Header) -> torch.Tensor:

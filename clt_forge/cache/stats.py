@@ -33,14 +33,6 @@ class RunningStats:
             self.squares.setdefault(kind, torch.zeros(shape, dtype=torch.float64))
             self.max_abs.setdefault(kind, torch.zeros(self.n_layers, dtype=torch.float64))
 
-    def update(self, kind: str, x: torch.Tensor) -> None:
-        """x: [tokens, n_layers, d_model]; call once per kind with the same tokens."""
-        observe = self.observer(kind)
-        for layer in range(self.n_layers):
-            observe(layer, x[:, layer])
-        if kind == KINDS[0]:
-            self.count += x.shape[0]
-
     def observer(self, kind: str) -> Callable[[int, torch.Tensor], None]:
         """observe(layer, values [tokens, d_model]) adds one layer of a chunk (count: `count +=`
         once per chunk). The chunk encoder calls it while each layer is in cache, so the

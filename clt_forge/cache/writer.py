@@ -19,7 +19,7 @@ import json
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -167,7 +167,6 @@ class CacheJob:
         self.part = Part(plan=dataclasses.asdict(self.plan), index=self.index, chunks=[])
         self.bytes_written = 0
         self._commit_lock = threading.Lock()
-        self._encoders: ThreadPoolExecutor | None = None  # encodes a chunk's two kinds side by side
 
     # -- resume ---------------------------------------------------------------------------
     def load_progress(self) -> None:
@@ -258,7 +257,7 @@ class CacheJob:
         buffers = [(torch.empty(size), torch.empty(size)) for _ in range(1 if inline else 2)]
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="clt-write") as worker,
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="clt-encode") as self._encoders,
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="clt-encode") as encoders,  # one per kind
         ):
             for number, windows in enumerate(chunks):
                 if number < done:
@@ -267,10 +266,10 @@ class CacheJob:
                 tokens, mlp_in, mlp_out = self._forward(model, windows, buffers[number % len(buffers)])
                 if inline:
                     with torch_threads(threads):
-                        encoded = self._encode(tokens, mlp_in, mlp_out)
+                        encoded = self._encode(tokens, mlp_in, mlp_out, encoders)
                     job = functools.partial(self._store, number, *encoded)
                 else:
-                    job = functools.partial(self._commit, number, tokens, mlp_in, mlp_out)
+                    job = functools.partial(self._commit, number, tokens, mlp_in, mlp_out, encoders)
                 if pending is not None:
                     pending.result()  # bounded memory; errors surface here
                 pending = worker.submit(job)
@@ -297,14 +296,18 @@ class CacheJob:
         """Token ids and activations of a chunk's windows, BOS positions dropped."""
         return window_activations(model, torch.stack(windows), self.plan.prepend_bos, self.cfg.batch_size, buffers)
 
-    def _commit(self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> None:
-        self._store(number, *self._encode(tokens, mlp_in, mlp_out))
+    def _commit(
+        self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, pool: Executor
+    ) -> None:
+        self._store(number, *self._encode(tokens, mlp_in, mlp_out, pool))
 
-    def _encode(self, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> tuple[int, bytes, bytes]:
-        """The chunk file's bytes, and the shard's running statistics including this chunk
-        (gathered by the encoder as it reads each layer)."""
+    def _encode(
+        self, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, pool: Executor
+    ) -> tuple[int, bytes, bytes]:
+        """The chunk file's bytes (the two kinds encoded side by side in `pool`), and the shard's
+        running statistics including this chunk (gathered by the encoder as it reads each layer)."""
         observers = {kind: self.stats.observer(kind) for kind in KINDS}
-        data = encode_chunk(tokens, mlp_in, mlp_out, self.spec, observers, self._encoders)
+        data = encode_chunk(tokens, mlp_in, mlp_out, self.spec, observers, pool)
         self.stats.count += tokens.numel()
         return tokens.numel(), data, self.stats.to_bytes()
 
