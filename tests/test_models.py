@@ -11,6 +11,7 @@ import torch
 
 from clt_forge import load_model, mlp_activations
 from clt_forge.errors import CLTError
+from clt_forge.models.activations import window_activations
 
 
 def check_mlp_round_trip(model, tokens, atol):
@@ -72,3 +73,19 @@ def test_embedded_model_predicts_paris_offline_in_a_fresh_process():
     prob, token = result.stdout.strip().splitlines()[-2:]
     assert token == "' Paris'"
     assert float(prob) > 0.5
+
+
+def test_window_activations_write_into_given_buffers_and_refuse_small_ones(tiny_model):
+    windows = torch.randint(1, tiny_model.cfg.d_vocab, (5, 9))
+    tokens, fresh_in, fresh_out = window_activations(tiny_model, windows, skip_first=True, batch_size=2)
+    inputs, outputs = mlp_activations(tiny_model, windows)
+    assert torch.equal(tokens, windows[:, 1:].flatten())
+    torch.testing.assert_close(fresh_in, inputs[:, 1:].flatten(0, 1))
+    torch.testing.assert_close(fresh_out, outputs[:, 1:].flatten(0, 1))
+    size = fresh_in.numel()
+    buffers = (torch.full((size + 7,), float("nan")), torch.full((size + 7,), float("nan")))
+    _, into_in, into_out = window_activations(tiny_model, windows, True, 2, out=buffers)
+    assert into_in.data_ptr() == buffers[0].data_ptr() and into_out.data_ptr() == buffers[1].data_ptr()
+    assert torch.equal(into_in, fresh_in) and torch.equal(into_out, fresh_out)
+    with pytest.raises(ValueError, match=f"fewer than the {size} values"):
+        window_activations(tiny_model, windows, True, 2, out=(buffers[0], torch.empty(size - 1)))
