@@ -26,12 +26,12 @@ PROMPT = "The opposite of large is small, and the opposite"  # 10 tokens with BO
 
 
 def random_checkpoint(folder: Path, d_features: int) -> Path:
-    from clt_forge.cache.writer import plain
+    from clt_forge.artifacts.checkpoint import CheckpointInfo, save_checkpoint
+    from clt_forge.artifacts.normalization import Normalization
     from clt_forge.clt.model import CrossLayerTranscoder
+    from clt_forge.config.plain import plain
     from clt_forge.models.activations import hook_names
     from clt_forge.models.loading import model_config
-    from clt_forge.training.checkpoint import CheckpointInfo, save_checkpoint
-    from clt_forge.training.normalization import Normalization
 
     cfg = model_config("smollm2_135m")
     clt = CrossLayerTranscoder(cfg.n_layers, cfg.d_model, d_features)
@@ -45,11 +45,11 @@ def measure(checkpoint: str, max_feature_nodes: int) -> dict[str, float]:
     from circuit_tracer import attribute
     from circuit_tracer.graph import compute_graph_scores
 
+    from clt_forge.artifacts.checkpoint import read_info
+    from clt_forge.artifacts.graph import graph_json
     from clt_forge.attribution.convert import to_circuit_tracer
-    from clt_forge.attribution.graph_json import graph_json
     from clt_forge.attribution.replacement import replacement_model
     from clt_forge.models.loading import load_model, recorded_model_config
-    from clt_forge.training.checkpoint import read_info
 
     times: dict[str, float] = {}
     clock = time.perf_counter
@@ -83,7 +83,7 @@ def measure(checkpoint: str, max_feature_nodes: int) -> dict[str, float]:
         pruning["s"] += clock() - begin
         return result
 
-    import clt_forge.attribution.graph_json as module
+    import clt_forge.artifacts.graph as module
 
     module.prune_graph = timed_prune  # type: ignore[assignment]
     start = clock()

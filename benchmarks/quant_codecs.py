@@ -1,4 +1,4 @@
-"""Measure the activation codecs (clt_forge.cache.quant) on real SmolLM2-135M MLP activations.
+"""Measure the activation codecs (clt_forge.artifacts.quant) on real SmolLM2-135M MLP activations.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quant_codecs.py [--acts /tmp/acts_8k.pt] [--chunk 1024]
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from clt_forge.cache.quant import QuantSpec, decode, encode
+from clt_forge.artifacts.quant import QuantSpec, decode, encode
 
 WINDOW, BOS = 128, 1
 KINDS = ("inputs", "outputs")

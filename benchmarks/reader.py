@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from clt_forge.cache.reader import ActivationReader
+    from clt_forge.artifacts.reader import ActivationReader
 
     reader = ActivationReader(args.dataset, args.batch, workers=args.workers)
     batches = iter(reader)

@@ -129,7 +129,7 @@ def synthetic_graph(n_nodes: int, seed: int = 0) -> dict[str, Any]:
 
 
 def feature_database(graphs: list[dict[str, Any]], path: Path) -> None:
-    from clt_forge.autointerp.store import FeatureStore
+    from clt_forge.artifacts.features import FeatureStore
 
     rng = random.Random(1)
     edges = [2.0**k * (1 + j / 4) for k in range(-10, 10) for j in range(4)] + [2.0**10]

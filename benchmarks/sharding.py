@@ -278,7 +278,7 @@ def read_batches(dataset: str, batch: int, n: int) -> tuple[float, float, Any]:
     """(wall s, CPU s) per batch reading n batches as every feature-sharded rank does (data rank 0 of 1:
     the same chunks, the same batches), timed from the start over many chunk groups: the steady rate
     at which the reader's threads read, verify and decode. Also returns the last batch."""
-    from clt_forge.cache.reader import ActivationReader
+    from clt_forge.artifacts.reader import ActivationReader
 
     reader = ActivationReader(dataset, batch, seed=0, rank=0, world_size=1)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -315,8 +315,8 @@ def data_worker(rank: int, world: int, port: int, dataset: str, batch: int, n: i
 
 
 def data_costs(dataset: str, batch: int, n: int) -> dict:
-    from clt_forge.cache.format import read_manifest
-    from clt_forge.cache.reader import ActivationReader
+    from clt_forge.artifacts.activations import read_manifest
+    from clt_forge.artifacts.reader import ActivationReader
 
     manifest = read_manifest(Path(dataset))
     ranks = spawn(data_worker, 2, dataset, batch, n)

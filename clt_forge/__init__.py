@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "clt_forge.models",
     "mlp_activations": "clt_forge.models",
-    "ActivationsStore": "clt_forge.cache",
+    "ActivationsStore": "clt_forge.data.store",
     "CLTTrainingRunner": "clt_forge.training",
     "CrossLayerTranscoder": "clt_forge.clt",
-    "load_checkpoint": "clt_forge.training",
+    "load_checkpoint": "clt_forge.artifacts.checkpoint",
     "AutoInterp": "clt_forge.autointerp.runner",
     "AttributionRunner": "clt_forge.attribution.runner",
     "load_config": "clt_forge.config.compose",

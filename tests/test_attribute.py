@@ -14,18 +14,18 @@ import torch
 from circuit_tracer.graph import Graph
 from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
+from clt_forge.artifacts.checkpoint import CheckpointInfo, save_checkpoint
+from clt_forge.artifacts.graph import graph_json
+from clt_forge.artifacts.normalization import Normalization
 from clt_forge.attribution.convert import export_circuit_tracer, to_circuit_tracer
-from clt_forge.attribution.graph_json import graph_json
 from clt_forge.attribution.interventions import Cluster, FeatureEdit
 from clt_forge.attribution.replacement import replacement_model
 from clt_forge.attribution.runner import AttributionRunner, AttributionSettings
-from clt_forge.cache.writer import plain
 from clt_forge.clt.model import CrossLayerTranscoder
+from clt_forge.config.plain import plain
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names, mlp_activations
 from clt_forge.models.loading import load_model, model_config
-from clt_forge.training.checkpoint import CheckpointInfo, save_checkpoint
-from clt_forge.training.normalization import Normalization
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "tests" / "data" / "neuronpedia-graph-schema.json").read_text())
@@ -66,7 +66,7 @@ def tiny_runner(tiny_checkpoint) -> AttributionRunner:
 
 def reference_reconstruction(checkpoint: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Our CLT on raw inputs [pos, L, D]: (features [L, pos, F], raw reconstruction [L, pos, D])."""
-    from clt_forge.training.checkpoint import load_checkpoint
+    from clt_forge.artifacts.checkpoint import load_checkpoint
 
     clt, norm, _ = load_checkpoint(checkpoint)
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_graph_json_has_prompt_tokens_unique_ids_labels_scores_and_schema(tiny_r
 
 def test_error_nodes_never_collide_with_layer_0_features():
     """circuit-tracer 0.5.0 names error (layer L, pos p) '0_L_p' = layer-0 feature L at pos p."""
-    from clt_forge.attribution.graph_json import error_node_id
+    from clt_forge.artifacts.graph import error_node_id
 
     feature_id = "0_2_5"  # layer 0, feature 2, position 5
     assert error_node_id(2, 5) != feature_id
@@ -285,7 +285,7 @@ def test_checkpoint_of_another_model_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_explanations_from_a_feature_database_label_the_nodes(tiny_checkpoint, tmp_path):
-    from clt_forge.autointerp.store import FeatureStore, read_explanations
+    from clt_forge.artifacts.features import FeatureStore, read_explanations
 
     rows = [
         {

@@ -16,19 +16,20 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from clt_forge.artifacts.activations import read_chunk, read_manifest
+from clt_forge.artifacts.checkpoint import CheckpointInfo, save_checkpoint
+from clt_forge.artifacts.feature_json import cantor
+from clt_forge.artifacts.features import FeatureStore, merge_stores, read_explanations
+from clt_forge.artifacts.normalization import Normalization
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, FeatureSlice
-from clt_forge.autointerp.export import cantor
 from clt_forge.autointerp.runner import AutoInterp, select_features
-from clt_forge.autointerp.store import FeatureStore, merge_stores, read_explanations
-from clt_forge.cache.format import read_chunk, read_manifest
-from clt_forge.cache.writer import CacheJob, plain
+from clt_forge.cache.writer import CacheJob
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.config.compose import compose_stage
+from clt_forge.config.plain import plain
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names
 from clt_forge.models.loading import model_config
-from clt_forge.training.checkpoint import CheckpointInfo, save_checkpoint
-from clt_forge.training.normalization import Normalization
 
 REPO = Path(__file__).resolve().parents[1]
 PLANTED = (1, 3)  # (layer, feature) planted to fire on TOKEN
@@ -86,7 +87,7 @@ def autointerp_config(out: Path, *overrides: str):
 def brute_force_top(
     dataset: Path, checkpoint: Path, layer: int, feature: int, k: int
 ) -> tuple[list[int], torch.Tensor]:
-    from clt_forge.training.checkpoint import load_checkpoint
+    from clt_forge.artifacts.checkpoint import load_checkpoint
 
     _, mlp_in = dataset_arrays(dataset)
     clt, norm, _ = load_checkpoint(checkpoint)

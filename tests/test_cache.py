@@ -15,14 +15,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from clt_forge.artifacts.activations import MANIFEST, STATS, encode_chunk, read_chunk, read_manifest
+from clt_forge.artifacts.reader import ActivationReader, check_compatible
+from clt_forge.artifacts.stats import load_stats
 from clt_forge.cache import writer
-from clt_forge.cache.format import MANIFEST, STATS, encode_chunk, read_chunk, read_manifest
-from clt_forge.cache.reader import ActivationReader, check_compatible
-from clt_forge.cache.stats import load_stats
-from clt_forge.cache.store import ActivationsStore
 from clt_forge.cache.writer import CacheJob, Part, Plan, merge_if_complete
 from clt_forge.config.compose import compose_stage
 from clt_forge.data import token_windows
+from clt_forge.data.store import ActivationsStore
 from clt_forge.errors import CLTError
 from clt_forge.models import mlp_activations
 

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from clt_forge.artifacts.checkpoint import CheckpointInfo
+from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.loss import clt_loss
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.distributed.feature_sharding import FeatureShardedCLT, feature_slice, shard_clt
-from clt_forge.training.checkpoint import CheckpointInfo
-from clt_forge.training.normalization import Normalization
 
 L, D, F, B = 3, 16, 10, 32
 COEFFICIENTS = {"l0_coefficient": 0.3, "c": 2.0, "dead_coefficient": 0.01}
@@ -92,9 +92,9 @@ def test_feature_slices_cover_every_feature_once():
 def checkpoint_worker(rank: int, world: int, port: int, folder: str) -> None:
     from pathlib import Path
 
+    from clt_forge.artifacts.checkpoint import CheckpointInfo
+    from clt_forge.artifacts.normalization import Normalization
     from clt_forge.distributed.checkpoint import save_sharded_checkpoint
-    from clt_forge.training.checkpoint import CheckpointInfo
-    from clt_forge.training.normalization import Normalization
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -109,7 +109,7 @@ def checkpoint_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_checkpoint_loads_as_the_full_clt_and_reshards(world, tmp_path):
-    from clt_forge.training.checkpoint import load_checkpoint
+    from clt_forge.artifacts.checkpoint import load_checkpoint
 
     folder = tmp_path / "ckpt"
     mp.spawn(checkpoint_worker, args=(world, free_port(), str(folder)), nprocs=world, join=True)
@@ -264,8 +264,8 @@ def full_state() -> dict[str, torch.Tensor]:
 def reshard_worker(rank: int, world: int, port: int, source: str, folder: str) -> None:
     from pathlib import Path
 
+    from clt_forge.artifacts.checkpoint import read_info, read_tensors
     from clt_forge.distributed.checkpoint import save_sharded_checkpoint
-    from clt_forge.training.checkpoint import read_info, read_tensors
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -295,7 +295,7 @@ def reshard_worker(rank: int, world: int, port: int, source: str, folder: str) -
 
 
 def test_resharding_round_trip_two_one_two_is_exact(tmp_path):
-    from clt_forge.training.checkpoint import read_info, read_tensors, save_checkpoint
+    from clt_forge.artifacts.checkpoint import read_info, read_tensors, save_checkpoint
 
     two, one, back = tmp_path / "two", tmp_path / "one", tmp_path / "back"
     mp.spawn(reshard_worker, args=(2, free_port(), "", str(two)), nprocs=2, join=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pytest
 from openai_server import FakeOpenAIServer, mentions
 
+from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.explainers import EXPLAINERS, Explainer, OpenAIExplainer, make_explainer
 from clt_forge.autointerp.prompts import (
     clean_explanation,
@@ -24,7 +25,6 @@ from clt_forge.autointerp.prompts import (
     render_prompt,
     split_detection_question,
 )
-from clt_forge.autointerp.records import Example, FeatureEvidence
 from clt_forge.autointerp.scoring import detection_score, list_detection_score, summarize
 from clt_forge.config.schema import ExplainerConfig, ExplainerKind
 from clt_forge.errors import CLTError

@@ -1,4 +1,4 @@
-"""Activation codecs (clt_forge.cache.quant) on synthetic activations with planted outliers."""
+"""Activation codecs (clt_forge.artifacts.quant) on synthetic activations with planted outliers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clt_forge.cache import quant
-from clt_forge.cache.quant import QUANTIZERS, IntQuantizer, QuantSpec, decode, encode, nmse, register_quantizer
+from clt_forge.artifacts import quant
+from clt_forge.artifacts.quant import QUANTIZERS, IntQuantizer, QuantSpec, decode, encode, nmse, register_quantizer
 
 SHAPE = (192, 6, 96)  # tokens, layers, d_model
 

@@ -54,12 +54,12 @@ HIST_EDGES = [2.0**k * (1 + j / 4) for k in range(-10, 10) for j in range(4)] + 
 def loud_checkpoint(folder: Path, d_features: int) -> Path:
     """A random CLT for the embedded model whose decoders are 30x the usual scale: its features
     carry enough of the MLP outputs to survive pruning next to the error nodes."""
-    from clt_forge.cache.writer import plain
+    from clt_forge.artifacts.checkpoint import CheckpointInfo, save_checkpoint
+    from clt_forge.artifacts.normalization import Normalization
     from clt_forge.clt.model import CrossLayerTranscoder
+    from clt_forge.config.plain import plain
     from clt_forge.models.activations import hook_names
     from clt_forge.models.loading import model_config
-    from clt_forge.training.checkpoint import CheckpointInfo, save_checkpoint
-    from clt_forge.training.normalization import Normalization
 
     cfg = model_config("smollm2_135m")
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def loud_checkpoint(folder: Path, d_features: int) -> Path:
 
 def feature_database(path: Path, n_layers: int, d_features: int) -> Path:
     """Every feature explained ("capital cities (L/F)"), with three top examples each."""
-    from clt_forge.autointerp.store import FeatureStore
+    from clt_forge.artifacts.features import FeatureStore
 
     rows, examples = [], []
     for layer in range(n_layers):
@@ -129,8 +129,8 @@ def feature_database(path: Path, n_layers: int, d_features: int) -> Path:
 def made(tmp_path_factory) -> dict[str, Path]:
     """A graph from `clt attribute` (JSON + raw .pt), its checkpoint and feature database, and
     a malformed and a wrong-schema JSON beside it."""
+    from clt_forge.artifacts.features import read_explanations
     from clt_forge.attribution.runner import AttributionRunner, AttributionSettings
-    from clt_forge.autointerp.store import read_explanations
 
     root = tmp_path_factory.mktemp("serve")
     checkpoint = loud_checkpoint(root / "ckpt", D_FEATURES)

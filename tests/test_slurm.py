@@ -28,12 +28,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from clt_forge.cache.format import MANIFEST, read_chunk, read_manifest
-from clt_forge.cache.store import ActivationsStore
+from clt_forge.artifacts.activations import MANIFEST, read_chunk, read_manifest
+from clt_forge.artifacts.checkpoint import TRAINING_STATE
 from clt_forge.config.compose import compose_stage
 from clt_forge.data import token_windows
+from clt_forge.data.store import ActivationsStore
 from clt_forge.training import load_checkpoint
-from clt_forge.training.checkpoint import TRAINING_STATE
 from clt_forge.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from clt_forge.artifacts.checkpoint import read_info
 from clt_forge.cache.writer import CacheJob
 from clt_forge.config.compose import compose_stage
 from clt_forge.training import load_checkpoint
-from clt_forge.training.checkpoint import read_info
 from clt_forge.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

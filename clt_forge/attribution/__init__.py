@@ -2,7 +2,8 @@
 
 convert.py       checkpoint -> circuit-tracer CrossLayerTranscoder (normalisation folded), export
 replacement.py   a loaded HookedTransformer + the converted CLT -> circuit-tracer ReplacementModel
-graph_json.py    circuit-tracer Graph -> pruned graph JSON (Neuronpedia schema, unique node ids)
 interventions.py set or scale features / clusters and read the new top logits
 runner.py        AttributionRunner: the paper's API, used by `clt attribute`
+
+The graph JSON format lives in `clt_forge.artifacts.graph`.
 """

@@ -1,7 +1,7 @@
 """Turn a clt-forge checkpoint into circuit-tracer's `CrossLayerTranscoder`, in memory or on disk.
 
 Our CLT works in normalised units: it reads x / in_scale[l] and predicts y / out_scale[t]
-(clt_forge.training.normalization). The scales are per-layer scalars, so they fold exactly
+(clt_forge.artifacts.normalization). The scales are per-layer scalars, so they fold exactly
 into the weights and the converted transcoder maps raw MLP inputs to raw MLP outputs:
 
     W_enc'[l] = (W_enc[l] / in_scale[l])^T          [F, D]  (circuit-tracer stores [L, F, D])
@@ -29,9 +29,9 @@ import torch
 from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder as CTTranscoder
 from safetensors.torch import save_file
 
+from clt_forge.artifacts.checkpoint import load_checkpoint
+from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
-from clt_forge.training.checkpoint import load_checkpoint
-from clt_forge.training.normalization import Normalization
 
 __all__ = [
     "FEATURE_INPUT_HOOK",

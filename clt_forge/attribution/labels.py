@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from clt_forge.autointerp.store import read_explanations
+from clt_forge.artifacts.features import read_explanations
 from clt_forge.errors import CLTError
 
 __all__ = ["label_graph"]

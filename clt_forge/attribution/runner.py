@@ -25,13 +25,13 @@ import torch
 from circuit_tracer import attribute
 from circuit_tracer.graph import Graph, compute_graph_scores
 
+from clt_forge.artifacts.checkpoint import check_model_matches, read_info
+from clt_forge.artifacts.graph import graph_json
 from clt_forge.attribution.convert import to_circuit_tracer
-from clt_forge.attribution.graph_json import graph_json
 from clt_forge.attribution.interventions import FeatureEdit, InterventionResult, intervene
 from clt_forge.attribution.replacement import replacement_model
 from clt_forge.errors import CLTError
 from clt_forge.models.loading import load_model, model_config, recorded_model_config
-from clt_forge.training.checkpoint import check_model_matches, read_info
 
 __all__ = ["AttributionResult", "AttributionRunner", "AttributionSettings", "slugify"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from clt_forge.autointerp.records import Example, FeatureEvidence
+from clt_forge.artifacts.features import Example, FeatureEvidence
 
 __all__ = [
     "HIGHLIGHT",

@@ -2,7 +2,7 @@
 
     AutoInterp(cfg).run()        # cfg: AutointerpConfig (what `clt autointerp` composes)
 
-Steps (each resumable; see clt_forge/autointerp/store.py):
+Steps (each resumable; see clt_forge/artifacts/features.py):
 1. the streaming pass over `tokens` tokens for this worker's features (collect.py), written to
    the worker's database in one transaction;
 2. explanations for every feature that fired (explainers.py, prompts.py);
@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clt_forge.artifacts.checkpoint import load_checkpoint
+from clt_forge.artifacts.feature_json import export_feature_files
+from clt_forge.artifacts.features import FeatureStore, merge_stores
+from clt_forge.artifacts.normalization import Normalization
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
-from clt_forge.autointerp.export import export_feature_files
 from clt_forge.autointerp.source import dataset_windows, grouped, model_windows
-from clt_forge.autointerp.store import FeatureStore, merge_stores
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.config.schema import AutointerpConfig, ExplainerKind
 from clt_forge.errors import CLTError
 from clt_forge.models.loading import load_model, recorded_model_config
-from clt_forge.training.checkpoint import load_checkpoint
-from clt_forge.training.normalization import Normalization
 
 __all__ = ["AutoInterp", "select_features", "worker_db_name"]
 
@@ -75,7 +75,7 @@ class AutoInterp:
 
     def run(self, checkpoint: str | Path | None = None, out: str | Path | None = None) -> Path:
         """Run this worker's steps; returns the merged database when complete, else the worker's."""
-        from clt_forge.stages.common import output_dir
+        from clt_forge.runs import output_dir
 
         cfg = self.cfg
         out = Path(out) if out is not None else output_dir(cfg)

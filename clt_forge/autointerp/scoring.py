@@ -16,9 +16,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from clt_forge.artifacts.features import Example
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.prompts import detection_messages, detection_question, parse_detection
-from clt_forge.autointerp.records import Example
 
 __all__ = ["GOOD_SCORE", "DetectionScore", "detection_score", "list_detection_score", "summarize"]
 

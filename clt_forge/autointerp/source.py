@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from clt_forge.cache.format import read_chunk, read_manifest
-from clt_forge.cache.reader import check_compatible
+from clt_forge.artifacts.activations import read_chunk, read_manifest
+from clt_forge.artifacts.reader import check_compatible
 from clt_forge.config.schema import DataConfig, ModelConfig
 from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError

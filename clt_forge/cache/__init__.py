@@ -1,8 +1,3 @@
-"""Activation datasets: quantization codecs (quant), the on-disk format (format), writing
-with shards and resume (writer), reading with shuffling and prefetch (reader), and the
-ActivationsStore that training and autointerp consume (store)."""
-
-from clt_forge.cache.reader import ActivationBatch, ActivationReader
-from clt_forge.cache.store import ActivationsStore
-
-__all__ = ["ActivationBatch", "ActivationReader", "ActivationsStore"]
+"""The `clt cache` stage: run the model over text and write an activation dataset, one
+resumable job per shard, merged when the last one finishes (writer). The dataset's format,
+codecs and reader live in `clt_forge.artifacts`; `ActivationsStore` in `clt_forge.data`."""

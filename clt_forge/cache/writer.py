@@ -20,14 +20,14 @@ import math
 import threading
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from clt_forge.cache.format import (
+from clt_forge.artifacts.activations import (
+    HELD_OUT,
     MANIFEST,
     STATS,
     ChunkEntry,
@@ -37,24 +37,14 @@ from clt_forge.cache.format import (
     encode_chunk,
     read_manifest,
 )
-from clt_forge.cache.quant import QuantSpec
-from clt_forge.cache.stats import KINDS, RunningStats
+from clt_forge.artifacts.quant import QuantSpec
+from clt_forge.artifacts.stats import KINDS, RunningStats
+from clt_forge.config.plain import plain
 from clt_forge.config.schema import CacheConfig, EncodeMode, QuantConfig
 from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names, window_activations
 from clt_forge.threads import torch_threads
-
-
-def plain(value: Any) -> Any:
-    """Dataclasses / enums -> JSON-ready values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return value
 
 
 def quant_spec(cfg: QuantConfig) -> QuantSpec:
@@ -115,9 +105,6 @@ class Plan:
     def differences(self, other: dict[str, Any]) -> list[str]:
         mine = dataclasses.asdict(self)
         return [f"{key}: {other.get(key)!r} there, {mine[key]!r} now" for key in mine if other.get(key) != mine[key]]
-
-
-HELD_OUT = "held_out"  # sub-folder: a complete dataset of held-out documents, for evaluation
 
 
 def part_path(out: Path, index: int, count: int) -> Path:

@@ -210,7 +210,8 @@ class CrossLayerTranscoder(nn.Module):
     Parameters (see the module docstring for the shapes and the packed decoder layout):
     W_enc, b_enc, log_threshold, W_dec, b_dec. `bandwidth` is the JumpReLU STE kernel width eps;
     the weights are initialised by `clt_forge.clt.init.init_clt` with `jumprelu_threshold`
-    (call `init_encoder_bias` with a batch afterwards to start at a chosen L0).
+    (call `init_encoder_bias` with a batch afterwards to start at a chosen L0); with
+    `init=False` they are left uninitialised, for a caller that fills every parameter itself.
 
     `grad_buffer` reuses W_dec's gradient storage across steps (see `GradBuffer`); a wrapper
     that frees gradients itself after reducing them (FSDP) may set it to None so the full-size
@@ -226,6 +227,7 @@ class CrossLayerTranscoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         jumprelu_threshold: float = 0.03,
+        init: bool = True,
     ) -> None:
         super().__init__()
         self.n_layers = n_layers
@@ -236,12 +238,13 @@ class CrossLayerTranscoder(nn.Module):
         self.n_pairs = self.offsets[-1]
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(n_layers, d_model, d_features, **kw))
-        self.b_enc = nn.Parameter(torch.zeros(n_layers, d_features, **kw))
-        self.log_threshold = nn.Parameter(torch.zeros(n_layers, d_features, **kw))
+        self.b_enc = nn.Parameter(torch.empty(n_layers, d_features, **kw))
+        self.log_threshold = nn.Parameter(torch.empty(n_layers, d_features, **kw))
         self.W_dec = nn.Parameter(torch.empty(d_features, self.n_pairs, d_model, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(n_layers, d_model, **kw))
+        self.b_dec = nn.Parameter(torch.empty(n_layers, d_model, **kw))
         self.grad_buffer: GradBuffer | None = GradBuffer()  # set to None to allocate W_dec.grad afresh
-        init_clt(self, jumprelu_threshold=jumprelu_threshold)
+        if init:  # a CLT about to be loaded or sliced into skips it: its values are overwritten
+            init_clt(self, jumprelu_threshold=jumprelu_threshold)
 
     # ---- parameter views -------------------------------------------------------------------
 

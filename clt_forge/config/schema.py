@@ -239,7 +239,7 @@ class OptimConfig:
 
 @dataclass
 class ReaderConfig:
-    """How the activation dataset is read (see clt_forge/cache/reader.py)."""
+    """How the activation dataset is read (see clt_forge/artifacts/reader.py)."""
 
     shuffle_chunks: int = 4  # chunks whose tokens are shuffled together
     prefetch_groups: int = 2  # groups decoded ahead of training

@@ -1,6 +1,6 @@
 """Checkpoints of a feature-sharded run: each rank writes its own shard, rank 0 the index.
 
-The folder has the normal checkpoint layout (clt_forge/training/checkpoint.py) with one
+The folder has the normal checkpoint layout (clt_forge/artifacts/checkpoint.py) with one
 clt.shard-RRR-of-WWW.safetensors per rank (and training_state.shard-RRR-of-WWW.safetensors
 when it is resumable) and a "shards" entry in config.json; it is written into a temporary
 sibling and renamed into place by rank 0 after every rank has written (barriers around), so a
@@ -18,9 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clt_forge.clt.model import CrossLayerTranscoder
-from clt_forge.distributed.feature_sharding import feature_slice
-from clt_forge.training.checkpoint import (
+from clt_forge.artifacts.checkpoint import (
     CONFIG,
     STATE_STEM,
     TRAINING_STATE,
@@ -31,7 +29,9 @@ from clt_forge.training.checkpoint import (
     weight_tensors,
     write_tensors,
 )
-from clt_forge.training.normalization import Normalization
+from clt_forge.artifacts.normalization import Normalization
+from clt_forge.clt.model import CrossLayerTranscoder
+from clt_forge.distributed.feature_sharding import feature_slice
 
 __all__ = ["save_sharded_checkpoint", "shard_name"]
 

@@ -68,6 +68,7 @@ def shard_clt(full: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTr
         bandwidth=full.bandwidth,
         dtype=full.W_enc.dtype,
         device=full.W_enc.device,
+        init=False,
     )
     local.W_enc.copy_(full.W_enc[:, :, cols])
     local.b_enc.copy_(full.b_enc[:, cols])

@@ -32,8 +32,8 @@ from clt_forge.distributed.setup import DistEnv, dist_env
 from clt_forge.errors import CLTError
 
 if TYPE_CHECKING:  # the training package imports this module (a runtime import would be circular)
-    from clt_forge.training.checkpoint import CheckpointInfo
-    from clt_forge.training.normalization import Normalization
+    from clt_forge.artifacts.checkpoint import CheckpointInfo
+    from clt_forge.artifacts.normalization import Normalization
 
 __all__ = ["Parallel", "start_parallel"]
 
@@ -132,7 +132,7 @@ class Parallel:
         state_tensors: dict[str, torch.Tensor] | None,
     ) -> None:
         """Collective: write the checkpoint (rank 0 writes one file set; sharded modes one per rank)."""
-        from clt_forge.training.checkpoint import save_checkpoint
+        from clt_forge.artifacts.checkpoint import save_checkpoint
 
         if self.main:
             save_checkpoint(folder, weights, normalization, info, state, state_tensors)

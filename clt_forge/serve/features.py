@@ -1,6 +1,6 @@
 """What the node panel shows about a CLT feature, from a feature database or feature files.
 
-Both sources answer with circuit-tracer's feature JSON shape (clt_forge/autointerp/export.py):
+Both sources answer with circuit-tracer's feature JSON shape (clt_forge/artifacts/feature_json.py):
 explanation, detection_score, activation_frequency, examples_quantiles (top activations
 first, each example with tokens, tokens_acts_list, train_token_ind), histogram (equal bins over
 [0, act_max]), top_logits and bottom_logits.
@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from clt_forge.autointerp.export import cantor, feature_json
-from clt_forge.autointerp.store import FORMAT, VERSION, FeatureStore
+from clt_forge.artifacts.feature_json import cantor, feature_json
+from clt_forge.artifacts.features import FORMAT, VERSION, FeatureStore
 from clt_forge.errors import CLTError
 
 __all__ = ["FeatureSource", "open_features"]

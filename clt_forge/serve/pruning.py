@@ -79,7 +79,7 @@ class Pruner:
     def _prune(self, node_threshold: float, edge_threshold: float) -> GraphView:
         if self.raw_path is None:
             return _prune_json(self.document, node_threshold, edge_threshold)
-        from clt_forge.attribution.graph_json import graph_json
+        from clt_forge.artifacts.graph import graph_json
 
         with self._lock:
             raw = self._load_raw()
@@ -112,7 +112,7 @@ class Pruner:
                 if kinds[link["source"]] == ERROR:
                     out[link["source"]] = out.get(link["source"], 0.0) + abs(link["weight"])
             return out
-        from clt_forge.attribution.graph_json import error_node_id
+        from clt_forge.artifacts.graph import error_node_id
 
         with self._lock:
             raw = self._load_raw()

@@ -14,7 +14,7 @@ from clt_forge.attribution.convert import export_circuit_tracer
 from clt_forge.attribution.runner import AttributionRunner, AttributionSettings, slugify
 from clt_forge.config.schema import AttributeConfig
 from clt_forge.errors import CLTError
-from clt_forge.stages.common import setup
+from clt_forge.runs import setup
 
 
 def run(cfg: AttributeConfig) -> Path:
@@ -80,6 +80,6 @@ def _slugs(cfg: AttributeConfig, prompts: list[str]) -> list[str]:
 def _labels(features: str | None) -> dict[tuple[int, int], str]:
     if not features:
         return {}
-    from clt_forge.autointerp.store import read_explanations
+    from clt_forge.artifacts.features import read_explanations
 
     return read_explanations(features)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from clt_forge.autointerp.runner import AutoInterp
 from clt_forge.config.schema import AutointerpConfig
-from clt_forge.stages.common import setup
+from clt_forge.runs import setup
 
 
 def run(cfg: AutointerpConfig) -> Path:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clt_forge.cache.format import read_manifest
+from clt_forge.artifacts.activations import read_manifest
 from clt_forge.cache.writer import CacheJob, merge_if_complete
 from clt_forge.config.schema import CacheConfig
 from clt_forge.errors import CLTError
-from clt_forge.stages.common import setup
+from clt_forge.runs import setup
 
 
 def run(cfg: CacheConfig) -> Path:

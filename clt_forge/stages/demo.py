@@ -34,7 +34,7 @@ from clt_forge.config.schema import (
     PipelineConfig,
     TrainConfig,
 )
-from clt_forge.stages.common import setup
+from clt_forge.runs import setup
 
 STEPS = 5
 

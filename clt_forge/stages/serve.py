@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clt_forge.config.schema import ServeConfig
 from clt_forge.errors import CLTError
-from clt_forge.stages.common import setup
+from clt_forge.runs import setup
 
 
 def run(cfg: ServeConfig) -> Path:

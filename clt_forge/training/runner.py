@@ -26,17 +26,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clt_forge.cache.format import read_manifest
-from clt_forge.cache.reader import ActivationBatch, check_compatible
-from clt_forge.cache.store import ActivationsStore
-from clt_forge.cache.writer import HELD_OUT, plain
-from clt_forge.clt import CrossLayerTranscoder, init_clt, init_encoder_bias
-from clt_forge.config.schema import DataSource, Precision, TrainConfig
-from clt_forge.distributed.parallel import Parallel, start_parallel
-from clt_forge.errors import CLTError
-from clt_forge.models.activations import hook_names
-from clt_forge.stages.common import setup
-from clt_forge.training.checkpoint import (
+from clt_forge.artifacts.activations import HELD_OUT, read_manifest
+from clt_forge.artifacts.checkpoint import (
     STATE_STEM,
     TRAINING_STATE,
     WEIGHTS_STEM,
@@ -45,8 +36,17 @@ from clt_forge.training.checkpoint import (
     read_info,
     read_tensors,
 )
+from clt_forge.artifacts.normalization import Normalization
+from clt_forge.artifacts.reader import ActivationBatch, check_compatible
+from clt_forge.clt import CrossLayerTranscoder, init_clt, init_encoder_bias
+from clt_forge.config.plain import plain
+from clt_forge.config.schema import DataSource, Precision, TrainConfig
+from clt_forge.data.store import ActivationsStore
+from clt_forge.distributed.parallel import Parallel, start_parallel
+from clt_forge.errors import CLTError
+from clt_forge.models.activations import hook_names
+from clt_forge.runs import setup
 from clt_forge.training.metrics import DeadFeatures, MetricsLog, evaluate
-from clt_forge.training.normalization import Normalization
 from clt_forge.training.schedules import l0_coefficient, lr_multiplier
 
 RUN_CONFIG = "train_config.json"
@@ -252,8 +252,8 @@ class CLTTrainingRunner:
             cfg.model.d_model,
             self.features.stop - self.features.start,
             bandwidth=cfg.clt.jumprelu_bandwidth,
-            jumprelu_threshold=cfg.clt.jumprelu_threshold,
             device=device,
+            init=False,
         )
         init_clt(clt, cfg.clt.jumprelu_threshold, seed=cfg.seed, features=self.features, d_features=self.d_features)
         return clt

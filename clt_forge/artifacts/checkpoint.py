@@ -39,9 +39,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.errors import CLTError
-from clt_forge.training.normalization import Normalization
 
 FORMAT = "clt-forge/checkpoint"
 FORMAT_VERSION = 1
@@ -148,8 +148,10 @@ def load_checkpoint(
     folder = Path(folder)
     info = read_info(folder)
     tensors = read_tensors(folder, WEIGHTS_STEM, info, device=device)
-    clt = CrossLayerTranscoder(info.n_layers, info.d_model, info.d_features, bandwidth=info.bandwidth, device=device)
-    clt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("norm.")})
+    clt = CrossLayerTranscoder(
+        info.n_layers, info.d_model, info.d_features, bandwidth=info.bandwidth, device=device, init=False
+    )
+    clt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("norm.")}, assign=True)
     return clt, Normalization.from_state(tensors), info
 
 

@@ -391,7 +391,7 @@ def _outliers(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantizer(spec: QuantSpec, shape: tuple[int, ...]) -> Quantizer:
     if sys.byteorder != "little":
         raise NotImplementedError(
-            "clt_forge.cache.quant reads and writes its little-endian blobs on little-endian hosts only"
+            "clt_forge.artifacts.quant reads and writes its little-endian blobs on little-endian hosts only"
         )
     if len(shape) != 3 or min(shape) < 1 or math.prod(shape) >= 2**31:
         raise ValueError(f"shape {tuple(shape)}: expected [tokens, n_layers, d_model], each >= 1, < 2^31 values in all")

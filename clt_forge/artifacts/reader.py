@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clt_forge.cache.format import Chunk, ChunkEntry, Manifest, read_chunk, read_manifest
+from clt_forge.artifacts.activations import Chunk, ChunkEntry, Manifest, read_chunk, read_manifest
 from clt_forge.errors import CLTError
 
 

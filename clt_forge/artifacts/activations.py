@@ -14,7 +14,7 @@ Chunk file (every multi-byte field little-endian):
     H bytes   UTF-8 JSON header: {"version", "n_tokens", "n_layers", "d_model",
               "sections": {name: {"offset", "length"}}}  (offsets from the end of the header)
     sections  "tokens": int32 token ids [n_tokens], zstd frame;
-              "mlp_in", "mlp_out": one `clt_forge.cache.quant` blob each ([n_tokens, n_layers, d_model])
+              "mlp_in", "mlp_out": one `clt_forge.artifacts.quant` blob each ([n_tokens, n_layers, d_model])
 
 Tokens are whole context windows minus their BOS position, in window order: window w of a
 chunk is tokens[w * (context_size - 1) : (w + 1) * (context_size - 1)] (see
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import zstandard
 
-from clt_forge.cache.quant import Observer, QuantSpec, decode, encode
+from clt_forge.artifacts.quant import Observer, QuantSpec, decode, encode
 from clt_forge.errors import CLTError
 
 FORMAT = "clt-forge/activations"
@@ -49,6 +49,7 @@ FORMAT_VERSION = 1
 MAGIC = b"CLTCHUNK"
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
+HELD_OUT = "held_out"  # sub-folder: a complete dataset of held-out documents, for evaluation
 
 
 @dataclass
@@ -149,7 +150,7 @@ def encode_chunk(
     """One self-contained chunk file: tokens [n] and activations [n, n_layers, d_model].
 
     observe: per kind ("mlp_in", "mlp_out"), called with each layer's values as the encoder
-    reads them (`clt_forge.cache.quant.encode`). pool: encodes the two kinds side by side."""
+    reads them (`clt_forge.artifacts.quant.encode`). pool: encodes the two kinds side by side."""
     n_tokens, n_layers, d_model = mlp_in.shape
     token_bytes = tokens.to(torch.int32).numpy().astype("<i4").tobytes()
     jobs: dict[str, Callable[[], bytes]] = {

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from clt_forge.cache.reader import ActivationBatch, ActivationReader
+from clt_forge.artifacts.reader import ActivationBatch, ActivationReader
 from clt_forge.config.schema import DataConfig
 from clt_forge.data import token_windows
 from clt_forge.models.activations import window_activations

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from clt_forge.autointerp.store import FeatureStore
+from clt_forge.artifacts.features import FeatureStore
 
 __all__ = ["cantor", "export_feature_files", "feature_json"]
 

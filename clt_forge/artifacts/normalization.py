@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from clt_forge.cache.format import Manifest
-from clt_forge.cache.reader import ActivationBatch
+from clt_forge.artifacts.activations import Manifest
+from clt_forge.artifacts.reader import ActivationBatch
 
 
 @dataclass
