@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from clt_forge.artifacts.activations import read_chunk, read_manifest
 from clt_forge.artifacts.checkpoint import CheckpointInfo, save_checkpoint
-from clt_forge.artifacts.feature_json import cantor
+from clt_forge.artifacts.feature_json import cantor, feature_json
 from clt_forge.artifacts.features import FeatureStore, merge_stores, read_explanations
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, FeatureSlice
@@ -234,6 +234,27 @@ def test_export_writes_circuit_tracer_feature_files(dataset, planted, tmp_path):
     assert record is not None and sum(document["histogram"]) == record["n_active"]
     assert document["activation_frequency"] == record["frequency"]
     assert len(document["top_logits"]) == 10
+
+
+def test_export_honours_histogram_bins_and_quantiles(dataset, planted, tmp_path):
+    export = tmp_path / "features"
+    cfg = autointerp_config(
+        tmp_path,
+        f"activations={dataset}",
+        f"checkpoint={planted}",
+        f"export={export}",
+        "histogram_bins=7",
+        "quantiles=2",
+        "per_quantile=3",
+    )
+    AutoInterp(cfg).run()
+    document = json.loads((export / f"{cantor(*PLANTED)}.json").read_text())
+    assert len(document["histogram"]) == 7
+    bands = [q["quantile_name"] for q in document["examples_quantiles"][1:]]
+    assert bands == ["Subsample interval 0", "Subsample interval 1"]
+    with FeatureStore(tmp_path / "features.db", create=False) as store:
+        assert store.meta()["display"] == {"histogram_bins": 7, "quantiles": 2}
+        assert len(feature_json(store, *PLANTED)["histogram"]) == 7  # what `clt serve` shows too
 
 
 def test_on_the_fly_pass_matches_the_cached_one(dataset, planted, tmp_path):

@@ -4,7 +4,7 @@ One file per feature, named `{cantor(layer, feature)}.json`: the id circuit-trac
 JSON gives a CLT feature node (`feature` = Cantor pairing of layer and index), which is how
 its frontend finds the file under the graph's `scan` folder. Fields: index, transcoder_id,
 examples_quantiles (top activations first, then bands of the uniform sample of activating
-contexts, highest band first), top_logits, bottom_logits, act_min, act_max,
+contexts, highest band first: `quantiles` bands), top_logits, bottom_logits, act_min, act_max,
 quantile_values, histogram (counts on `histogram_bins` equal bins over [0, act_max],
 re-binned from the database's fine log-spaced bins), activation_frequency; plus explanation
 and detection_score.
@@ -27,10 +27,21 @@ def cantor(layer: int, feature: int) -> int:
     return (layer + feature) * (layer + feature + 1) // 2 + feature
 
 
-def feature_json(store: FeatureStore, layer: int, feature: int, bins: int = 32, bands: int = 4) -> dict[str, Any]:
+DEFAULT_DISPLAY = {"histogram_bins": 32, "quantiles": 4}  # databases written before meta.display
+
+
+def feature_json(
+    store: FeatureStore, layer: int, feature: int, bins: int | None = None, bands: int | None = None
+) -> dict[str, Any]:
+    """One feature's JSON; `bins` / `bands` default to the database's meta.display, i.e. the
+    `autointerp.histogram_bins` / `autointerp.quantiles` it was collected with."""
     record = store.feature(layer, feature)
     if record is None:
         raise KeyError((layer, feature))
+    meta = store.meta()
+    display = {**DEFAULT_DISPLAY, **meta.get("display", {})}
+    bins = bins or int(display["histogram_bins"])
+    bands = bands or int(display["quantiles"])
     top = store.examples(layer, feature, "top")
     sample = sorted(store.examples(layer, feature, "sample"), key=lambda e: -e["value"])
     quantiles = [{"quantile_name": "Top activations", "examples": [_example(e) for e in top]}]
@@ -42,7 +53,7 @@ def feature_json(store: FeatureStore, layer: int, feature: int, bins: int = 32, 
                 {"quantile_name": f"Subsample interval {band}", "examples": [_example(e) for e in members]}
             )
     act_max = float(record["max_act"])
-    edges = store.meta().get("hist_edges", [])
+    edges = meta.get("hist_edges", [])
     return {
         "index": cantor(layer, feature),
         "transcoder_id": f"layer {layer} feature {feature}",

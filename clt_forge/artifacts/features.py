@@ -3,7 +3,9 @@
 Tables (format "clt-forge/features", version 1):
 
     meta(key PRIMARY KEY, value)              JSON values: format, version, checkpoint, source,
-                                              tokens, worker, hist_edges, context, pass_done,
+                                              tokens, worker, hist_edges, context, display
+                                              ({histogram_bins, quantiles} of the feature
+                                              JSON export), pass_done,
                                               finished
     features(layer, feature, PRIMARY KEY)     n_active, frequency, mean_act, max_act, histogram
                                               (JSON counts on meta.hist_edges), top_tokens,

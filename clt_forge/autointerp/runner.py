@@ -162,6 +162,7 @@ class AutoInterp:
             worker={"index": cfg.worker.index, "count": cfg.worker.count},
             hist_edges=HIST_EDGES.tolist(),
             context={"before": cfg.context_before, "after": cfg.context_after},
+            display={"histogram_bins": cfg.histogram_bins, "quantiles": cfg.quantiles},
             model=model_cfg.name,
             pass_seconds=seconds,
         )
