@@ -14,9 +14,3 @@ class CLTError(Exception):
 
 class ConfigError(CLTError):
     """A wrong group option, unknown key, or badly typed value in the configuration."""
-
-
-class NotImplementedStage(CLTError):
-    """A stage that exists in the CLI but is not built yet."""
-
-    exit_code = 3

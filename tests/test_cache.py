@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from clt_forge.artifacts.activations import MANIFEST, STATS, encode_chunk, read_chunk, read_manifest
+from clt_forge.artifacts.activations import FORMAT_VERSION, MANIFEST, STATS, encode_chunk, read_chunk, read_manifest
 from clt_forge.artifacts.reader import ActivationReader, check_compatible
 from clt_forge.artifacts.stats import load_stats
 from clt_forge.cache import writer
@@ -57,7 +57,7 @@ def test_dataset_holds_the_windows_and_their_exact_activations(tiny_model, tmp_p
     manifest = read_manifest(out)
     assert manifest.n_tokens == 1500 and manifest.n_layers == 3 and manifest.d_model == 64
     assert manifest.hooks["mlp_in"][2] == "blocks.2.mlp.hook_in"
-    assert not manifest.bos_stored and manifest.quant["scheme"] == "none"
+    assert manifest.quant["scheme"] == "none"  # BOS is never stored (no manifest flag): checked on the tokens below
     assert sum(c.n_tokens for c in manifest.chunks) == 1500
     cfg = cache_config(out, "quant=none")
     windows = torch.stack(list(token_windows(cfg.data, tiny_model.tokenizer))[:100])
@@ -322,10 +322,26 @@ def test_newer_format_version_is_refused(dataset, tmp_path):
     raw = json.loads((copy / MANIFEST).read_text())
     raw["version"] += 1
     (copy / MANIFEST).write_text(json.dumps(raw))
-    with pytest.raises(CLTError, match=r"version 2.*reads version 1"):
+    with pytest.raises(CLTError, match=rf"version {FORMAT_VERSION + 1}.*reads version {FORMAT_VERSION}"):
         read_manifest(copy)
     with pytest.raises(CLTError, match="run `clt cache"):
         read_manifest(tmp_path / "nowhere")
+
+
+def test_version_1_manifests_are_still_read(dataset, tmp_path):
+    """Version 1 also held two constants (dtype float32, bos_stored false): read, checked, dropped."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    raw = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**raw, "version": 1, "dtype": "float32", "bos_stored": False}))
+    assert read_manifest(copy) == read_manifest(dataset)
+    batch = next(iter(ActivationReader(copy, 100, seed=0)))
+    torch.testing.assert_close(batch.mlp_in, next(iter(ActivationReader(dataset, 100, seed=0))).mlp_in)
+    (copy / MANIFEST).write_text(json.dumps({**raw, "version": 1, "dtype": "float16", "bos_stored": False}))
+    with pytest.raises(CLTError, match=r"manifest.json: version 1 manifest with dtype='float16'"):
+        read_manifest(copy)
 
 
 def test_dataset_from_another_model_is_refused(dataset):

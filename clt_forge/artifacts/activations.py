@@ -45,7 +45,8 @@ from clt_forge.artifacts.quant import Observer, QuantSpec, decode, encode
 from clt_forge.errors import CLTError
 
 FORMAT = "clt-forge/activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the manifest's; version 1 also held the constants dtype "float32" and bos_stored false
+CHUNK_VERSION = 1  # the chunk files' (unchanged since version 1 datasets)
 MAGIC = b"CLTCHUNK"
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
@@ -67,12 +68,10 @@ class Manifest:
     hooks: dict[str, list[str]]  # {"mlp_in": [...per layer], "mlp_out": [...]}
     n_layers: int
     d_model: int
-    dtype: str  # what readers return
     quant: dict[str, Any]  # the QuantSpec fields
     chunk_tokens: int
     context_size: int
     prepend_bos: bool
-    bos_stored: bool
     data: dict[str, Any]  # the data config that produced the tokens
     split: str  # "train", or "held_out" for the evaluation dataset in <dataset>/held_out
     n_tokens: int
@@ -94,6 +93,8 @@ class Manifest:
     def from_dict(cls, raw: dict[str, Any], source: Path) -> Manifest:
         if raw.get("format") != FORMAT:
             raise CLTError(f"{source}: not a clt-forge activation dataset manifest (format={raw.get('format')!r}).")
+        if raw.get("version") == 1:
+            raw = _from_version_1(raw, source)
         if raw.get("version") != FORMAT_VERSION:
             raise CLTError(
                 f"{source}: activation dataset format version {raw.get('version')}, but this clt-forge reads "
@@ -105,6 +106,16 @@ class Manifest:
             raise CLTError(f"{source}: unknown manifest keys {sorted(unknown)} for version {FORMAT_VERSION}.")
         raw = dict(raw, chunks=[ChunkEntry(**c) for c in raw["chunks"]])
         return cls(**raw)
+
+
+def _from_version_1(raw: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Version 1 manifests: the same but for two constants, checked and dropped."""
+    if raw.get("dtype") != "float32" or raw.get("bos_stored") is not False:
+        raise CLTError(
+            f"{source}: version 1 manifest with dtype={raw.get('dtype')!r}, bos_stored={raw.get('bos_stored')!r}; "
+            "clt-forge only ever wrote float32 without BOS. Re-run clt cache."
+        )
+    return {**{k: v for k, v in raw.items() if k not in ("dtype", "bos_stored")}, "version": FORMAT_VERSION}
 
 
 def read_manifest(folder: str | Path) -> Manifest:
@@ -168,7 +179,7 @@ def encode_chunk(
         offsets[name] = {"offset": position, "length": len(blob)}
         position += len(blob)
     header = json.dumps(
-        {"version": FORMAT_VERSION, "n_tokens": n_tokens, "n_layers": n_layers, "d_model": d_model, "sections": offsets}
+        {"version": CHUNK_VERSION, "n_tokens": n_tokens, "n_layers": n_layers, "d_model": d_model, "sections": offsets}
     ).encode()
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *sections.values()])
 
@@ -185,8 +196,8 @@ def decode_chunk(data: bytes, spec: QuantSpec, source: str = "chunk") -> Chunk:
         raise CLTError(f"{source}: not a clt-forge chunk (bad magic bytes).")
     (header_len,) = struct.unpack_from("<I", data, 8)
     header = json.loads(data[12 : 12 + header_len])
-    if header["version"] != FORMAT_VERSION:
-        raise CLTError(f"{source}: chunk format version {header['version']}, this clt-forge reads {FORMAT_VERSION}.")
+    if header["version"] != CHUNK_VERSION:
+        raise CLTError(f"{source}: chunk format version {header['version']}, this clt-forge reads {CHUNK_VERSION}.")
     body = memoryview(data)[12 + header_len :]
 
     def section(name: str) -> bytes:
