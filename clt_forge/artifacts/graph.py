@@ -1,4 +1,9 @@
-"""A circuit-tracer `Graph` -> the graph JSON people view and share (Neuronpedia schema).
+"""The graph JSON (Neuronpedia schema): node ids and kinds, writing from a circuit-tracer `Graph`,
+reading with a version check, and clusters (`qParams.supernodes`).
+
+Writer (`graph_json`) and readers (`clt serve`, `attribution/labels.py`) share this module:
+nothing else builds or splits a node id. Reading needs neither torch nor circuit-tracer
+(they are imported by `graph_json` when it runs), so `clt serve` opens graphs cheaply.
 
 The output has circuit-tracer's `create_graph_files` shape (metadata, qParams, nodes, links;
 node fields node_id, feature, layer, ctx_idx, feature_type, jsNodeId, clerp, influence,
@@ -6,31 +11,413 @@ activation, ...) and validates against Neuronpedia's graph schema, with these di
 
 - unique node ids: circuit-tracer 0.5.0 names the error node of (layer L, position p)
   "0_L_p", which is also the id of layer-0 feature L at position p, so the two nodes' edges
-  merge. Error nodes here are "err_L_p" (jsNodeId "err_L-p"); all other ids are unchanged;
+  merge. Error nodes here are "err_L_p" (jsNodeId "err_L-p"); all other ids are unchanged:
+
+      feature    {layer}_{feature}_{pos}        embedding  E_{token_id}_{pos}
+      error      err_{layer}_{pos}              logit      {n_layers + 1}_{token_id}_{pos}
+
+  A logit's id looks like a feature's of layer n_layers + 1: the node's `feature_type`, or
+  the model's number of layers, tells them apart (`parse_node`, `parse_node_id`);
 - feature labels (`clerp`) come from a mapping (layer, feature) -> explanation, normally
   the `clt autointerp` database;
 - no tokenizer download: tokens are decoded with the tokenizer we already hold;
 - metadata also records the replacement and completeness scores, the generation and pruning
   settings, and where the raw graph, checkpoint and feature database are, so `clt serve`
   can re-prune and intervene from the JSON alone.
+
+`metadata.schema_version` is SCHEMA_VERSION; a reader refuses a file of another (newer)
+version, naming the file and the version. A file without one is version 1 (Neuronpedia's
+default). Clusters are saved as Neuronpedia saves supernodes: `[name, node_id, ...]` lists.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
-from circuit_tracer.frontend.graph_models import Node
-from circuit_tracer.graph import Graph, prune_graph
+from clt_forge.errors import CLTError
 
-__all__ = ["SCHEMA_VERSION", "error_node_id", "graph_json"]
+if TYPE_CHECKING:
+    import torch
+    from circuit_tracer.graph import Graph
+
+__all__ = [
+    "EMBEDDING",
+    "ERROR",
+    "FEATURE",
+    "LOGIT",
+    "SCHEMA_VERSION",
+    "Cluster",
+    "GraphDocument",
+    "GraphFileError",
+    "NodeId",
+    "NodeKind",
+    "embedding_node_id",
+    "error_node_id",
+    "feature_node_id",
+    "from_supernodes",
+    "graph_json",
+    "logit_node_id",
+    "parse_node",
+    "parse_node_id",
+    "read_graph",
+    "save_clusters",
+    "to_supernodes",
+]
 
 SCHEMA_VERSION = 1
+MAX_BYTES = 512 * 1024 * 1024  # a graph JSON larger than this is refused rather than parsed
+
+
+class NodeKind(StrEnum):
+    """A node's `feature_type`."""
+
+    FEATURE = "cross layer transcoder"
+    ERROR = "mlp reconstruction error"
+    EMBEDDING = "embedding"
+    LOGIT = "logit"
+
+
+FEATURE, ERROR, EMBEDDING, LOGIT = NodeKind.FEATURE, NodeKind.ERROR, NodeKind.EMBEDDING, NodeKind.LOGIT
+
+
+# ---- node ids ---------------------------------------------------------------------------------
+
+
+def feature_node_id(layer: int, feature: int, pos: int) -> str:
+    return f"{layer}_{feature}_{pos}"
 
 
 def error_node_id(layer: int, pos: int) -> str:
     return f"err_{layer}_{pos}"
+
+
+def embedding_node_id(token_id: int, pos: int) -> str:
+    return f"E_{token_id}_{pos}"
+
+
+def logit_node_id(n_layers: int, token_id: int, pos: int) -> str:
+    return f"{n_layers + 1}_{token_id}_{pos}"
+
+
+@dataclass(frozen=True)
+class NodeId:
+    """A node id, parsed; `str()` writes it back.
+
+    kind        layer                          index             pos
+    feature     the feature's layer            feature index     token position
+    error       the MLP's layer                None              token position
+    embedding   None                           token id          token position
+    logit       n_layers + 1 (as in `layer`)   token id          token position (the last)
+    """
+
+    kind: NodeKind
+    layer: int | None
+    index: int | None
+    pos: int
+
+    def __str__(self) -> str:
+        layer, index = cast(int, self.layer), cast(int, self.index)
+        if self.kind is ERROR:
+            return error_node_id(layer, self.pos)
+        if self.kind is EMBEDDING:
+            return embedding_node_id(index, self.pos)
+        if self.kind is LOGIT:
+            return logit_node_id(layer - 1, index, self.pos)
+        return feature_node_id(layer, index, self.pos)
+
+    @property
+    def layer_pos_feature(self) -> tuple[int, int, int]:
+        """(layer, pos, feature) of a CLT feature node: the order interventions take."""
+        if self.kind is not FEATURE:
+            raise ValueError(f"node {self} is not a CLT feature")
+        return cast(int, self.layer), self.pos, cast(int, self.index)
+
+
+_ID = re.compile(r"(err|E|[0-9]+)_([0-9]+)_([0-9]+)")
+
+
+def parse_node_id(node_id: str, n_layers: int) -> NodeId:
+    """The parts of `node_id` of a graph of a model with `n_layers` layers, which tells a logit
+    (`{n_layers + 1}_...`) from a feature. ValueError when it is no id of such a graph."""
+    found = _parse(node_id, None)
+    if found.kind is FEATURE and found.layer == n_layers + 1:
+        return NodeId(LOGIT, found.layer, found.index, found.pos)
+    if found.kind in (FEATURE, ERROR) and not 0 <= cast(int, found.layer) < n_layers:
+        raise ValueError(f"node id {node_id!r}: layer {found.layer} of a model with {n_layers} layers")
+    return found
+
+
+def parse_node(node: Mapping[str, Any]) -> NodeId:
+    """The parts of the id of `node` (an object of `nodes[]`), read as the kind its
+    `feature_type` names. ValueError when the id is not one of that kind."""
+    try:
+        kind = NodeKind(node.get("feature_type"))
+    except ValueError:
+        raise ValueError(
+            f"node {node.get('node_id')!r}: feature_type {node.get('feature_type')!r} is no node kind"
+        ) from None
+    return _parse(str(node.get("node_id")), kind)
+
+
+def _parse(node_id: str, kind: NodeKind | None) -> NodeId:
+    match = _ID.fullmatch(node_id)
+    head = match[1] if match else ""
+    if match is None:
+        found = None
+    elif head == "err":
+        found = NodeId(ERROR, int(match[2]), None, int(match[3]))
+    elif head == "E":
+        found = NodeId(EMBEDDING, None, int(match[2]), int(match[3]))
+    else:
+        found = NodeId(LOGIT if kind is LOGIT else FEATURE, int(head), int(match[2]), int(match[3]))
+    if found is None or (kind is not None and found.kind is not kind):
+        shapes = "LAYER_FEATURE_POS, err_LAYER_POS, E_TOKEN_POS or {n_layers + 1}_TOKEN_POS"
+        expected = f"the id of a {kind} node" if kind else f"a node id ({shapes})"
+        raise ValueError(f"node id {node_id!r} is not {expected}")
+    return found
+
+
+# ---- clusters (qParams.supernodes) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A named group of graph nodes (Neuronpedia's supernode), saved in `qParams.supernodes`
+    as `[name, node_id, ...]`; members pruned away at the current thresholds stay in it."""
+
+    name: str
+    members: tuple[str, ...]  # node ids
+
+    def features(self, n_layers: int) -> list[NodeId]:
+        """The members that are CLT features (the ones an intervention can edit), parsed."""
+        out = []
+        for node_id in self.members:
+            try:
+                parsed = parse_node_id(node_id, n_layers)
+            except ValueError:
+                continue
+            if parsed.kind is FEATURE:
+                out.append(parsed)
+        return out
+
+
+def from_supernodes(supernodes: list[list[str]]) -> list[Cluster]:
+    return [Cluster(group[0], tuple(group[1:])) for group in supernodes if group]
+
+
+def to_supernodes(clusters: list[Cluster]) -> list[list[str]]:
+    return [[c.name, *c.members] for c in clusters]
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+class GraphFileError(CLTError):
+    """A graph file that cannot be read: unreadable, not JSON, not a graph, or a newer version."""
+
+
+@dataclass
+class GraphDocument:
+    """One graph JSON as written by `clt attribute` (metadata, qParams, nodes, links)."""
+
+    path: Path
+    data: dict[str, Any]
+    nodes_by_id: dict[str, dict[str, Any]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.nodes_by_id = {node["node_id"]: node for node in self.nodes}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.data["metadata"]
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.data["nodes"]
+
+    @property
+    def links(self) -> list[dict[str, Any]]:
+        return self.data["links"]
+
+    @property
+    def slug(self) -> str:
+        return str(self.metadata.get("slug") or self.path.stem)
+
+    @property
+    def prompt_tokens(self) -> list[str]:
+        return list(self.metadata["prompt_tokens"])
+
+    @property
+    def supernodes(self) -> list[list[str]]:
+        return list(self.data.get("qParams", {}).get("supernodes", []))
+
+    @property
+    def clusters(self) -> list[Cluster]:
+        return from_supernodes(self.supernodes)
+
+    @functools.cached_property
+    def n_layers(self) -> int:
+        """Layers of the model: logit nodes sit at layer n_layers + 1 (circuit-tracer's convention)."""
+        logit_layers = [int(n["layer"]) for n in self.nodes if n["feature_type"] == LOGIT]
+        if logit_layers:
+            return max(logit_layers) - 1
+        inner = [int(n["layer"]) for n in self.nodes if n["feature_type"] in (FEATURE, ERROR)]
+        return max(inner, default=-1) + 1
+
+    def parse(self, node_id: str) -> NodeId:
+        """The parts of `node_id`: by its node's kind when the file holds it, else by the
+        model's layers (a node pruned away, or re-pruned in from the raw graph)."""
+        node = self.nodes_by_id.get(node_id)
+        return parse_node(node) if node is not None else parse_node_id(node_id, self.n_layers)
+
+
+def read_graph(path: Path, max_bytes: int = MAX_BYTES) -> GraphDocument:
+    """Read and check one graph JSON; `GraphFileError` names the file and the problem (a
+    version other than SCHEMA_VERSION included)."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise GraphFileError(f"{path}: cannot read the graph file ({err.strerror}).") from None
+    if size > max_bytes:
+        raise GraphFileError(f"{path}: {size / 1e6:.0f} MB is larger than the {max_bytes / 1e6:.0f} MB a graph may be.")
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise GraphFileError(
+            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}). "
+            "A graph file is written by `clt attribute`."
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GraphFileError(f"{path}: cannot read the graph file ({err}).") from None
+    if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+        check_version(data["metadata"], path)
+    check_graph(data, path)
+    return GraphDocument(path, data)
+
+
+def check_version(metadata: Mapping[str, Any], path: Path) -> None:
+    """Refuse a `schema_version` this module does not write (absent: version 1)."""
+    version = metadata.get("schema_version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise GraphFileError(
+            f"{path}: graph schema_version {version} is newer than this clt-forge reads "
+            f"(up to {SCHEMA_VERSION}); open it with the clt-forge that wrote it, or upgrade."
+        )
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise GraphFileError(
+            f"{path}: unknown graph schema_version {version!r} (this clt-forge reads {SCHEMA_VERSION}); "
+            "expected a graph JSON from `clt attribute` (docs/formats.md)."
+        )
+
+
+def check_graph(data: Any, path: Path) -> None:
+    """The structure readers rely on; raises on the first problem, naming where it is."""
+
+    def fail(problem: str) -> None:
+        raise GraphFileError(f"{path}: {problem}. Expected a graph JSON from `clt attribute` (docs/formats.md).")
+
+    if not isinstance(data, dict):
+        fail(f"the top level is a {type(data).__name__}, not an object with metadata, qParams, nodes and links")
+    for key, kind in (("metadata", dict), ("nodes", list), ("links", list)):
+        if key not in data:
+            fail(f"missing key '{key}'")
+        if not isinstance(data[key], kind):
+            fail(f"'{key}' is a {type(data[key]).__name__}, not a {kind.__name__}")
+    tokens = data["metadata"].get("prompt_tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        fail("metadata.prompt_tokens must be a list of strings (the prompt's tokens, BOS first)")
+    seen: dict[str, int] = {}
+    for i, node in enumerate(data["nodes"]):
+        if not isinstance(node, dict):
+            fail(f"nodes[{i}] is not an object")
+        fields: tuple[tuple[str, type[Any]], ...] = (("node_id", str), ("feature_type", str), ("ctx_idx", int))
+        for key, kind in fields:
+            if not isinstance(node.get(key), kind) or isinstance(node.get(key), bool):
+                fail(f"nodes[{i}].{key} must be a {kind.__name__} (got {node.get(key)!r})")
+        if node["feature_type"] not in tuple(NodeKind):
+            fail(f"nodes[{i}].feature_type {node['feature_type']!r} is not one of {', '.join(map(repr, NodeKind))}")
+        layer = node.get("layer")
+        if isinstance(layer, bool) or not isinstance(layer, str | int) or not (layer == "E" or str(layer).isdigit()):
+            fail(f"nodes[{i}].layer {layer!r} is neither 'E' nor a layer number")
+        if not 0 <= node["ctx_idx"] < max(len(tokens), 1):
+            fail(f"nodes[{i}].ctx_idx {node['ctx_idx']} is outside the prompt ({len(tokens)} tokens)")
+        try:
+            parse_node(node)
+        except ValueError as err:
+            fail(f"nodes[{i}]: {err}")
+        if node["node_id"] in seen:
+            fail(f"nodes[{i}].node_id {node['node_id']!r} repeats nodes[{seen[node['node_id']]}]")
+        seen[node["node_id"]] = i
+    for i, link in enumerate(data["links"]):
+        if not isinstance(link, dict):
+            fail(f"links[{i}] is not an object")
+        for end in ("source", "target"):
+            if link.get(end) not in seen:
+                fail(f"links[{i}].{end} {link.get(end)!r} is not a node id")
+        weight = link.get("weight")
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight):
+            fail(f"links[{i}].weight must be a finite number (got {weight!r})")
+    supernodes = data.get("qParams", {}).get("supernodes", []) if isinstance(data.get("qParams"), dict) else None
+    if supernodes is None or not isinstance(supernodes, list):
+        fail("qParams must be an object whose supernodes is a list of [name, node_id, ...] lists")
+    for i, group in enumerate(supernodes or []):
+        if not isinstance(group, list) or not group or not all(isinstance(x, str) for x in group):
+            fail(f"qParams.supernodes[{i}] must be a list of strings: [name, node_id, ...]")
+
+
+# ---- writing clusters -------------------------------------------------------------------------
+
+_SAVE_LOCK = threading.Lock()
+
+
+def save_clusters(document: GraphDocument, clusters: list[Cluster]) -> None:
+    """Write `clusters` into the graph file's qParams.supernodes (temporary file + atomic rename).
+
+    Everything else in the file is written back as it was read (`indent=1`); a file that fails
+    to write leaves the original untouched and the temporary file removed."""
+    path = document.path
+    with _SAVE_LOCK:
+        data = document.data
+        previous = data.get("qParams")
+        data["qParams"] = dict(previous or {}, supernodes=to_supernodes(clusters))
+        handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump(data, out, indent=1)
+                out.flush()
+                os.fsync(out.fileno())
+            shutil.copymode(path, scratch)
+            os.replace(scratch, path)
+        except BaseException:
+            Path(scratch).unlink(missing_ok=True)
+            if previous is None:
+                data.pop("qParams")
+            else:
+                data["qParams"] = previous
+            raise
+
+
+# ---- writing a graph --------------------------------------------------------------------------
+
+
+def prune_graph(graph: Graph, node_threshold: float, edge_threshold: float) -> Any:
+    """circuit-tracer's `prune_graph`, imported when first called (readers need no torch);
+    a module-level name, so benchmarks/attribute.py can time it."""
+    from circuit_tracer.graph import prune_graph as prune
+
+    return prune(graph, node_threshold, edge_threshold)
 
 
 def graph_json(
@@ -49,9 +436,7 @@ def graph_json(
     nodes = _nodes(graph, node_mask, cumulative_scores, labels)
     links, connected = _links(graph, nodes, edge_mask)
     used = [
-        node
-        for node in nodes.values()
-        if node["node_id"] in connected or node["feature_type"] in ("embedding", "logit")
+        node for node in nodes.values() if node["node_id"] in connected or node["feature_type"] in (EMBEDDING, LOGIT)
     ]
     meta: dict[str, Any] = {
         "slug": slug,
@@ -71,7 +456,11 @@ def graph_json(
 def _nodes(
     graph: Graph, node_mask: torch.Tensor, scores: torch.Tensor, labels: Mapping[tuple[int, int], str]
 ) -> dict[int, dict[str, Any]]:
-    """Kept nodes by their index in the adjacency matrix (features | errors | tokens | logits)."""
+    """Kept nodes by their index in the adjacency matrix (features | errors | tokens | logits).
+
+    circuit-tracer's `Node` fills the fields; the ids are ours (the same as its, but errors)."""
+    from circuit_tracer.frontend.graph_models import Node
+
     n_features = len(graph.selected_features)
     n_layers = graph.cfg.n_layers
     error_end = n_features + graph.n_pos * n_layers
@@ -85,6 +474,7 @@ def _nodes(
             node = Node.feature_node(
                 layer, pos, feature, influence=influence, activation=float(graph.activation_values[active])
             )
+            node.node_id = feature_node_id(layer, feature, pos)
             node.clerp = labels.get((layer, feature), "")
         elif index < error_end:
             layer, pos = divmod(index - n_features, graph.n_pos)
@@ -93,7 +483,9 @@ def _nodes(
             node.jsNodeId = f"err_{layer}-{pos}"
         elif index < token_end:
             pos = index - error_end
-            node = Node.token_node(pos, int(graph.input_tokens[pos]), influence=influence)
+            token_id = int(graph.input_tokens[pos])
+            node = Node.token_node(pos, token_id, influence=influence)
+            node.node_id = embedding_node_id(token_id, pos)
         else:
             rank = index - token_end
             token, vocab_idx = graph.logit_targets[rank]
@@ -105,6 +497,7 @@ def _nodes(
                 token_prob=float(graph.logit_probabilities[rank]),
                 num_layers=n_layers,
             )
+            node.node_id = logit_node_id(n_layers, vocab_idx, graph.n_pos - 1)
             node.influence = influence
         nodes[index] = node.model_dump()
     return nodes
