@@ -33,6 +33,9 @@ OVERRIDE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 ALIASES = {"finetune.from": "finetune.source"}
 # Flags that stand for an override (`clt autointerp --dry-run` = `dry_run=true`).
 FLAGS = {"--dry-run": "dry_run=true"}
+# Free-text keys: their values are taken as written (commas, quotes, `=`, brackets), not as
+# Hydra grammar; a value already in Hydra quotes ('...' or "...") is left for Hydra to unquote.
+TEXT_KEYS = {"prompt"}
 
 
 def apply_aliases(overrides: list[str]) -> list[str]:
@@ -48,16 +51,44 @@ def apply_aliases(overrides: list[str]) -> list[str]:
     return out
 
 
+def hydra_quote(text: str) -> str:
+    """`text` as a Hydra override value that parses back to exactly the string `text` (always
+    quoted: unquoted, `true` or `12` would become a bool or an int)."""
+    # inside quotes Hydra reads a backslash literally, except in a run before a quote or the end
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text) + "'"
+
+
+def _hydra_quoted(value: str) -> bool:
+    """Whether `value` is one quoted string in Hydra's grammar (`prompt='a, b'` as typed)."""
+    if len(value) < 2 or value[0] not in "'\"" or value[-1] != value[0]:
+        return False
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={value}")
+    except HydraException:
+        return False
+    return isinstance(parsed.value(), str)
+
+
+def quote_text_values(overrides: list[str]) -> list[str]:
+    """`prompt=Romeo, Romeo` -> `prompt='Romeo, Romeo'`: free text reaches the config as typed."""
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+~") in TEXT_KEYS and value != "null" and not _hydra_quoted(value):
+            override = f"{key}={hydra_quote(value)}"
+        out.append(override)
+    return out
+
+
 def serve_positional(overrides: list[str]) -> list[str]:
     """`clt serve GRAPH.json ...`: a first argument that is not KEY=VALUE is the graph."""
     if not overrides or "=" in overrides[0] or overrides[0].startswith(("-", "+", "~")):
         return overrides
-    path = overrides[0]
-    if not all(c.isascii() and (c.isalnum() or c in "_-./:") for c in path):  # quote what Hydra would split
-        # inside quotes Hydra reads a backslash literally, except in a run before a quote or the end
-        path = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", path)
-        path = "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, path) + "'"
-    return [f"graph={path}", *overrides[1:]]
+    return [f"graph={hydra_quote(overrides[0])}", *overrides[1:]]
 
 
 def run_dir_overrides(overrides: list[str]) -> list[str]:
@@ -89,7 +120,7 @@ def run_hydra_stage(
 
     if stage == "serve":
         overrides = serve_positional(overrides)
-    overrides = apply_aliases(overrides)
+    overrides = quote_text_values(apply_aliases(overrides))
     try:
         compose.validate(stage, overrides, multirun)
     except CLTError as err:
@@ -152,9 +183,19 @@ def _make_command(stage: str, summary: str) -> None:
         info: Annotated[
             str | None, typer.Option("--info", help="Hydra information: all, config, defaults, ...")
         ] = None,
+        prompt: Annotated[
+            str | None, typer.Option("--prompt", help="attribute, demo: the text to attribute, taken as written")
+        ] = None,
     ) -> None:
+        extra = [f"prompt={hydra_quote(prompt)}"] if prompt is not None else []
         run_hydra_stage(
-            stage, list(overrides or []), cfg=cfg, resolve=resolve, package=package, multirun=multirun, info=info
+            stage,
+            [*(overrides or []), *extra],
+            cfg=cfg,
+            resolve=resolve,
+            package=package,
+            multirun=multirun,
+            info=info,
         )
 
     command.__doc__ = summary
