@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clt_forge.artifacts import quant
+from clt_forge.artifacts import intcodes
 from clt_forge.artifacts.quant import QUANTIZERS, IntQuantizer, QuantSpec, decode, encode, nmse, register_quantizer
 
 SHAPE = (192, 6, 96)  # tokens, layers, d_model
@@ -100,11 +100,11 @@ def test_int8_row_error_is_at_most_half_a_step(predict):
 def test_packing_round_trip_every_code_and_the_documented_bit_order(bits):
     qmax = (1 << (bits - 1)) - 1
     codes = np.tile(np.arange(-qmax, qmax + 1, dtype=np.int8), 7)[:-1]  # all codes, count not a multiple of 8/bits
-    packed = np.frombuffer(quant._pack(codes, bits), dtype=np.uint8)
+    packed = np.frombuffer(intcodes.pack(codes, bits), dtype=np.uint8)
     assert len(packed) == -(-len(codes) * bits // 8)
-    assert np.array_equal(quant._unpack(memoryview(packed.tobytes()), bits, len(codes)), codes)
+    assert np.array_equal(intcodes.unpack(memoryview(packed.tobytes()), bits, len(codes)), codes)
     first = {4: np.array([-3, 5], np.int8), 2: np.array([-1, 0, 1, 1], np.int8)}[bits]
-    assert bytes(quant._pack(first, bits)) == {4: b"\x5d", 2: b"\x53"}[bits]  # first value in the low bits
+    assert bytes(intcodes.pack(first, bits)) == {4: b"\x5d", 2: b"\x53"}[bits]  # first value in the low bits
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int2"])

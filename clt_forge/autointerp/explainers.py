@@ -7,7 +7,8 @@ An `Explainer` answers chat prompts (prompts.py) in two ways:
   answer is yes (scoring.py counts > 0.5 as yes).
 
 Kinds, one registered class each (`EXPLAINERS`, keyed by `explainer.kind`; a new backend is one
-decorated class):
+class decorated with `@EXPLAINERS.register("name")`, built from the ExplainerConfig, plus
+conf/explainer/<name>.yaml with `kind: name`; `kind: none` means no explainer):
 - local: a Hugging Face model from conf/model (default: the embedded SmolLM2-135M-Instruct),
   offline. Explanations are greedy generations. A 135M model cannot answer yes/no questions: on
   10 hand-made (explanation, firing text, silent text) triples, P(yes) from the yes/no logits put
@@ -37,12 +38,20 @@ from typing import Any
 from urllib.parse import urlparse
 
 from clt_forge.autointerp.prompts import split_detection_question
-from clt_forge.config.schema import ExplainerConfig, ExplainerKind
+from clt_forge.config.schema import ExplainerConfig
 from clt_forge.errors import CLTError
 from clt_forge.registry import Registry
 from clt_forge.threads import torch_threads
 
-__all__ = ["EXPLAINERS", "PMI_MARGIN", "Explainer", "LocalExplainer", "OpenAIExplainer", "make_explainer"]
+__all__ = [
+    "EXPLAINERS",
+    "NO_EXPLAINER",
+    "PMI_MARGIN",
+    "Explainer",
+    "LocalExplainer",
+    "OpenAIExplainer",
+    "make_explainer",
+]
 
 Messages = Sequence[dict[str, str]]
 
@@ -76,23 +85,21 @@ class Explainer(ABC):
         self.close()
 
 
-EXPLAINERS: Registry[ExplainerKind, Callable[[ExplainerConfig], Explainer]] = Registry()
+NO_EXPLAINER = "none"  # explainer.kind=none: statistics and examples only
+EXPLAINERS: Registry[Callable[[ExplainerConfig], Explainer]] = Registry("explainer.kind", extra=(NO_EXPLAINER,))
 
 
 def make_explainer(cfg: ExplainerConfig) -> Explainer | None:
     """The explainer `cfg` describes; None for kind none (statistics only)."""
-    kind = ExplainerKind(cfg.kind)
-    if kind is ExplainerKind.none:
+    if cfg.kind == NO_EXPLAINER:
         return None
-    if kind not in EXPLAINERS:
-        raise CLTError(f"explainer.kind={kind.value} has no implementation; known: {', '.join(EXPLAINERS)}.")
-    return EXPLAINERS[kind](cfg)
+    return EXPLAINERS.lookup(cfg.kind)(cfg)
 
 
 # ---- local -------------------------------------------------------------------------------------
 
 
-@EXPLAINERS.register(ExplainerKind.local)
+@EXPLAINERS.register("local")
 class LocalExplainer(Explainer):
     """A local Hugging Face causal LM (the model config named `cfg.model`), run with torch.
 
@@ -231,7 +238,7 @@ RETRY_STATUS = {408, 409, 429}  # and every 5xx
 MAX_BACKOFF_S = 30.0
 
 
-@EXPLAINERS.register(ExplainerKind.openai)
+@EXPLAINERS.register("openai")
 class OpenAIExplainer(Explainer):
     """Chat completions from an OpenAI-compatible endpoint at `cfg.base_url`.
 

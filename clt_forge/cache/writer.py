@@ -40,25 +40,11 @@ from clt_forge.artifacts.activations import (
 from clt_forge.artifacts.quant import QuantSpec
 from clt_forge.artifacts.stats import KINDS, RunningStats
 from clt_forge.config.plain import plain
-from clt_forge.config.schema import CacheConfig, EncodeMode, QuantConfig
+from clt_forge.config.schema import CacheConfig, EncodeMode
 from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names, window_activations
 from clt_forge.threads import torch_threads
-
-
-def quant_spec(cfg: QuantConfig) -> QuantSpec:
-    return QuantSpec(
-        scheme=cfg.scheme.value,
-        granularity=cfg.granularity.value,
-        group_size=cfg.group_size,
-        outlier_fraction=cfg.outlier_fraction,
-        predict=cfg.predict,
-        scale_rule=cfg.scale_rule.value,
-        dtype=cfg.dtype.value,
-        zstd_level=cfg.zstd_level,
-        zstd_threads=cfg.zstd_threads,
-    )
 
 
 @dataclasses.dataclass
@@ -93,7 +79,7 @@ class Plan:
             model=cfg.model.name,
             model_id=model_id(cfg),
             split=split,
-            quant=dataclasses.asdict(quant_spec(cfg.quant)),
+            quant=plain(cfg.quant),  # the QuantSpec's fields, in order, as JSON values
             data=plain(cfg.data),
             context_size=cfg.data.context_size,
             prepend_bos=cfg.data.prepend_bos,

@@ -1,29 +1,31 @@
-"""Configuration: typed schemas (schema.py) and Hydra composition/validation (compose.py)."""
+"""Configuration: typed schemas (schema.py, schedules.py) and Hydra composition/validation (compose.py)."""
 
+from clt_forge.artifacts.quant_spec import QuantSpec
+from clt_forge.config.schedules import SparsityConfig
 from clt_forge.config.schema import (
     AttributeConfig,
+    AttributionSettings,
     AutointerpConfig,
     CacheConfig,
     CLTConfig,
     DataConfig,
     LoggerConfig,
     ModelConfig,
-    QuantConfig,
     ServeConfig,
     ShardingConfig,
-    SparsityConfig,
     TrainConfig,
 )
 
 __all__ = [
     "AttributeConfig",
+    "AttributionSettings",
     "AutointerpConfig",
     "CLTConfig",
     "CacheConfig",
     "DataConfig",
     "LoggerConfig",
     "ModelConfig",
-    "QuantConfig",
+    "QuantSpec",
     "ServeConfig",
     "ShardingConfig",
     "SparsityConfig",

@@ -3,15 +3,19 @@
 Validation composes every job of the request with Hydra's compose API first, so a wrong
 group option, unknown key or badly typed value stops the command at start-up with one
 paragraph naming the key and what is allowed, instead of a traceback deep inside a run.
+Values that name a registry entry (quant.scheme, sparsity.schedule, optim.lr_schedule,
+model.source, explainer.kind, ...) are checked against every registry loaded in the process
+(clt_forge.registry.CHOICES); validation loads those of the layers below the stages itself.
+
+Extra config folders (`add_config_dir`) are searched after conf/, so a project or a test adds a
+group option (conf/<group>/<name>.yaml) without touching the package.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import typing
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -21,45 +25,51 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clt_forge.config.files import EXTRA_CONF_DIRS, GROUPS, add_config_dir, all_groups, conf_dir, group_options
+from clt_forge.config.schedules import SPARSITY_SCHEDULES
 from clt_forge.config.schema import STAGE_SCHEMAS
-from clt_forge.errors import ConfigError
+from clt_forge.errors import CLTError, ConfigError
+from clt_forge.registry import CHOICES
 
-GROUPS = ("model", "data", "quant", "sharding", "sparsity", "clt", "logger", "explainer")
+__all__ = [  # where config files are (files.py) is part of this module's API
+    "GROUPS",
+    "add_config_dir",
+    "all_groups",
+    "compose_stage",
+    "conf_dir",
+    "group_options",
+    "load_config",
+    "validate",
+]
+
 MAX_VALIDATED_JOBS = 256
 
 
-@functools.cache
-def conf_dir() -> Path:
-    """conf/ inside the installed package (wheel) or beside it (source checkout)."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "pipeline.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"clt-forge's conf/ folder is missing (looked in {here} and {here.parent})")
-
-
-@functools.cache
 def register_schemas() -> None:
+    """Store the stage schemas, and each sparsity schedule's class as `sparsity/schema_<name>` (the
+    schema its YAML lists in its defaults). Cheap, so it runs before every composition: a schedule
+    registered at any time is found."""
     store = ConfigStore.instance()
     for stage, schema in STAGE_SCHEMAS.items():
         store.store(name=f"{stage}_schema", node=schema)
+    for name, schedule in SPARSITY_SCHEDULES.items():
+        store.store(group="sparsity", name=f"schema_{name}", node=schedule)
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group: the YAML files in conf/<group>/ (plus Hydra's own)."""
-    options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-    if group == "hydra/launcher":
-        options = sorted({*options, "basic"})
-    return options
-
-
-def all_groups() -> dict[str, list[str]]:
-    return {group: group_options(group) for group in (*GROUPS, "hydra/launcher")}
+def load_choices() -> None:
+    """Import the modules of the layers below the stages that register built-in choices (the
+    quantizers, the model sources, the text sources), so validation knows their names."""
+    import clt_forge.artifacts.quant
+    import clt_forge.data.text
+    import clt_forge.models  # noqa: F401
 
 
 def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
     """The composed job config of one stage (no Hydra run, no side effects)."""
     register_schemas()
+    if EXTRA_CONF_DIRS:
+        searchpath = ",".join(f"file://{folder}" for folder in EXTRA_CONF_DIRS)
+        overrides = [*overrides, f"hydra.searchpath=[{searchpath}]"]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=stage):
         return compose(config_name=stage, overrides=overrides)
 
@@ -90,15 +100,34 @@ def validate(stage: str, overrides: list[str], multirun: bool = False) -> int:
         jobs = split_jobs(overrides, multirun)
     except HydraException as err:
         raise ConfigError(f"clt {stage}: cannot parse the overrides {overrides}: {err}") from None
+    load_choices()
     for job in jobs[:MAX_VALIDATED_JOBS]:
         try:
             cfg = compose_stage(stage, job)
-            OmegaConf.to_object(cfg)  # checks every typed field, MISSING values included
         except MissingConfigException as err:
             raise ConfigError(_missing_option_message(stage, err)) from None
         except (HydraException, OmegaConfBaseException) as err:
             raise ConfigError(_value_message(stage, job, err)) from None
+        check_choices(stage, cfg, job)
+        try:
+            OmegaConf.to_object(cfg)  # checks every typed field, MISSING values included
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(_value_message(stage, job, err)) from None
+        except (ValueError, CLTError) as err:  # a schema's own check (__post_init__)
+            raise ConfigError(f"clt {stage}: invalid configuration: {err}. {_given(job)}") from None
     return len(jobs)
+
+
+def check_choices(stage: str, cfg: DictConfig, job: list[str]) -> None:
+    """Every value naming a registry entry names a registered one (registries loaded so far)."""
+    for key, registry in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and str(value) not in registry.allowed():
+            raise ConfigError(f"clt {stage}: {registry.message(value)}. {_given(job)}")
+
+
+def _given(job: list[str]) -> str:
+    return f"Overrides given: {' '.join(job) or '(none)'}."
 
 
 def _missing_option_message(stage: str, err: MissingConfigException) -> str:
@@ -111,7 +140,8 @@ def _missing_option_message(stage: str, err: MissingConfigException) -> str:
     return (
         f"clt {stage}: unknown {group} '{value}'. "
         f"Allowed values for {group}: {allowed}. "
-        f"Each is a file in {conf_dir() / group}; add one there to define a new {group}."
+        f"Each is a file in {conf_dir() / group}; add one there (or in a folder given to add_config_dir) "
+        f"to define a new {group}."
     )
 
 
@@ -119,10 +149,11 @@ def _value_message(stage: str, job: list[str], err: Exception) -> str:
     cause: Any = err.__cause__ if err.__cause__ is not None else err
     key = getattr(cause, "full_key", None) or _key_from_text(str(cause))
     detail = getattr(cause, "msg", None) or str(cause)
-    detail = detail.split("\n")[0].strip()
+    lines = [line.strip() for line in detail.split("\n") if line.strip()] or [""]
+    detail = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # Hydra's "... composing config:"
     hint = _allowed_keys_hint(stage, key) if "not in" in detail or "not in struct" in detail else ""
     where = f" (key '{key}')" if key else ""
-    return f"clt {stage}: invalid configuration{where}: {detail}.{hint} Overrides given: {' '.join(job) or '(none)'}."
+    return f"clt {stage}: invalid configuration{where}: {detail}.{hint} {_given(job)}"
 
 
 def _key_from_text(text: str) -> str | None:

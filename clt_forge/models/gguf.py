@@ -14,15 +14,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformer_lens import HookedTransformer
-
-from clt_forge.config.schema import ModelConfig, ModelSource
+from clt_forge.config.schema import ModelConfig
 from clt_forge.errors import CLTError
-from clt_forge.models.llama import hooked_from_llama
 from clt_forge.models.loading import register_loader, torch_dtype
 from clt_forge.paths import cache_root
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 # The GGUF tokenizer reports eos as <|im_start|>; SmolLM2's real end-of-turn token is <|im_end|>.
 EOS_FIXES = {"smollm2_135m": "<|im_end|>"}
@@ -89,8 +89,10 @@ def load_hf(cfg: ModelConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-@register_loader(ModelSource.gguf)
+@register_loader("gguf")
 def load_gguf(cfg: ModelConfig) -> HookedTransformer:
+    from clt_forge.models.llama import hooked_from_llama
+
     hf_model, tokenizer = load_hf(cfg)
     return hooked_from_llama(
         hf_model, tokenizer, name=cfg.name, dtype=torch_dtype(cfg), device=cfg.device, n_ctx=cfg.n_ctx

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from transformer_lens import HookedTransformer
+from typing import TYPE_CHECKING
 
-from clt_forge.config.schema import ModelConfig, ModelSource
+from clt_forge.config.schema import ModelConfig
 from clt_forge.errors import CLTError
 from clt_forge.models.loading import register_loader, torch_dtype
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
-@register_loader(ModelSource.transformer_lens)
+
+@register_loader("transformer_lens")
 def load_transformer_lens(cfg: ModelConfig) -> HookedTransformer:
+    import transformer_lens
+
     if not cfg.hf_name:
         raise CLTError(
             f"model '{cfg.name}': source transformer_lens needs model.hf_name (a TransformerLens model name)."
         )
     try:
-        return HookedTransformer.from_pretrained(
+        return transformer_lens.HookedTransformer.from_pretrained(
             cfg.hf_name,
             fold_ln=False,
             center_writing_weights=False,

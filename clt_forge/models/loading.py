@@ -1,24 +1,28 @@
 """`load_model`: one entry point over a registry of loaders, one per `model.source`.
 
-A new kind of model is one function registered with `@register_loader(ModelSource.x)`
-returning a HookedTransformer built with fold_ln=False (so the MLP input we read is the
-exact tensor the MLP sees, and the same one circuit-tracer's ReplacementModel hooks).
+A new kind of model is one function registered with `@register_loader("name")` (selected by
+`model.source: name` in conf/model/<model>.yaml) returning a HookedTransformer built with
+fold_ln=False (so the MLP input we read is the exact tensor the MLP sees, and the same one
+circuit-tracer's ReplacementModel hooks). The built-in sources register when the package
+`clt_forge.models` is imported (its __init__ imports gguf, hub and tiny); this module imports
+none of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformer_lens import HookedTransformer
-
-from clt_forge.config.schema import ModelConfig, ModelSource
+from clt_forge.config.schema import ModelConfig
 from clt_forge.errors import CLTError
 from clt_forge.registry import Registry
 
-Loader = Callable[[ModelConfig], HookedTransformer]
-MODEL_LOADERS: Registry[ModelSource, Loader] = Registry()
+if TYPE_CHECKING:
+    import torch
+    from transformer_lens import HookedTransformer
+
+Loader = Callable[[ModelConfig], "HookedTransformer"]
+MODEL_LOADERS: Registry[Loader] = Registry("model.source")
 register_loader = MODEL_LOADERS.register
 
 
@@ -26,12 +30,13 @@ def model_config(name: str, **overrides: object) -> ModelConfig:
     """The ModelConfig of a configured model (conf/model/<name>.yaml), with overrides."""
     from omegaconf import OmegaConf
 
-    from clt_forge.config.compose import conf_dir, group_options
+    from clt_forge.config.files import conf_dir, group_options, option_file
 
-    path = conf_dir() / "model" / f"{name}.yaml"
-    if not path.is_file():
+    path = option_file("model", name)
+    if path is None:
         raise CLTError(
-            f"unknown model '{name}'. Configured models: {', '.join(group_options('model'))} (files in {path.parent})."
+            f"unknown model '{name}'. Configured models: {', '.join(group_options('model'))} "
+            f"(files in {conf_dir() / 'model'})."
         )
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), overrides)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -48,16 +53,15 @@ def recorded_model_config(recorded: Mapping[str, Any]) -> ModelConfig:
 def load_model(model: str | ModelConfig = "smollm2_135m", **overrides: object) -> HookedTransformer:
     """The paper's `load_model`: a configured model by name (or a ModelConfig) as a HookedTransformer."""
     cfg = model if isinstance(model, ModelConfig) else model_config(model, **overrides)
-    # Importing the loader modules registers them.
-    from clt_forge.models import gguf, hub, tiny  # noqa: F401
-
-    model_out = MODEL_LOADERS[cfg.source](cfg)
+    model_out = MODEL_LOADERS.lookup(cfg.source)(cfg)
     _check_shape(cfg, model_out)
     model_out.eval()
     return model_out
 
 
 def torch_dtype(cfg: ModelConfig) -> torch.dtype:
+    import torch
+
     return getattr(torch, cfg.dtype.value)
 
 

@@ -11,15 +11,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformer_lens import HookedTransformer
-
-from clt_forge.config.schema import ModelConfig, ModelSource
-from clt_forge.models.llama import hooked_from_llama
+from clt_forge.config.schema import ModelConfig
 from clt_forge.models.loading import register_loader, torch_dtype
 from clt_forge.paths import cache_root
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>", "<unk>"]
 
@@ -72,9 +71,12 @@ def _byte_of_char(char: str) -> int:
     return others[code - 256]
 
 
-@register_loader(ModelSource.tiny)
+@register_loader("tiny")
 def load_tiny(cfg: ModelConfig) -> HookedTransformer:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clt_forge.models.llama import hooked_from_llama
 
     torch.manual_seed(cfg.seed)
     hf_config = LlamaConfig(
