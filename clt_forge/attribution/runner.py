@@ -30,24 +30,11 @@ from clt_forge.artifacts.graph import graph_json
 from clt_forge.attribution.convert import to_circuit_tracer
 from clt_forge.attribution.interventions import FeatureEdit, InterventionResult, intervene
 from clt_forge.attribution.replacement import replacement_model
+from clt_forge.config.schema import AttributionSettings  # the settings `clt attribute` composes too
 from clt_forge.errors import CLTError
 from clt_forge.models.loading import load_model, model_config, recorded_model_config
 
 __all__ = ["AttributionResult", "AttributionRunner", "AttributionSettings", "slugify"]
-
-
-@dataclass
-class AttributionSettings:
-    """circuit-tracer's `attribute` options and the pruning thresholds."""
-
-    max_n_logits: int = 10  # at most this many output logits become targets
-    desired_logit_prob: float = 0.95  # ... or fewer, once they cover this probability
-    batch_size: int = 256  # backward passes per batch
-    max_feature_nodes: int | None = 2048  # features attributed (by influence); None: all
-    offload: str | None = None  # None | "cpu" | "disk": park model parts while attributing
-    node_threshold: float = 0.8  # keep nodes carrying this share of the influence
-    edge_threshold: float = 0.98  # keep edges carrying this share of the influence
-    verbose: bool = True  # progress bar and timings
 
 
 @dataclass

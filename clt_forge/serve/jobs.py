@@ -177,7 +177,8 @@ def _alive(pid: int) -> bool:
 
 
 def _load_runner(checkpoint: str) -> Any:
-    from clt_forge.attribution.runner import AttributionRunner, AttributionSettings
+    from clt_forge.attribution.runner import AttributionRunner
+    from clt_forge.config.schema import AttributionSettings
 
     return AttributionRunner(checkpoint, settings=AttributionSettings(verbose=False))
 

@@ -11,7 +11,7 @@ import gc
 from pathlib import Path
 
 from clt_forge.attribution.convert import export_circuit_tracer
-from clt_forge.attribution.runner import AttributionRunner, AttributionSettings, slugify
+from clt_forge.attribution.runner import AttributionRunner, slugify
 from clt_forge.config.schema import AttributeConfig
 from clt_forge.errors import CLTError
 from clt_forge.runs import setup
@@ -28,17 +28,9 @@ def run(cfg: AttributeConfig) -> Path:
     if not prompts:
         return out
     labels = _labels(cfg.features)
-    settings = AttributionSettings(
-        max_n_logits=cfg.max_n_logits,
-        desired_logit_prob=cfg.desired_logit_prob,
-        batch_size=cfg.batch_size,
-        max_feature_nodes=cfg.max_feature_nodes,
-        offload=cfg.offload.value if cfg.offload else None,
-        node_threshold=cfg.node_threshold,
-        edge_threshold=cfg.edge_threshold,
-    )
+    # AttributeConfig is an AttributionSettings: the runner reads its settings from it directly
     runner = AttributionRunner(
-        cfg.checkpoint, device=cfg.device, labels=labels, features_path=cfg.features, settings=settings
+        cfg.checkpoint, device=cfg.device, labels=labels, features_path=cfg.features, settings=cfg
     )
     slugs = _slugs(cfg, prompts)
     for prompt, slug in zip(prompts, slugs, strict=True):
