@@ -209,6 +209,7 @@ class TrainConfig(PipelineConfig):
     batch_size: int = 1024  # tokens per optimizer step (the global batch, over all ranks)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: Precision = Precision.fp32
+    grad_scale_init: float = 65536.0  # fp16: initial loss scale; an overflowing step is skipped and halves it
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu; or cpu / cuda
     log_every: int = 10  # steps between training-metric lines
     eval_every: int = 100  # steps between held-out evaluations

@@ -99,6 +99,11 @@ class Parallel:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
+    def grad_scaler(self, enabled: bool, init_scale: float) -> torch.amp.GradScaler:
+        """The fp16 loss scaler: the trainer unscales before `clip_grad_norm`, so the clip sees
+        true gradients; an inf/NaN gradient skips the optimizer step and lowers the scale."""
+        return torch.amp.GradScaler(self.device.type, init_scale=init_scale, enabled=enabled)
+
     def fired(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(which of this rank's features fired anywhere in the step's global batch, its tokens)."""
         return (features != 0).any(0), features.shape[0]
@@ -173,6 +178,14 @@ class _Distributed(Parallel):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def grad_scaler(self, enabled: bool, init_scale: float) -> torch.amp.GradScaler:
+        """A rank holds a slice of the gradients (feature, fsdp) or a copy (ddp): the scaler
+        sums its inf/NaN findings over ranks, so every rank skips the same steps and keeps
+        the same scale."""
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(self.device.type, init_scale=init_scale, enabled=enabled)
 
     def _mean(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         stacked = torch.stack([v.detach().float() for v in values])

@@ -1,9 +1,11 @@
 """`CLTTrainingRunner(cfg).run()`: train a CLT on an activation dataset (or on the fly).
 
-The loop reads top to bottom: batch -> normalise -> forward -> loss -> backward -> clip ->
-Adam -> schedules; held-out evaluation, checkpoints and L0-target saves around it. Everything
-that decides a step's result (weights, Adam state, step, data position, RNG) is in the
-resumable checkpoint, so `resume=<run dir>` continues the same loss curve.
+The loop reads top to bottom: batch -> normalise -> forward -> loss -> backward -> unscale ->
+clip -> Adam -> schedules; held-out evaluation, checkpoints and L0-target saves around it.
+Everything that decides a step's result (weights, Adam state, loss scale, step, data position,
+RNG) is in the resumable checkpoint (clt_forge/training/resume.py), so `resume=<run dir>`
+continues the same loss curve, and `resume=<run dir> tokens=<more>` trains a finished run longer.
+What the run needs before its first step is built in clt_forge/training/build.py.
 
 Under torchrun the same loop runs on every rank; `sharding=` (clt_forge/distributed/parallel.py)
 decides what a rank holds and reads and how its terms are reduced. Rank 0 alone writes logs,
@@ -24,32 +26,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from clt_forge.artifacts.activations import HELD_OUT, read_manifest
-from clt_forge.artifacts.checkpoint import (
-    STATE_STEM,
-    TRAINING_STATE,
-    WEIGHTS_STEM,
-    CheckpointInfo,
-    load_checkpoint,
-    read_info,
-    read_tensors,
-)
-from clt_forge.artifacts.normalization import Normalization
-from clt_forge.artifacts.reader import ActivationBatch, check_compatible
-from clt_forge.clt import CrossLayerTranscoder, init_clt, init_encoder_bias
+from clt_forge.artifacts.checkpoint import CheckpointInfo
+from clt_forge.artifacts.reader import ActivationBatch
+from clt_forge.clt import init_encoder_bias
 from clt_forge.config.plain import plain
-from clt_forge.config.schema import DataSource, Precision, TrainConfig
-from clt_forge.data.store import ActivationsStore
+from clt_forge.config.schema import Precision, TrainConfig
 from clt_forge.distributed.parallel import Parallel, start_parallel
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names
+from clt_forge.progress import progress_bar
 from clt_forge.runs import setup
+from clt_forge.training.build import (
+    RUN_CONFIG,
+    HeldOut,
+    build_clt,
+    check_resume,
+    normalization,
+    read_run_config,
+    training_data,
+)
 from clt_forge.training.metrics import DeadFeatures, MetricsLog, evaluate
+from clt_forge.training.resume import (
+    Resumed,
+    latest_checkpoint,
+    load_optimizer_state,
+    restore,
+    schedule_note,
+    training_state,
+)
 from clt_forge.training.schedules import l0_coefficient, lr_multiplier
 
-RUN_CONFIG = "train_config.json"
+__all__ = ["CLTTrainingRunner", "latest_checkpoint", "read_run_config", "start_parallel"]
 
 
 @dataclasses.dataclass
@@ -58,16 +66,10 @@ class StepResult:
     mse: float
     sparsity: float
     dead: float
-    grad_norm: float
+    grad_norm: float  # of the true (unscaled) gradients, before clipping
     l0_mean: float
-
-
-def read_run_config(run: Path) -> dict[str, Any]:
-    """The resolved config a `clt train` run recorded (what resume= continues with)."""
-    path = run / RUN_CONFIG
-    if not path.is_file():
-        raise CLTError(f"resume={run}: no {RUN_CONFIG} there; is it a `clt train` run folder?")
-    return json.loads(path.read_text())
+    grad_scale: float  # the fp16 loss scale this step used (1.0 without one)
+    skipped: bool  # fp16: the gradients overflowed, so the optimizer did not step
 
 
 class CLTTrainingRunner:
@@ -75,7 +77,7 @@ class CLTTrainingRunner:
         self.cfg = cfg
         self.d_features = cfg.clt.d_features or round(cfg.clt.expansion_factor * cfg.model.d_model)
         self.parallel: Parallel
-        self.adam_step = 0.0
+        self.resumed: Resumed | None = None
 
     # -- set-up -----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -108,27 +110,26 @@ class CLTTrainingRunner:
         out = parallel.broadcast_object(out)  # rank 0's folder: each process has its own Hydra run dir
         if cfg.resume:
             setup(dataclasses.replace(cfg, out=str(out)))
-            self._check_resume(out)
+            check_resume(cfg, out)
         if parallel.main:
             (out / RUN_CONFIG).write_text(json.dumps(plain(cfg), indent=1))
         self.out = out
         self.total_steps = max(1, cfg.tokens // cfg.batch_size)
-        store, (x_eval, y_eval, eval_source) = self._data()
-        self.store = store
-        self.normalization = self._normalization(store)
+        self.store, held_out = training_data(cfg, parallel)
+        self.normalization = normalization(cfg, parallel, self.store)
         self.build_model()
         self.log = MetricsLog(out / "metrics.jsonl", cfg.logger, plain(cfg)) if parallel.main else NullLog()
         self.l0_saved: list[float] = []
-        start_step, moments = self._restore(store) if cfg.resume else (0, {})
+        start_step = self._restore() if cfg.resume else 0
         if start_step == 0:
             self.log.truncate_after(-1)
-        batches: Iterator[ActivationBatch] = iter(store)
+        batches: Iterator[ActivationBatch] = iter(self.store)
         first = next(batches)
         if start_step == 0 and not cfg.finetune.source:
             self.init_encoder_bias(self.normalization.inputs(first.mlp_in.to(parallel.device)))
-        self.prepare(moments)
+        self.prepare()
         try:
-            self._train(itertools.chain([first], batches), start_step, x_eval, y_eval, eval_source)
+            self._train(itertools.chain([first], batches), start_step, held_out)
         finally:
             self.log.close()
         if parallel.main:
@@ -141,7 +142,9 @@ class CLTTrainingRunner:
     def build_model(self) -> None:
         """This rank's CLT (seeded init) and dead-feature counters; `prepare` wraps it afterwards."""
         self.features = self.parallel.features(self.d_features)
-        self.clt = self._model()
+        self.clt, pretrained_normalization = build_clt(self.cfg, self.parallel, self.features, self.d_features)
+        if pretrained_normalization is not None:  # finetuning keeps the units the CLT was trained in
+            self.normalization = pretrained_normalization
         self.dead = DeadFeatures(
             self.cfg.model.n_layers, self.features.stop - self.features.start, self.cfg.dead_window_tokens
         )
@@ -154,8 +157,9 @@ class CLTTrainingRunner:
             self.clt, x, self.cfg.clt.init_l0, generator, features=self.features, d_features=self.d_features
         )
 
-    def prepare(self, moments: dict[str, torch.Tensor] | None = None) -> None:
-        """Wrap the CLT for its sharding mode and make the optimizer (with resumed Adam moments)."""
+    def prepare(self) -> None:
+        """Wrap the CLT for its sharding mode, make the optimizer and the fp16 loss scaler (with
+        the resumed state, if any)."""
         cfg = self.cfg
         self.module = self.parallel.wrap(self.clt)
         self.optimizer = torch.optim.Adam(
@@ -164,116 +168,20 @@ class CLTTrainingRunner:
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             fused=True,  # one kernel over all parameters: ~5x faster than foreach on CPU (benchmarks/train_step.py)
         )
-        if moments:
-            self._load_moments(moments)
-
-    def _check_resume(self, out: Path) -> None:
-        before = read_run_config(out)
-        now = plain(self.cfg)
-        keys = [("clt", k) for k in now["clt"]] + [("model", "name"), ("model", "d_model"), ("model", "n_layers")]
-        diffs = [f"{a}.{b}: {before[a][b]!r} -> {now[a][b]!r}" for a, b in keys if before[a][b] != now[a][b]]
-        if diffs:
-            raise CLTError(
-                f"resume={out}: the architecture changed ({'; '.join(diffs)}); resume with the original settings."
-            )
-
-    def _data(self) -> tuple[ActivationsStore, tuple[torch.Tensor, torch.Tensor, str]]:
-        """The training batches and a fixed held-out evaluation set (x, y, where it came from)."""
-        cfg, parallel = self.cfg, self.parallel
-        if parallel.world > 1 and (cfg.data.source is DataSource.model or not cfg.activations):
-            raise CLTError(
-                f"sharding={parallel.mode.value} on {parallel.world} ranks trains from a cached dataset: "
-                "pass activations=PATH (write one with `clt cache`)."
-            )
-        if cfg.data.source is DataSource.model or not cfg.activations:
-            if not cfg.activations:
-                print("note: no activations=PATH given; running the model on the fly (data.source=model).")
-            from clt_forge.models import load_model
-
-            model = load_model(cfg.model)
-            text = dataclasses.replace(cfg.data, source=DataSource.files if cfg.data.path else DataSource.bundled)
-            store = ActivationsStore.from_model(
-                model, text, cfg.batch_size, seed=cfg.seed, windows_per_forward=cfg.windows_per_forward
-            )
-            held = ActivationsStore.from_model(
-                model,
-                text,
-                cfg.eval_tokens,
-                split="held_out",
-                seed=cfg.seed,
-                windows_per_forward=cfg.windows_per_forward,
-            )
-            batch = next(iter(held))
-            return store, (batch.mlp_in, batch.mlp_out, "held-out documents (on the fly)")
-        folder = Path(cfg.activations)
-        manifest = read_manifest(folder)
-        check_compatible(manifest, folder, model=cfg.model.name, n_layers=cfg.model.n_layers, d_model=cfg.model.d_model)
-        store = ActivationsStore.from_cache(
-            folder,
-            parallel.local_batch_size(cfg.batch_size),
-            seed=cfg.seed,
-            rank=parallel.data_rank,
-            world_size=parallel.data_world,
-            shuffle_chunks=cfg.reader.shuffle_chunks,
-            prefetch_groups=cfg.reader.prefetch_groups,
-            workers=cfg.reader.workers,
-            skip_corrupt=cfg.reader.skip_corrupt,
-        )
-        if (folder / HELD_OUT / "manifest.json").is_file():
-            held_manifest = read_manifest(folder / HELD_OUT)
-            n = min(cfg.eval_tokens, held_manifest.n_tokens)
-            batch = next(iter(ActivationsStore.from_cache(folder / HELD_OUT, n, seed=cfg.seed)))
-            return store, (batch.mlp_in, batch.mlp_out, str(folder / HELD_OUT))
-        print(f"note: {folder} has no held_out/ dataset; evaluating on a fixed batch of training tokens.")
-        batch = next(iter(ActivationsStore.from_cache(folder, cfg.eval_tokens, seed=cfg.seed + 1)))
-        return store, (batch.mlp_in, batch.mlp_out, "training tokens (no held-out dataset)")
-
-    def _normalization(self, store: ActivationsStore) -> Normalization:
-        if store.reader is not None and store.reader.manifest.stats:
-            return Normalization.from_manifest(store.reader.manifest)
-        if self.parallel.world > 1:
-            raise CLTError(f"{self.cfg.activations}: its manifest has no normalisation statistics (needed on >1 rank).")
-        batches = iter(store)
-        return Normalization.estimate(next(batches) for _ in range(self.cfg.norm_batches))
-
-    def _model(self) -> CrossLayerTranscoder:
-        """This rank's CLT (all features, or its slice under feature sharding), seeded init."""
-        cfg, device = self.cfg, self.parallel.device
-        if cfg.finetune.source:
-            from clt_forge.training.lora import add_lora
-
-            if self.parallel.world > 1:
-                raise CLTError("finetune.from runs in one process (sharding=single); LoRA adapters are small.")
-            clt, self.normalization, _ = load_checkpoint(cfg.finetune.source, device=device)
-            add_lora(clt, cfg.finetune.rank)
-            return clt
-        clt = CrossLayerTranscoder(
-            cfg.model.n_layers,
-            cfg.model.d_model,
-            self.features.stop - self.features.start,
-            bandwidth=cfg.clt.jumprelu_bandwidth,
-            device=device,
-            init=False,
-        )
-        init_clt(clt, cfg.clt.jumprelu_threshold, seed=cfg.seed, features=self.features, d_features=self.d_features)
-        return clt
+        self.scaler = self.parallel.grad_scaler(cfg.precision is Precision.fp16, cfg.grad_scale_init)
+        if self.resumed is not None:
+            load_optimizer_state(self.optimizer, self.scaler, self.clt, self.resumed, self.parallel.device)
 
     # -- the loop ---------------------------------------------------------------------------
-    def _train(
-        self,
-        batches: Iterator[ActivationBatch],
-        start_step: int,
-        x_eval: torch.Tensor,
-        y_eval: torch.Tensor,
-        eval_source: str,
-    ) -> None:
+    def _train(self, batches: Iterator[ActivationBatch], start_step: int, held_out: HeldOut) -> None:
         cfg, device = self.cfg, self.parallel.device
-        x_eval = self.normalization.inputs(x_eval.to(device))
-        y_eval = self.normalization.outputs(y_eval.to(device))
-        bar = tqdm(
-            total=self.total_steps,
-            initial=start_step,
-            unit="step",
+        x_eval = self.normalization.inputs(held_out.x.to(device))
+        y_eval = self.normalization.outputs(held_out.y.to(device))
+        bar = progress_bar(
+            total=self.total_steps * cfg.batch_size,
+            initial=start_step * cfg.batch_size,
+            unit="tok",
+            unit_scale=True,
             desc="clt train",
             disable=None if self.parallel.main else True,
         )
@@ -285,7 +193,8 @@ class CLTTrainingRunner:
             y = self.normalization.outputs(batch.mlp_out.to(device, non_blocking=True))
             result = self.train_step(step, x, y)
             tokens = (step + 1) * cfg.batch_size
-            if step % cfg.log_every == 0 or step == self.total_steps - 1:
+            last = step == self.total_steps - 1
+            if step % cfg.log_every == 0 or last or result.skipped:
                 speed = (tokens - tokens_at_start) / (time.perf_counter() - started)
                 self.log.write(
                     {
@@ -299,9 +208,8 @@ class CLTTrainingRunner:
                     }
                 )
                 bar.set_postfix(loss=f"{result.loss:.3g}", l0=f"{result.l0_mean:.1f}", tok_s=f"{speed:.0f}")
-            last = step == self.total_steps - 1
             if step % cfg.eval_every == 0 or last:
-                metrics = self._evaluate(step, tokens, x_eval, y_eval, eval_source)
+                metrics = self._evaluate(step, tokens, x_eval, y_eval, held_out.source)
                 bar.set_postfix(
                     loss=f"{result.loss:.3g}", l0=f"{metrics['l0_mean']:.1f}", ev=f"{metrics['ev_mean']:.3f}"
                 )
@@ -309,13 +217,13 @@ class CLTTrainingRunner:
                     break
             if (step + 1) % cfg.checkpoint_every == 0 and not last:
                 self._save_resumable(step + 1)
-            bar.update(1)
+            bar.update(cfg.batch_size)
         bar.close()
         self._save("final", self.total_steps if not cfg.optimal_l0 else step + 1, training_state=True)
 
     def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One optimizer step on this rank's share (x, y) of the global batch (normalised units)."""
-        cfg, parallel = self.cfg, self.parallel
+        cfg, parallel, scaler = self.cfg, self.parallel, self.scaler
         lambda0 = l0_coefficient(step, self.total_steps, cfg.sparsity)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * lr_multiplier(step, self.total_steps, cfg.optim)
@@ -324,18 +232,21 @@ class CLTTrainingRunner:
             terms, logged = parallel.loss(
                 self.clt, output, y, lambda0, c=cfg.sparsity.c, dead=cfg.sparsity.dead_coefficient
             )
-        for name in ("mse", "sparsity", "dead", "total"):
+        for name in ("mse", "sparsity", "dead", "total"):  # a forward overflow: no loss scale fixes it
             value = getattr(logged, name)
             if not torch.isfinite(value):
                 raise CLTError(f"step {step}: the {name} loss term is {value.item()}; stopped. {self._last_good()}")
         self.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        scaler.scale(terms.total).backward()
+        scaler.unscale_(self.optimizer)  # clip (and report) the true gradients, in every sharding mode
         grad_norm = parallel.clip_grad_norm(self.clt, cfg.optim.grad_clip)
-        if not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm) and not scaler.is_enabled():
             raise CLTError(
                 f"step {step}: the gradient norm is {grad_norm.item()}; stopped before the update. {self._last_good()}"
             )
-        self.optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(self.optimizer)  # fp16: skipped when any rank's gradients hold an inf/NaN
+        scaler.update()
         self.dead.update_fired(*parallel.fired(output.features))
         return StepResult(
             loss=logged.total.item(),
@@ -344,6 +255,8 @@ class CLTTrainingRunner:
             dead=logged.dead.item(),
             grad_norm=grad_norm.item(),
             l0_mean=parallel.l0_mean(output.features),
+            grad_scale=scale,
+            skipped=scaler.is_enabled() and scaler.get_scale() < scale,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -402,6 +315,11 @@ class CLTTrainingRunner:
         self.parallel.save(folder, weights, self.normalization, self._info(step), state, tensors)
         return folder
 
+    def _training_state(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        lora = bool(self.cfg.finetune.source)
+        args = (self.clt, self.optimizer, self.scaler, self.parallel, self.store, self.dead, self.l0_saved, lora)
+        return training_state(step, *args)
+
     def _save_resumable(self, step: int) -> None:
         self._save(f"step-{step:08d}", step, training_state=True)
         if self.parallel.main:
@@ -410,88 +328,31 @@ class CLTTrainingRunner:
                 shutil.rmtree(old)
         self.parallel.barrier()
 
-    def _training_state(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(scalars and small things, this rank's tensors: Adam moments by parameter name, dead counters)."""
-        moments: dict[str, torch.Tensor] = {}
-        adam_step = 0.0
-        for name, param in self.clt.named_parameters():
-            found = self.optimizer.state.get(param)
-            if found:
-                moments[f"exp_avg.{name}"], moments[f"exp_avg_sq.{name}"] = found["exp_avg"], found["exp_avg_sq"]
-                adam_step = float(found["step"])
-        tensors = self.parallel.full_tensors(moments)
-        tensors["dead.last_fired"] = self.dead.last_fired
-        state = {
-            "step": step,
-            "adam_step": adam_step,
-            "readers": self.parallel.gather_ints(self.store.tokens_served),  # tokens served, per data rank
-            "data_world": self.parallel.data_world,
-            "dead_tokens": self.dead.tokens,
-            "l0_saved": list(self.l0_saved),
-            "rng": torch.get_rng_state(),
-        }
-        if self.cfg.finetune.source:  # LoRA: the checkpoint holds merged weights; keep the adapters
-            state["trainable"] = {n: p.detach().clone() for n, p in self.clt.named_parameters() if p.requires_grad}
-        return state, tensors
-
     def _last_good(self) -> str:
         found = latest_checkpoint(self.out)
         return f"The last good checkpoint is {found}." if found else "No checkpoint was written yet."
 
-    def _restore(self, store: ActivationsStore) -> tuple[int, dict[str, torch.Tensor]]:
-        """Load this rank's slice of the newest resumable checkpoint, written at any world size and
-        in any sharding mode; returns (step, the Adam moments to load once the optimizer exists)."""
+    def _restore(self) -> int:
+        """Continue from the newest resumable checkpoint (step-* or final); returns its step."""
         found = latest_checkpoint(self.out)
         if found is None:
             raise CLTError(f"resume={self.out}: no resumable checkpoint under {self.out / 'checkpoints'}.")
-        if store.reader is None:
-            raise CLTError("resume needs a cached dataset (activations=PATH): on-the-fly batches cannot be replayed.")
-        info = read_info(found)
-        state = torch.load(found / TRAINING_STATE, weights_only=False)
-        if "readers" not in state:
-            raise CLTError(f"{found}: written by an older clt-forge (training state without 'readers'); cannot resume.")
-        device = self.parallel.device
-        with torch.no_grad():
-            params = dict(self.clt.named_parameters())
-            if self.cfg.finetune.source:
-                for name, value in state["trainable"].items():
-                    params[name].copy_(value)
-            else:
-                weights = read_tensors(found, WEIGHTS_STEM, info, self.features, device=device)
-                self.clt.load_state_dict({k: v for k, v in weights.items() if not k.startswith("norm.")})
-        tensors = read_tensors(found, STATE_STEM, info, self.features, device=device)
-        self.dead.load({"tokens": state["dead_tokens"], "last_fired": tensors.pop("dead.last_fired").cpu()})
-        self.l0_saved = state["l0_saved"]
-        torch.set_rng_state(state["rng"])
-        self.adam_step = state["adam_step"]
-        readers, world = state["readers"], self.parallel.data_world
-        if state["data_world"] == world:
-            position = readers[self.parallel.data_rank]
-        else:
-            position = sum(readers[: state["data_world"]]) // world
-            if self.parallel.main:
-                print(
-                    f"note: {found} was written with {state['data_world']} data-parallel ranks, this run has {world}: "
-                    "the weights and optimizer continue exactly, the data order starts afresh at the same token count."
-                )
-        store.reader.start_tokens = store.reader.tokens_served = position
-        self.log.truncate_after(state["step"] - 1)
+        lora = bool(self.cfg.finetune.source)
+        resumed = restore(found, self.clt, self.features, self.parallel, self.store, self.dead, lora)
+        if resumed.step >= self.total_steps:
+            done = resumed.step * self.cfg.batch_size
+            raise CLTError(
+                f"resume={self.out}: {found.name} has already trained {done} tokens (step {resumed.step}) and "
+                f"tokens={self.cfg.tokens} asks for no more; pass tokens=N with N > {done} to train it longer."
+            )
+        self.resumed, self.l0_saved = resumed, resumed.l0_saved
+        self.log.truncate_after(resumed.step - 1)
         if self.parallel.main:
-            print(f"resumed from {found} at step {state['step']}")
-        return int(state["step"]), tensors
-
-    def _load_moments(self, moments: dict[str, torch.Tensor]) -> None:
-        """Adam state from checkpoint tensors (this rank's features); FSDP takes its own shard."""
-        for name, param in self.clt.named_parameters():
-            if f"exp_avg.{name}" not in moments:
-                continue
-            pair = [moments[f"{kind}.{name}"].to(self.parallel.device) for kind in ("exp_avg", "exp_avg_sq")]
-            if hasattr(param, "device_mesh"):  # an FSDP2 DTensor parameter
-                from torch.distributed.tensor import distribute_tensor
-
-                pair = [distribute_tensor(t, param.device_mesh, param.placements) for t in pair]  # type: ignore[attr-defined]
-            step = torch.tensor(self.adam_step, dtype=torch.float32, device=self.parallel.device)
-            self.optimizer.state[param] = {"step": step, "exp_avg": pair[0], "exp_avg_sq": pair[1]}
+            print(f"resumed from {found} at step {resumed.step}")
+            note = schedule_note(self.cfg, resumed.step, resumed.total_steps, self.total_steps)
+            if note:
+                print(note)
+        return resumed.step
 
 
 class NullLog:
@@ -505,9 +366,3 @@ class NullLog:
 
     def close(self) -> None:
         pass
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest complete resumable checkpoint of a run (step-* or final)."""
-    candidates = [p for p in (run / "checkpoints").glob("step-*") if (p / TRAINING_STATE).is_file()]
-    return max(candidates, key=lambda p: read_info(p).step, default=None)

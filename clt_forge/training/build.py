@@ -1,0 +1,142 @@
+"""What a training run needs before its first step: the recorded run config, the data
+(training batches and a fixed held-out set), the normalisation and this rank's CLT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clt_forge.artifacts.activations import HELD_OUT, read_manifest
+from clt_forge.artifacts.checkpoint import load_checkpoint
+from clt_forge.artifacts.normalization import Normalization
+from clt_forge.artifacts.reader import check_compatible
+from clt_forge.clt import CrossLayerTranscoder, init_clt
+from clt_forge.config.plain import plain
+from clt_forge.config.schema import DataSource, TrainConfig
+from clt_forge.data.store import ActivationsStore
+from clt_forge.distributed.parallel import Parallel
+from clt_forge.errors import CLTError
+
+RUN_CONFIG = "train_config.json"
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """The fixed evaluation batch (raw units) and where it came from."""
+
+    x: torch.Tensor  # [eval_tokens, n_layers, d_model]
+    y: torch.Tensor  # [eval_tokens, n_layers, d_model]
+    source: str
+
+
+def read_run_config(run: Path) -> dict[str, Any]:
+    """The resolved config a `clt train` run recorded (what resume= continues with)."""
+    path = run / RUN_CONFIG
+    if not path.is_file():
+        raise CLTError(f"resume={run}: no {RUN_CONFIG} there; is it a `clt train` run folder?")
+    return json.loads(path.read_text())
+
+
+def check_resume(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run with another architecture, naming what changed."""
+    before = read_run_config(out)
+    now = plain(cfg)
+    keys = [("clt", k) for k in now["clt"]] + [("model", "name"), ("model", "d_model"), ("model", "n_layers")]
+    diffs = [f"{a}.{b}: {before[a][b]!r} -> {now[a][b]!r}" for a, b in keys if before[a][b] != now[a][b]]
+    if diffs:
+        raise CLTError(
+            f"resume={out}: the architecture changed ({'; '.join(diffs)}); resume with the original settings."
+        )
+
+
+def training_data(cfg: TrainConfig, parallel: Parallel) -> tuple[ActivationsStore, HeldOut]:
+    """The training batches (this rank's share) and a fixed held-out evaluation set."""
+    if parallel.world > 1 and (cfg.data.source is DataSource.model or not cfg.activations):
+        raise CLTError(
+            f"sharding={parallel.mode.value} on {parallel.world} ranks trains from a cached dataset: "
+            "pass activations=PATH (write one with `clt cache`)."
+        )
+    if cfg.data.source is DataSource.model or not cfg.activations:
+        if not cfg.activations:
+            print("note: no activations=PATH given; running the model on the fly (data.source=model).")
+        from clt_forge.models import load_model
+
+        model = load_model(cfg.model)
+        text = dataclasses.replace(cfg.data, source=DataSource.files if cfg.data.path else DataSource.bundled)
+        store = ActivationsStore.from_model(
+            model, text, cfg.batch_size, seed=cfg.seed, windows_per_forward=cfg.windows_per_forward
+        )
+        held = ActivationsStore.from_model(
+            model, text, cfg.eval_tokens, split="held_out", seed=cfg.seed, windows_per_forward=cfg.windows_per_forward
+        )
+        batch = next(iter(held))
+        return store, HeldOut(batch.mlp_in, batch.mlp_out, "held-out documents (on the fly)")
+    folder = Path(cfg.activations)
+    manifest = read_manifest(folder)
+    check_compatible(manifest, folder, model=cfg.model.name, n_layers=cfg.model.n_layers, d_model=cfg.model.d_model)
+    store = ActivationsStore.from_cache(
+        folder,
+        parallel.local_batch_size(cfg.batch_size),
+        seed=cfg.seed,
+        rank=parallel.data_rank,
+        world_size=parallel.data_world,
+        shuffle_chunks=cfg.reader.shuffle_chunks,
+        prefetch_groups=cfg.reader.prefetch_groups,
+        workers=cfg.reader.workers,
+        skip_corrupt=cfg.reader.skip_corrupt,
+    )
+    if (folder / HELD_OUT / "manifest.json").is_file():
+        held_manifest = read_manifest(folder / HELD_OUT)
+        n = min(cfg.eval_tokens, held_manifest.n_tokens)
+        batch = next(iter(ActivationsStore.from_cache(folder / HELD_OUT, n, seed=cfg.seed)))
+        return store, HeldOut(batch.mlp_in, batch.mlp_out, str(folder / HELD_OUT))
+    print(f"note: {folder} has no held_out/ dataset; evaluating on a fixed batch of training tokens.")
+    batch = next(iter(ActivationsStore.from_cache(folder, cfg.eval_tokens, seed=cfg.seed + 1)))
+    return store, HeldOut(batch.mlp_in, batch.mlp_out, "training tokens (no held-out dataset)")
+
+
+def normalization(cfg: TrainConfig, parallel: Parallel, store: ActivationsStore) -> Normalization:
+    """From the dataset's statistics, else estimated from the first `norm_batches` batches.
+
+    Estimating reads those batches ahead of training, which starts again at the reader's start
+    position; the reader's recorded position is put back so a checkpoint records only what
+    training consumed (else resume would skip `norm_batches` batches the first run trained on)."""
+    if store.reader is not None and store.reader.manifest.stats:
+        return Normalization.from_manifest(store.reader.manifest)
+    if parallel.world > 1:
+        raise CLTError(f"{cfg.activations}: its manifest has no normalisation statistics (needed on >1 rank).")
+    batches = iter(store)
+    estimated = Normalization.estimate(next(batches) for _ in range(cfg.norm_batches))
+    if store.reader is not None:
+        store.reader.tokens_served = store.reader.start_tokens
+    return estimated
+
+
+def build_clt(
+    cfg: TrainConfig, parallel: Parallel, features: slice, d_features: int
+) -> tuple[CrossLayerTranscoder, Normalization | None]:
+    """This rank's CLT (all features, or its slice under feature sharding), seeded init; for
+    `finetune.from`, the pretrained CLT with LoRA adapters and the normalisation it was trained with."""
+    device = parallel.device
+    if cfg.finetune.source:
+        from clt_forge.training.lora import add_lora
+
+        if parallel.world > 1:
+            raise CLTError("finetune.from runs in one process (sharding=single); LoRA adapters are small.")
+        clt, pretrained_normalization, _ = load_checkpoint(cfg.finetune.source, device=device)
+        add_lora(clt, cfg.finetune.rank)
+        return clt, pretrained_normalization
+    clt = CrossLayerTranscoder(
+        cfg.model.n_layers,
+        cfg.model.d_model,
+        features.stop - features.start,
+        bandwidth=cfg.clt.jumprelu_bandwidth,
+        device=device,
+        init=False,
+    )
+    init_clt(clt, cfg.clt.jumprelu_threshold, seed=cfg.seed, features=features, d_features=d_features)
+    return clt, None
