@@ -31,7 +31,7 @@ class QuantSpec:
     """How activations are stored on disk. `scheme` names a registered quantizer (QUANTIZERS in
     quantizers.py), which reads the settings it uses and checks them (`Quantizer.check`)."""
 
-    scheme: str = "int8"  # a registered quantizer: none, int8, int4, int2, ...
+    scheme: str = "int8"  # a registered quantizer (clt_forge/artifacts/quantizers.py)
     granularity: ScaleGranularity = ScaleGranularity.row  # int schemes: what one absmax scale covers
     group_size: int = 64  # int schemes: channels per scale when granularity=group
     outlier_fraction: float = 0.0  # int schemes: share of values per chunk stored exactly beside the codes

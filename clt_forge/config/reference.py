@@ -14,7 +14,13 @@ from enum import Enum
 import yaml
 
 from clt_forge.config import schema
-from clt_forge.config.compose import GROUPS, conf_dir, group_options
+from clt_forge.config.compose import GROUPS, conf_dir, group_options, load_choices
+from clt_forge.config.schedules import SPARSITY_SCHEDULES, SparsityConfig
+from clt_forge.registry import CHOICES
+
+# Registry-valued keys whose allowed values the reference lists: the registries of the layers
+# below the stages (always loaded here). explainer.kind's registry lives in a stage package.
+DOCUMENTED_CHOICES = ("model.source", "quant.scheme", "sparsity.schedule", "optim.lr_schedule")
 
 _FIELD = re.compile(r"^    (\w+): [^=]+?(?:= .*?)?(?:  # (.*))?$")
 
@@ -28,7 +34,9 @@ def field_comments(cls: typing.Any) -> dict[str, str]:
     return comments
 
 
-def type_name(tp: object) -> str:
+def type_name(tp: object, key: str = "") -> str:
+    if key in DOCUMENTED_CHOICES:  # in registration order, built-ins only (a test may add more)
+        return " \\| ".join(name for name, entry in CHOICES[key].items() if entry.__module__.startswith("clt_forge."))
     if isinstance(tp, type) and issubclass(tp, Enum):
         return " \\| ".join(member.value for member in tp)
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null").replace("|", "\\|")
@@ -60,12 +68,32 @@ def field_table(cls: typing.Any, prefix: str = "") -> list[str]:
             rows += field_table(tp, f"{prefix}{field.name}.")
             continue
         rows.append(
-            f"| `{prefix}{field.name}` | {type_name(tp)} | `{default_of(field)}` | {comments.get(field.name, '')} |"
+            f"| `{prefix}{field.name}` | {type_name(tp, prefix + field.name)} | `{default_of(field)}` "
+            f"| {comments.get(field.name, '')} |"
         )
     return rows
 
 
+def schedule_rows() -> list[str]:
+    """Each built-in sparsity schedule's own settings."""
+    shared = {f.name for f in dataclasses.fields(SparsityConfig)}
+    rows = []
+    for name, cls in SPARSITY_SCHEDULES.items():
+        if cls.__module__.startswith("clt_forge."):
+            own = [r for r in field_table(cls, "sparsity.") if r.split("`")[1].split(".")[1] not in shared]
+            rows += [_settings_of(r, name) for r in own]
+    return rows
+
+
+def _settings_of(row: str, schedule: str) -> str:
+    """The row of a schedule's setting, its meaning prefixed with the schedule's name."""
+    cells = row.split(" | ")
+    cells[-1] = f"{schedule}: {cells[-1]}"
+    return " | ".join(cells)
+
+
 def render() -> str:
+    load_choices()
     out = [
         "# Configuration reference",
         "",
@@ -85,9 +113,14 @@ def render() -> str:
         out += [f"### `{group}`", "", f"Options: {', '.join(f'`{o}`' for o in group_options(group))}.", ""]
         for option in group_options(group):
             values = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text()) or {}
-            shown = ", ".join(f"`{k}={v}`" for k, v in values.items() if k != "defaults")
+            schemas = [d for d in values.get("defaults", []) if isinstance(d, str) and d.startswith("schema_")]
+            shown = ", ".join(
+                [f"`schedule={d.removeprefix('schema_')}`" for d in schemas]
+                + [f"`{k}={v}`" for k, v in values.items() if k != "defaults"]
+            )
             out.append(f"- `{group}={option}`: {shown}")
-        out += ["", *header, *field_table(cls, f"{group}."), ""]
+        extra = schedule_rows() if group == "sparsity" else []
+        out += ["", *header, *field_table(cls, f"{group}."), *extra, ""]
     out += [
         "### `hydra/launcher`",
         "",

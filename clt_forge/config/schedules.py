@@ -33,7 +33,7 @@ class SparsityConfig:
     Each schedule is a subclass holding its own settings. `SparsityConfig(schedule=NAME, ...)`
     builds the subclass registered under NAME (default: linear_warmup)."""
 
-    schedule: str = DEFAULT_SPARSITY_SCHEDULE  # which registered schedule: constant, linear_warmup, delayed_linear, ...
+    schedule: str = DEFAULT_SPARSITY_SCHEDULE  # which registered schedule (clt_forge/config/schedules.py)
     l0_coefficient: float = 2.0  # lambda0 at its plateau
     c: float = 1.0  # the C inside tanh(C * z * ||W_dec||)
     dead_coefficient: float = 1e-5  # lambda1 of the dead-feature term

@@ -78,7 +78,7 @@ class ModelConfig:
     """How to load a language model and where its MLPs are."""
 
     name: str = MISSING  # the config's own name, recorded in every artifact
-    source: str = "gguf"  # a registered model source (MODEL_SOURCES, clt_forge/models): gguf, transformer_lens, tiny
+    source: str = "gguf"  # which registered loader builds it (clt_forge/models)
     hf_name: str | None = None  # hub / TransformerLens name (transformer_lens source)
     gguf_package: str | None = None  # importable package holding the GGUF (gguf source)
     gguf_file: str | None = None  # file name inside that package
@@ -176,7 +176,7 @@ class OptimConfig:
     """Adam, its learning-rate schedule, and global-norm gradient clipping."""
 
     lr: float = 2e-4
-    lr_schedule: str = "constant"  # shape after the warm-up: a registered lr schedule (constant, linear, cosine)
+    lr_schedule: str = "constant"  # shape after the warm-up
     lr_warmup_fraction: float = 0.01  # share of steps with linear warm-up from 0
     lr_final_fraction: float = 0.1  # linear / cosine decay end, as a fraction of lr
     beta1: float = 0.9
