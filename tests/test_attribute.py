@@ -15,10 +15,24 @@ from circuit_tracer.graph import Graph
 from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
 from clt_forge.artifacts.checkpoint import CheckpointInfo, save_checkpoint
-from clt_forge.artifacts.graph import graph_json
+from clt_forge.artifacts.graph import (
+    EMBEDDING,
+    ERROR,
+    FEATURE,
+    LOGIT,
+    Cluster,
+    NodeId,
+    embedding_node_id,
+    error_node_id,
+    feature_node_id,
+    graph_json,
+    logit_node_id,
+    parse_node,
+    parse_node_id,
+)
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.attribution.convert import export_circuit_tracer, to_circuit_tracer
-from clt_forge.attribution.interventions import Cluster, FeatureEdit
+from clt_forge.attribution.interventions import FeatureEdit
 from clt_forge.attribution.replacement import replacement_model
 from clt_forge.attribution.runner import AttributionRunner, AttributionSettings
 from clt_forge.clt.model import CrossLayerTranscoder
@@ -155,6 +169,48 @@ def test_error_nodes_never_collide_with_layer_0_features():
     assert error_node_id(2, 5) != feature_id
 
 
+def test_node_ids_round_trip_through_the_parser():
+    """Every kind of id the writer makes parses back to its parts, and the parts write it again."""
+    n_layers = 4
+    written = {
+        feature_node_id(2, 7, 5): NodeId(FEATURE, 2, 7, 5),
+        error_node_id(2, 5): NodeId(ERROR, 2, None, 5),
+        embedding_node_id(88, 0): NodeId(EMBEDDING, None, 88, 0),
+        logit_node_id(n_layers, 262, 5): NodeId(LOGIT, n_layers + 1, 262, 5),
+    }
+    for node_id, parts in written.items():
+        assert parse_node_id(node_id, n_layers) == parts
+        assert parse_node({"node_id": node_id, "feature_type": str(parts.kind)}) == parts
+        assert str(parts) == node_id
+    assert parse_node_id(feature_node_id(2, 7, 5), n_layers).layer_pos_feature == (2, 5, 7)
+    # a logit's id reads as a feature of layer n_layers + 1: its feature_type, or n_layers, tells
+    assert parse_node({"node_id": "5_262_5", "feature_type": "cross layer transcoder"}).kind is FEATURE
+    with pytest.raises(ValueError, match="layer 4 of a model with 4 layers"):
+        parse_node_id("4_1_0", n_layers)
+    for wrong in ("cluster:x", "1_2", "err_1", "E_x_0", "1_2_3_4", "", "-1_2_3", "0_1_2 "):
+        with pytest.raises(ValueError, match="is not a node id"):
+            parse_node_id(wrong, n_layers)
+    with pytest.raises(ValueError, match="is not the id of a mlp reconstruction error node"):
+        parse_node({"node_id": "0_2_5", "feature_type": "mlp reconstruction error"})
+    with pytest.raises(ValueError, match="no node kind"):
+        parse_node({"node_id": "0_2_5", "feature_type": "pixel"})
+    with pytest.raises(ValueError, match="not a CLT feature"):
+        _ = parse_node_id("err_1_0", n_layers).layer_pos_feature
+
+
+def test_every_id_of_a_written_graph_parses_to_its_node(tiny_runner):
+    document = tiny_runner.run(PROMPT).json
+    n_layers = tiny_runner.model.cfg.n_layers
+    kinds = set()
+    for node in document["nodes"]:
+        parts = parse_node(node)
+        assert parse_node_id(node["node_id"], n_layers) == parts and str(parts) == node["node_id"]
+        assert parts.kind == node["feature_type"] and parts.pos == node["ctx_idx"]
+        assert node["layer"] == ("E" if parts.kind is EMBEDDING else str(parts.layer))
+        kinds.add(parts.kind)
+    assert kinds == {FEATURE, ERROR, EMBEDDING, LOGIT}
+
+
 def test_interventions_scale_set_and_cluster(tiny_runner):
     ids = tiny_runner.tokens(PROMPT)
     _, acts = tiny_runner.model.get_activations(torch.tensor(ids))
@@ -166,8 +222,9 @@ def test_interventions_scale_set_and_cluster(tiny_runner):
     boosted = tiny_runner.intervene(ids, [FeatureEdit(layer, pos, feature, value=50.0)])
     assert max(abs(c.delta) for c in boosted.largest_changes) > 1e-3
     assert boosted.edits == [(layer, pos, feature, 50.0)]
-    cluster = Cluster("both", ((layer, pos, feature), (layer, pos, feature)))
-    doubled = tiny_runner.intervene(ids, cluster.scaled(0.0))
+    cluster = Cluster("both", (feature_node_id(layer, feature, pos),) * 2)
+    members = cluster.features(tiny_runner.model.cfg.n_layers)
+    doubled = tiny_runner.intervene(ids, [FeatureEdit(*m.layer_pos_feature, scale=0.0) for m in members])
     assert [e[3] for e in doubled.edits] == [0.0, 0.0]
     with pytest.raises(CLTError, match="out of range"):
         tiny_runner.intervene(ids, [FeatureEdit(99, 0, 0, value=1.0)])

@@ -2,8 +2,9 @@
 
 A thin, typed layer over circuit-tracer's `feature_intervention` (which takes absolute values
 per (layer, position, feature)): a scale is turned into a value from the features' clean
-activations, a cluster (supernode) scales every member, and the result is the top next-token
-probabilities before and after, which is what `clt serve` charts.
+activations, and the result is the top next-token probabilities before and after, which is
+what `clt serve` charts. A cluster (`clt_forge.artifacts.graph.Cluster`) is edited through
+its CLT feature members: one `FeatureEdit` each.
 
 Options, as in circuit-tracer: `freeze_attention` replays the clean attention patterns;
 `constrained_layers` (a range) limits the edit to those layers and keeps it from propagating
@@ -22,7 +23,7 @@ from circuit_tracer.replacement_model.replacement_model_transformerlens import T
 
 from clt_forge.errors import CLTError
 
-__all__ = ["Cluster", "FeatureEdit", "InterventionResult", "TokenChange", "intervene"]
+__all__ = ["FeatureEdit", "InterventionResult", "TokenChange", "intervene"]
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,6 @@ class FeatureEdit:
     def __post_init__(self) -> None:
         if (self.value is None) == (self.scale is None):
             raise CLTError(f"feature edit {self}: give exactly one of value= or scale=.")
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """A named group of graph nodes (a supernode): (layer, pos, feature) triples."""
-
-    name: str
-    members: tuple[tuple[int, int, int], ...]
-
-    def scaled(self, scale: float) -> list[FeatureEdit]:
-        return [FeatureEdit(layer, pos, feature, scale=scale) for layer, pos, feature in self.members]
-
-    def set_to(self, value: float) -> list[FeatureEdit]:
-        return [FeatureEdit(layer, pos, feature, value=value) for layer, pos, feature in self.members]
 
 
 @dataclass

@@ -12,28 +12,22 @@ import os
 from pathlib import Path
 
 from clt_forge.artifacts.features import read_explanations
-from clt_forge.errors import CLTError
+from clt_forge.artifacts.graph import FEATURE, parse_node, read_graph
 
 __all__ = ["label_graph"]
-
-FEATURE = "cross layer transcoder"
 
 
 def label_graph(graph: str | Path, features: str | Path) -> int:
     """Set `clerp` of every feature node from `features` and record the database in the
     metadata; returns how many nodes got an explanation."""
     path = Path(graph)
-    try:
-        document = json.loads(path.read_text())
-        nodes = document["nodes"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CLTError(f"{path}: not a graph JSON from `clt attribute` ({err}).") from None
+    document = read_graph(path).data  # GraphFileError names the file and the problem
     labels = read_explanations(features)
     labelled = 0
-    for node in nodes:
-        if node.get("feature_type") != FEATURE:
+    for node in document["nodes"]:
+        if node["feature_type"] != FEATURE:
             continue
-        layer, index = int(node["layer"]), int(node["node_id"].split("_")[1])
+        layer, _, index = parse_node(node).layer_pos_feature
         node["clerp"] = labels.get((layer, index), node.get("clerp", ""))
         labelled += bool(node["clerp"])
     document["metadata"]["features"] = str(Path(features).resolve())
