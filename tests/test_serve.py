@@ -25,9 +25,10 @@ import jsonschema
 import pytest
 import torch
 
+from clt_forge.artifacts.graph import Cluster, GraphFileError, read_graph, save_clusters
 from clt_forge.serve import launch_interface
-from clt_forge.serve.clusters import Cluster, add_cluster, collapse, save_clusters
-from clt_forge.serve.graphs import GraphFileError, GraphLibrary, load_graph
+from clt_forge.serve.clusters import add_cluster, collapse
+from clt_forge.serve.graphs import GraphLibrary
 from clt_forge.serve.pruning import GraphView, Pruner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -546,8 +547,32 @@ def test_a_wrong_graph_is_refused_naming_the_problem(tmp_path, change, expected)
     path = tmp_path / "g.json"
     path.write_text(json.dumps(document))
     with pytest.raises(GraphFileError, match=r"g\.json") as raised:
-        load_graph(path)
+        read_graph(path)
     assert expected in str(raised.value)
+
+
+def test_a_graph_of_a_newer_schema_version_is_refused_naming_the_file_and_version(tmp_path):
+    from clt_forge.attribution.labels import label_graph
+
+    for version in (None, 1):  # files without the field are version 1, as Neuronpedia reads them
+        document = small_graph()
+        if version is not None:
+            document["metadata"]["schema_version"] = version
+        (tmp_path / "g.json").write_text(json.dumps(document))
+        assert read_graph(tmp_path / "g.json").slug == "small"
+    document["metadata"]["schema_version"] = 99
+    (tmp_path / "g.json").write_text(json.dumps(document))
+    with pytest.raises(GraphFileError, match=r"g\.json: graph schema_version 99 is newer") as raised:
+        read_graph(tmp_path / "g.json")
+    assert "up to 1" in str(raised.value)
+    with pytest.raises(GraphFileError, match=r"g\.json: graph schema_version 99"):
+        GraphLibrary(tmp_path).load("g.json")
+    with pytest.raises(GraphFileError, match=r"g\.json: graph schema_version 99"):
+        label_graph(tmp_path / "g.json", tmp_path / "features.db")  # refused before the database is read
+    document["metadata"]["schema_version"] = "one"
+    (tmp_path / "g.json").write_text(json.dumps(document))
+    with pytest.raises(GraphFileError, match=r"g\.json: unknown graph schema_version 'one'"):
+        read_graph(tmp_path / "g.json")
 
 
 def test_the_library_opens_only_graph_files_in_its_folder(tmp_path):
@@ -565,7 +590,7 @@ def test_the_library_opens_only_graph_files_in_its_folder(tmp_path):
 def test_saving_clusters_is_atomic_and_keeps_the_rest_of_the_file(tmp_path, monkeypatch):
     path = tmp_path / "g.json"
     path.write_text(json.dumps(small_graph()))
-    document = load_graph(path)
+    document = read_graph(path)
     clusters = add_cluster([], "first", ["0_3_0", "1_4_0"])
     save_clusters(document, clusters)
     saved = json.loads(path.read_text())
@@ -598,7 +623,7 @@ def test_collapse_sums_the_links_between_groups(tmp_path):
 def test_pruning_without_the_raw_graph_prunes_the_saved_links_further(tmp_path):
     path = tmp_path / "g.json"
     path.write_text(json.dumps(small_graph()))
-    pruner = Pruner(load_graph(path), None)
+    pruner = Pruner(read_graph(path), None)
     assert len(pruner.view(0.8, 0.98).links) == 6, "at the saved thresholds, the graph as saved"
     tighter = pruner.view(0.3, 0.9)
     assert {n["node_id"] for n in tighter.nodes} == {"E_5_0", "0_3_0", "3_7_0"}  # influence <= 0.3
@@ -606,7 +631,7 @@ def test_pruning_without_the_raw_graph_prunes_the_saved_links_further(tmp_path):
 
 
 def test_re_pruning_the_raw_graph_at_the_saved_thresholds_gives_the_saved_graph(made):
-    document = load_graph(made["graph"])
+    document = read_graph(made["graph"])
     pruner = Pruner(document, made["graph"].with_suffix(".pt"))
     view = pruner.view(0.9, 0.98)
     assert pruner.exact

@@ -1,10 +1,8 @@
-"""Clusters (supernodes): grouping nodes, collapsing them, saving them into the graph file.
+"""Editing clusters in `clt serve`: making and removing them, collapsing them, exporting a subgraph.
 
-A cluster is saved as Neuronpedia does, in the graph JSON's `qParams.supernodes`: a list of
-`[name, node_id, node_id, ...]` lists. A node belongs to at most one cluster; members that
-the current thresholds prune away stay in the cluster. Saving rewrites only
-`qParams.supernodes` of the file as it is on disk now, through a temporary file in the same
-folder and an atomic rename, so the user's file is never left half-written.
+A cluster is the graph artifact's `Cluster` (`clt_forge.artifacts.graph`: a name and node
+ids, saved in the file's `qParams.supernodes` by `save_clusters`). A node belongs to at most
+one cluster; members that the current thresholds prune away stay in the cluster.
 
 Collapsing replaces each cluster's visible members by one node and sums the weights of the
 links between groups (links inside a cluster are dropped), which is how the paper's
@@ -13,44 +11,12 @@ supernode diagrams read.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from clt_forge.serve.graphs import FEATURE, GraphDocument
-from clt_forge.serve.pruning import GraphView, feature_key
+from clt_forge.artifacts.graph import EMBEDDING, FEATURE, LOGIT, Cluster, GraphDocument, to_supernodes
+from clt_forge.serve.pruning import GraphView
 
-__all__ = [
-    "Cluster",
-    "add_cluster",
-    "collapse",
-    "feature_members",
-    "remove_cluster",
-    "save_clusters",
-    "subgraph",
-    "to_supernodes",
-]
-
-_SAVE_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Cluster:
-    name: str
-    members: tuple[str, ...]  # node ids
-
-
-def from_supernodes(supernodes: list[list[str]]) -> list[Cluster]:
-    return [Cluster(group[0], tuple(group[1:])) for group in supernodes if group]
-
-
-def to_supernodes(clusters: list[Cluster]) -> list[list[str]]:
-    return [[c.name, *c.members] for c in clusters]
+__all__ = ["add_cluster", "collapse", "remove_cluster", "subgraph"]
 
 
 def add_cluster(clusters: list[Cluster], name: str, members: list[str]) -> list[Cluster]:
@@ -67,44 +33,6 @@ def add_cluster(clusters: list[Cluster], name: str, members: list[str]) -> list[
 
 def remove_cluster(clusters: list[Cluster], name: str) -> list[Cluster]:
     return [c for c in clusters if c.name != name]
-
-
-def save_clusters(document: GraphDocument, clusters: list[Cluster]) -> None:
-    """Write `clusters` into the graph file's qParams.supernodes (temporary file + atomic rename).
-
-    Everything else in the file is written back as it was read; a file that fails to write
-    leaves the original untouched and the temporary file removed."""
-    path = document.path
-    with _SAVE_LOCK:
-        data = document.data
-        previous = data.get("qParams")
-        data["qParams"] = dict(previous or {}, supernodes=to_supernodes(clusters))
-        handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as out:
-                json.dump(data, out, indent=1)
-                out.flush()
-                os.fsync(out.fileno())
-            shutil.copymode(path, scratch)
-            os.replace(scratch, path)
-        except BaseException:
-            Path(scratch).unlink(missing_ok=True)
-            if previous is None:
-                data.pop("qParams")
-            else:
-                data["qParams"] = previous
-            raise
-
-
-def feature_members(cluster: Cluster) -> list[tuple[int, int, int]]:
-    """(layer, position, feature) of the cluster's CLT feature members (others cannot be edited)."""
-    out = []
-    for node_id in cluster.members:
-        parts = node_id.split("_")
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
-            layer, feature, pos = feature_key(node_id)
-            out.append((layer, pos, feature))
-    return out
 
 
 def collapse(view: GraphView, clusters: list[Cluster]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -140,7 +68,7 @@ def subgraph(document: GraphDocument, view: GraphView, keep: list[str], clusters
     named = {f"cluster:{c.name}": c for c in clusters}
     for node_id in keep or list(view.by_id):
         wanted.update(named[node_id].members if node_id in named else [node_id])
-    nodes = [n for n in view.nodes if n["node_id"] in wanted or n["feature_type"] in ("embedding", "logit")]
+    nodes = [n for n in view.nodes if n["node_id"] in wanted or n["feature_type"] in (EMBEDDING, LOGIT)]
     ids = {n["node_id"] for n in nodes}
     links = [link for link in view.links if link["source"] in ids and link["target"] in ids]
     kept_clusters = [Cluster(c.name, tuple(m for m in c.members if m in ids)) for c in clusters]

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clt_forge.serve.clusters import Cluster
-from clt_forge.serve.graphs import EMBEDDING, ERROR, FEATURE, LOGIT
-from clt_forge.serve.pruning import feature_key
+from clt_forge.artifacts.graph import EMBEDDING, ERROR, FEATURE, LOGIT, Cluster, parse_node
 
 __all__ = ["CLUSTER_COLOURS", "STYLESHEET", "elements", "logit_token", "node_title", "positions", "short_token"]
 
@@ -47,7 +45,7 @@ def node_title(node: dict[str, Any], prompt_tokens: list[str]) -> str:
     pos = node["ctx_idx"]
     token = short_token(prompt_tokens[pos]) if 0 <= pos < len(prompt_tokens) else "?"
     if kind == FEATURE:
-        layer, feature, _ = feature_key(node["node_id"])
+        layer, _, feature = parse_node(node).layer_pos_feature
         name = f"L{layer} #{feature} @ “{token}”"
         return f"{name}: {node['clerp']}" if node.get("clerp") else name
     if kind == ERROR:

@@ -1,6 +1,6 @@
 """The page of `clt serve`: header with the graph picker, the graph and its controls, the
 sidebar (node panel, clusters, interventions), the error page. Component ids are what
-app.py's callbacks and assets/serve.js refer to.
+the callbacks (serve/callbacks/) and assets/serve.js refer to.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import dash_cytoscape as cyto
 from dash import dcc, html
 
-from clt_forge.serve.graphs import GraphDocument
+from clt_forge.artifacts.graph import GraphDocument
 from clt_forge.serve.layout import STYLESHEET, short_token
 from clt_forge.serve.panel import empty_panel
 from clt_forge.serve.state import DEFAULT_MAX_LINKS, DEFAULT_THRESHOLDS, ServeState
@@ -34,105 +34,9 @@ def _slider(component_id: str, low: float, value: float) -> dcc.Slider:
 
 
 def page(state: ServeState) -> html.Div:
-    legend = html.Div(
-        [
-            html.Span([html.I(className="key embedding"), "token"]),
-            html.Span([html.I(className="key feature"), "feature"]),
-            html.Span([html.I(className="key error"), "error"]),
-            html.Span([html.I(className="key logit"), "logit"]),
-            html.Span([html.I(className="key edge-pos"), "+ weight"]),
-            html.Span([html.I(className="key edge-neg"), "− weight"]),
-            html.Div(id="view-note", className="view-note"),
-        ],
-        className="legend-bar",
-    )
-    controls = html.Div(
-        [
-            html.Div(
-                [html.Label("node threshold"), _slider("node-threshold", 0.3, DEFAULT_THRESHOLDS[0])],
-                className="control",
-            ),
-            html.Div(
-                [html.Label("edge threshold"), _slider("edge-threshold", 0.5, DEFAULT_THRESHOLDS[1])],
-                className="control",
-            ),
-            html.Div(
-                [
-                    html.Label("links drawn"),
-                    dcc.Dropdown(
-                        id="max-links",
-                        options=[{"label": f"{n:,} strongest" if n else "all", "value": n} for n in LINK_CHOICES],
-                        value=DEFAULT_MAX_LINKS,
-                        clearable=False,
-                        searchable=False,
-                    ),
-                ],
-                className="control links",
-            ),
-            dcc.Checklist(
-                id="collapse",
-                options=[{"label": " collapse clusters", "value": "on"}],
-                value=[],
-                className="control-check",
-            ),
-        ],
-        className="controls",
-    )
-    graph = cyto.Cytoscape(
-        id="graph",
-        elements=[],
-        stylesheet=STYLESHEET,
-        layout={"name": "preset", "fit": True, "padding": 24, "animate": False},
-        style={"width": "100%", "height": "100%"},
-        minZoom=0.05,
-        maxZoom=8,
-        boxSelectionEnabled=True,
-        autoungrabify=True,
-        autoRefreshLayout=False,
-    )
-    clusters = html.Section(
-        [
-            html.H2("Clusters"),
-            html.Div(
-                [
-                    dcc.Input(id="cluster-name", placeholder="name, e.g. say a capital", type="text", debounce=False),
-                    html.Button("Group selected", id="cluster-create", className="btn"),
-                ],
-                className="row",
-            ),
-            html.Div("Shift+click or shift+drag to select nodes.", id="selection-note", className="hint"),
-            html.Div(id="cluster-list"),
-            html.Div(id="cluster-status", className="status"),
-            html.Button("Export subgraph", id="export", className="btn secondary"),
-        ],
-        className="card",
-    )
-    interventions = html.Section(
-        [
-            html.H2("Intervene"),
-            dcc.Dropdown(id="target", options=[], placeholder="click a feature or make a cluster", clearable=False),
-            html.Div(
-                [
-                    dcc.RadioItems(
-                        id="mode",
-                        options=[{"label": " scale by", "value": "scale"}, {"label": " set to", "value": "set"}],
-                        value="scale",
-                        inline=True,
-                        className="mode",
-                    ),
-                    dcc.Input(id="amount", type="number", value=0, step="any", className="amount"),
-                    html.Button("Queue", id="queue", className="btn"),
-                ],
-                className="row",
-            ),
-            html.Div(id="queue-status", className="status"),
-            html.Div(id="jobs-view"),
-            dcc.Store(id="jobs-live"),
-            dcc.Store(id="jobs-live-shown"),
-            dcc.Interval(id="jobs-poll", interval=500, disabled=True),
-        ],
-        className="card",
-    )
+    """The whole page; callbacks fill it in."""
+    legend, controls, graph = _legend(), _controls(), _graph()
+    clusters, interventions = _clusters(), _interventions()
     return html.Div(
         [
             dcc.Location(id="url", refresh=False),
@@ -182,6 +86,125 @@ def page(state: ServeState) -> html.Div:
             ),
         ],
         className="app",
+    )
+
+
+def _legend() -> html.Div:
+    """The key to the node and link colours, and the view note."""
+    return html.Div(
+        [
+            html.Span([html.I(className="key embedding"), "token"]),
+            html.Span([html.I(className="key feature"), "feature"]),
+            html.Span([html.I(className="key error"), "error"]),
+            html.Span([html.I(className="key logit"), "logit"]),
+            html.Span([html.I(className="key edge-pos"), "+ weight"]),
+            html.Span([html.I(className="key edge-neg"), "− weight"]),
+            html.Div(id="view-note", className="view-note"),
+        ],
+        className="legend-bar",
+    )
+
+
+def _controls() -> html.Div:
+    """The thresholds, the links drawn and the collapse switch."""
+    return html.Div(
+        [
+            html.Div(
+                [html.Label("node threshold"), _slider("node-threshold", 0.3, DEFAULT_THRESHOLDS[0])],
+                className="control",
+            ),
+            html.Div(
+                [html.Label("edge threshold"), _slider("edge-threshold", 0.5, DEFAULT_THRESHOLDS[1])],
+                className="control",
+            ),
+            html.Div(
+                [
+                    html.Label("links drawn"),
+                    dcc.Dropdown(
+                        id="max-links",
+                        options=[{"label": f"{n:,} strongest" if n else "all", "value": n} for n in LINK_CHOICES],
+                        value=DEFAULT_MAX_LINKS,
+                        clearable=False,
+                        searchable=False,
+                    ),
+                ],
+                className="control links",
+            ),
+            dcc.Checklist(
+                id="collapse",
+                options=[{"label": " collapse clusters", "value": "on"}],
+                value=[],
+                className="control-check",
+            ),
+        ],
+        className="controls",
+    )
+
+
+def _graph() -> cyto.Cytoscape:
+    """The Cytoscape canvas (its elements come from assets/serve.js)."""
+    return cyto.Cytoscape(
+        id="graph",
+        elements=[],
+        stylesheet=STYLESHEET,
+        layout={"name": "preset", "fit": True, "padding": 24, "animate": False},
+        style={"width": "100%", "height": "100%"},
+        minZoom=0.05,
+        maxZoom=8,
+        boxSelectionEnabled=True,
+        autoungrabify=True,
+        autoRefreshLayout=False,
+    )
+
+
+def _clusters() -> html.Section:
+    """The clusters card: name, group, list, export."""
+    return html.Section(
+        [
+            html.H2("Clusters"),
+            html.Div(
+                [
+                    dcc.Input(id="cluster-name", placeholder="name, e.g. say a capital", type="text", debounce=False),
+                    html.Button("Group selected", id="cluster-create", className="btn"),
+                ],
+                className="row",
+            ),
+            html.Div("Shift+click or shift+drag to select nodes.", id="selection-note", className="hint"),
+            html.Div(id="cluster-list"),
+            html.Div(id="cluster-status", className="status"),
+            html.Button("Export subgraph", id="export", className="btn secondary"),
+        ],
+        className="card",
+    )
+
+
+def _interventions() -> html.Section:
+    """The interventions card: target, scale or set, queue, the job board."""
+    return html.Section(
+        [
+            html.H2("Intervene"),
+            dcc.Dropdown(id="target", options=[], placeholder="click a feature or make a cluster", clearable=False),
+            html.Div(
+                [
+                    dcc.RadioItems(
+                        id="mode",
+                        options=[{"label": " scale by", "value": "scale"}, {"label": " set to", "value": "set"}],
+                        value="scale",
+                        inline=True,
+                        className="mode",
+                    ),
+                    dcc.Input(id="amount", type="number", value=0, step="any", className="amount"),
+                    html.Button("Queue", id="queue", className="btn"),
+                ],
+                className="row",
+            ),
+            html.Div(id="queue-status", className="status"),
+            html.Div(id="jobs-view"),
+            dcc.Store(id="jobs-live"),
+            dcc.Store(id="jobs-live-shown"),
+            dcc.Interval(id="jobs-poll", interval=500, disabled=True),
+        ],
+        className="card",
     )
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from clt_forge.serve.graphs import EMBEDDING, ERROR, FEATURE, LOGIT
+from clt_forge.artifacts.graph import EMBEDDING, ERROR, FEATURE, LOGIT, parse_node
 from clt_forge.serve.layout import logit_token, node_title, short_token
-from clt_forge.serve.pruning import GraphView, feature_key
+from clt_forge.serve.pruning import GraphView
 
 __all__ = ["empty_panel", "job_board", "logit_chart", "node_panel"]
 
@@ -147,7 +147,7 @@ def node_panel(
     kind, node_id = node["feature_type"], node["node_id"]
     body: list[str] = []
     if kind == FEATURE:
-        layer, index, pos = feature_key(node_id)
+        layer, pos, index = parse_node(node).layer_pos_feature
         title = f"Feature L{layer} #{index}"
         body.append(_where(pos, prompt_tokens))
         explanation = (feature or {}).get("explanation") or node.get("clerp")

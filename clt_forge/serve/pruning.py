@@ -18,9 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clt_forge.serve.graphs import EMBEDDING, ERROR, FEATURE, LOGIT, GraphDocument
+from clt_forge.artifacts.graph import (
+    EMBEDDING,
+    ERROR,
+    FEATURE,
+    LOGIT,
+    GraphDocument,
+    error_node_id,
+    graph_json,
+    parse_node,
+)
 
-__all__ = ["GraphView", "Pruner", "feature_key"]
+__all__ = ["GraphView", "Pruner"]
 
 
 @dataclass
@@ -33,12 +42,6 @@ class GraphView:
 
     def __post_init__(self) -> None:
         self.by_id = {node["node_id"]: node for node in self.nodes}
-
-
-def feature_key(node_id: str) -> tuple[int, int, int]:
-    """(layer, feature, position) of a CLT feature node id `LAYER_FEATURE_POSITION`."""
-    layer, feature, pos = (int(part) for part in node_id.split("_"))
-    return layer, feature, pos
 
 
 class _Tokens:
@@ -63,7 +66,7 @@ class Pruner:
         self.labels: dict[tuple[int, int], str] = {}
         for node in document.nodes:
             if node["feature_type"] == FEATURE and node.get("clerp"):
-                layer, feature, _ = feature_key(node["node_id"])
+                layer, _, feature = parse_node(node).layer_pos_feature
                 self.labels[layer, feature] = node["clerp"]
         self._raw: Any = None
         self._lock = threading.Lock()
@@ -79,8 +82,6 @@ class Pruner:
     def _prune(self, node_threshold: float, edge_threshold: float) -> GraphView:
         if self.raw_path is None:
             return _prune_json(self.document, node_threshold, edge_threshold)
-        from clt_forge.artifacts.graph import graph_json
-
         with self._lock:
             raw = self._load_raw()
             document = graph_json(
@@ -112,8 +113,6 @@ class Pruner:
                 if kinds[link["source"]] == ERROR:
                     out[link["source"]] = out.get(link["source"], 0.0) + abs(link["weight"])
             return out
-        from clt_forge.artifacts.graph import error_node_id
-
         with self._lock:
             raw = self._load_raw()
         n_features, n_pos = len(raw.selected_features), raw.n_pos

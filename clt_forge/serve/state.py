@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clt_forge.artifacts.graph import ERROR, FEATURE, Cluster, GraphDocument, from_supernodes, parse_node
 from clt_forge.errors import CLTError
-from clt_forge.serve.clusters import Cluster, collapse, from_supernodes
+from clt_forge.serve.clusters import collapse
 from clt_forge.serve.features import FeatureSource, open_features
-from clt_forge.serve.graphs import ERROR, FEATURE, GraphDocument, GraphLibrary
+from clt_forge.serve.graphs import GraphLibrary
 from clt_forge.serve.jobs import InterventionQueue
 from clt_forge.serve.layout import elements, positions
 from clt_forge.serve.panel import empty_panel, node_panel
-from clt_forge.serve.pruning import GraphView, Pruner, feature_key
+from clt_forge.serve.pruning import GraphView, Pruner
 
 __all__ = [
     "DEFAULT_MAX_LINKS",
@@ -130,7 +131,7 @@ def panel_html(state: ServeState, shown: View, node_id: str) -> str:
     if node["feature_type"] == FEATURE:
         source, note = state.features(document)
         if source is not None:
-            layer, index, _ = feature_key(node_id)
+            layer, _, index = parse_node(node).layer_pos_feature
             feature = source.feature(layer, index)
             note = None if feature is not None else f"Feature ({layer}, {index}) is not in {source.path}."
     elif node["feature_type"] == ERROR:
