@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from clt_forge.artifacts.checkpoint import load_checkpoint
 from clt_forge.artifacts.feature_json import export_feature_files
 from clt_forge.artifacts.features import FeatureStore, merge_stores
+from clt_forge.artifacts.graph import NodeKind, parse_node
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
 from clt_forge.autointerp.source import dataset_windows, grouped, model_windows
@@ -54,15 +55,10 @@ def select_features(n_layers: int, d_features: int, graph: str | None, index: in
         path = Path(graph)
         try:
             nodes = json.loads(path.read_text())["nodes"]
+            ids = [parse_node(n) for n in nodes if n.get("feature_type") == NodeKind.FEATURE]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CLTError(f"features_from={path}: not a graph JSON from `clt attribute` ({err}).") from None
-        chosen = sorted(
-            {
-                (int(n["layer"]), int(n["node_id"].split("_")[1]))
-                for n in nodes
-                if n.get("feature_type") == "cross layer transcoder"
-            }
-        )
+        chosen = sorted({(cast(int, n.layer), cast(int, n.index)) for n in ids})
         bad = [(layer, f) for layer, f in chosen if layer >= n_layers or f >= d_features]
         if bad:
             raise CLTError(f"features_from={path}: features {bad[:3]} do not exist in this CLT.")
