@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from clt_forge.artifacts.graph import parse_node
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "model=tiny",
@@ -48,7 +50,7 @@ def test_demo_runs_every_stage_labels_the_graph_and_skips_finished_stages(tmp_pa
     labelled = [n for n in features if n["clerp"].strip()]
     assert features and len(labelled) == len(features), "every feature node has its explanation"
     summary = json.loads((out / "features" / "summary.json").read_text())
-    assert summary["features"] == len({(n["layer"], n["node_id"].split("_")[1]) for n in features})
+    assert summary["features"] == len({parse_node(n).layer_pos_feature[::2] for n in features})
     assert f"serve {out / 'graphs' / 'opposite.json'}" in first.stdout
 
     again = clt("demo", *SMALL, f"out={out}", cwd=tmp_path)
