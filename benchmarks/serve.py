@@ -84,7 +84,7 @@ def synthetic_graph(n_nodes: int, seed: int = 0) -> dict[str, Any]:
         layer, pos = rng.randrange(N_LAYERS), rng.randrange(N_POS)
         if i % 10 == 9 and (layer, pos) not in errors:
             errors.add((layer, pos))
-            add(f"err_{layer}_{pos}", "mlp reconstruction error", str(layer), pos)
+            add(f"{layer}_-1_{pos}", "mlp reconstruction error", str(layer), pos)
             continue
         feature = rng.randrange(100_000)
         while (layer, feature, pos) in features:
@@ -122,7 +122,7 @@ def synthetic_graph(n_nodes: int, seed: int = 0) -> dict[str, Any]:
         "prompt_token_ids": list(range(N_POS)),
         "node_threshold": 0.8,
         "pruning_settings": {"node_threshold": 0.8, "edge_threshold": 0.98},
-        "schema_version": 1,
+        "schema_version": 2,
     }
     q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}

@@ -167,6 +167,7 @@ def test_error_nodes_never_collide_with_layer_0_features():
 
     feature_id = "0_2_5"  # layer 0, feature 2, position 5
     assert error_node_id(2, 5) != feature_id
+    assert error_node_id(2, 5) == "2_-1_5"  # as upstream circuit-tracer and Neuronpedia write it
 
 
 def test_node_ids_round_trip_through_the_parser():
@@ -195,7 +196,16 @@ def test_node_ids_round_trip_through_the_parser():
     with pytest.raises(ValueError, match="no node kind"):
         parse_node({"node_id": "0_2_5", "feature_type": "pixel"})
     with pytest.raises(ValueError, match="not a CLT feature"):
-        _ = parse_node_id("err_1_0", n_layers).layer_pos_feature
+        _ = parse_node_id("1_-1_0", n_layers).layer_pos_feature
+    # graph schema version 1 named errors err_L_p: still read as the error node, written anew
+    for legacy in ("err_2_5", "2_-1_5"):
+        assert parse_node_id(legacy, n_layers) == NodeId(ERROR, 2, None, 5)
+        assert parse_node({"node_id": legacy, "feature_type": "mlp reconstruction error"}) == NodeId(ERROR, 2, None, 5)
+    for wrong in ("E_-1_0", "err_-1_0", "2_-2_5", "2_-1_-1"):
+        with pytest.raises(ValueError, match="is not a node id"):
+            parse_node_id(wrong, n_layers)
+    with pytest.raises(ValueError, match="layer 4 of a model with 4 layers"):
+        parse_node_id("4_-1_0", n_layers)
 
 
 def test_every_id_of_a_written_graph_parses_to_its_node(tiny_runner):

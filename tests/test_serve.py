@@ -488,7 +488,7 @@ def small_graph() -> dict:
             "influence": 0.5,
         },
         {
-            "node_id": "err_1_0",
+            "node_id": "1_-1_0",
             "feature": -1,
             "layer": "1",
             "ctx_idx": 0,
@@ -514,7 +514,7 @@ def small_graph() -> dict:
         {"source": "0_3_0", "target": "1_4_0", "weight": 2.0},
         {"source": "0_3_0", "target": "3_7_0", "weight": -1.0},
         {"source": "1_4_0", "target": "3_7_0", "weight": 3.0},
-        {"source": "err_1_0", "target": "3_7_0", "weight": 0.01},
+        {"source": "1_-1_0", "target": "3_7_0", "weight": 0.01},
     ]
     metadata = {
         "slug": "small",
@@ -522,6 +522,7 @@ def small_graph() -> dict:
         "prompt": "x",
         "prompt_tokens": ["x"],
         "pruning_settings": {"node_threshold": 0.8, "edge_threshold": 0.98},
+        "schema_version": 2,
     }
     return {"metadata": metadata, "qParams": {"supernodes": []}, "nodes": nodes, "links": links}
 
@@ -554,8 +555,9 @@ def test_a_wrong_graph_is_refused_naming_the_problem(tmp_path, change, expected)
 def test_a_graph_of_a_newer_schema_version_is_refused_naming_the_file_and_version(tmp_path):
     from clt_forge.attribution.labels import label_graph
 
-    for version in (None, 1):  # files without the field are version 1, as Neuronpedia reads them
+    for version in (None, 1, 2):  # files without the field are version 1, as Neuronpedia reads them
         document = small_graph()
+        document["metadata"].pop("schema_version")
         if version is not None:
             document["metadata"]["schema_version"] = version
         (tmp_path / "g.json").write_text(json.dumps(document))
@@ -564,7 +566,7 @@ def test_a_graph_of_a_newer_schema_version_is_refused_naming_the_file_and_versio
     (tmp_path / "g.json").write_text(json.dumps(document))
     with pytest.raises(GraphFileError, match=r"g\.json: graph schema_version 99 is newer") as raised:
         read_graph(tmp_path / "g.json")
-    assert "up to 1" in str(raised.value)
+    assert "up to 2" in str(raised.value)
     with pytest.raises(GraphFileError, match=r"g\.json: graph schema_version 99"):
         GraphLibrary(tmp_path).load("g.json")
     with pytest.raises(GraphFileError, match=r"g\.json: graph schema_version 99"):
@@ -573,6 +575,47 @@ def test_a_graph_of_a_newer_schema_version_is_refused_naming_the_file_and_versio
     (tmp_path / "g.json").write_text(json.dumps(document))
     with pytest.raises(GraphFileError, match=r"g\.json: unknown graph schema_version 'one'"):
         read_graph(tmp_path / "g.json")
+
+
+def test_a_version_1_graph_is_read_with_its_error_ids_renamed_and_saved_as_version_2(tmp_path):
+    """Version 1 named error nodes err_L_p (circuit-tracer 0.5.0: 0_L_p); read as L_-1_p everywhere."""
+    old = small_graph()
+    old["metadata"].pop("schema_version")
+    old["nodes"][3]["node_id"] = "err_1_0"
+    old["links"][5]["source"] = "err_1_0"
+    old["qParams"] = {
+        "supernodes": [["mixed", "0_3_0", "err_1_0"]],
+        "pinnedIds": ["err_1_0", "1_4_0"],
+        "clickedId": "err_1_0",
+    }
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(old))
+    document = read_graph(path)
+    assert document.metadata["schema_version"] == 2
+    expected = small_graph()["nodes"]
+    expected[3]["jsNodeId"] = "1_-1-0"
+    assert document.nodes == expected
+    assert document.links == small_graph()["links"]
+    assert document.supernodes == [["mixed", "0_3_0", "1_-1_0"]]
+    assert (
+        document.data["qParams"]["pinnedIds"] == ["1_-1_0", "1_4_0"]
+        and document.data["qParams"]["clickedId"] == "1_-1_0"
+    )
+    assert str(document.parse("1_-1_0")) == "1_-1_0" and document.parse("1_-1_0").kind == "mlp reconstruction error"
+    save_clusters(document, document.clusters)  # saving writes the upgraded file
+    saved = json.loads(path.read_text())
+    assert saved["metadata"]["schema_version"] == 2 and "err_1_0" not in path.read_text()
+    jsonschema.validate(saved, SCHEMA)
+    # circuit-tracer 0.5.0's error id 0_L_p is renamed too, unless a layer-0 feature has that id
+    ct = small_graph()
+    ct["metadata"].pop("schema_version")
+    ct["nodes"][3]["node_id"], ct["links"][5]["source"] = "0_1_0", "0_1_0"
+    path.write_text(json.dumps(ct))
+    assert read_graph(path).links == small_graph()["links"]
+    ct["nodes"][1]["node_id"] = "0_1_0"  # the collision: refused rather than guessed
+    path.write_text(json.dumps(ct))
+    with pytest.raises(GraphFileError, match="'0_1_0' is not the id of a mlp reconstruction error node"):
+        read_graph(path)
 
 
 def test_the_library_opens_only_graph_files_in_its_folder(tmp_path):
@@ -615,9 +658,9 @@ def test_collapse_sums_the_links_between_groups(tmp_path):
     document = small_graph()
     view = GraphView(document["nodes"], document["links"], exact=False)
     nodes, links = collapse(view, [Cluster("both", ("0_3_0", "1_4_0"))])
-    assert {n["node_id"] for n in nodes} == {"E_5_0", "err_1_0", "3_7_0", "cluster:both"}
+    assert {n["node_id"] for n in nodes} == {"E_5_0", "1_-1_0", "3_7_0", "cluster:both"}
     weights = {(link["source"], link["target"]): link["weight"] for link in links}
-    assert weights == {("E_5_0", "cluster:both"): 1.5, ("cluster:both", "3_7_0"): 2.0, ("err_1_0", "3_7_0"): 0.01}
+    assert weights == {("E_5_0", "cluster:both"): 1.5, ("cluster:both", "3_7_0"): 2.0, ("1_-1_0", "3_7_0"): 0.01}
 
 
 def test_pruning_without_the_raw_graph_prunes_the_saved_links_further(tmp_path):
@@ -627,7 +670,7 @@ def test_pruning_without_the_raw_graph_prunes_the_saved_links_further(tmp_path):
     assert len(pruner.view(0.8, 0.98).links) == 6, "at the saved thresholds, the graph as saved"
     tighter = pruner.view(0.3, 0.9)
     assert {n["node_id"] for n in tighter.nodes} == {"E_5_0", "0_3_0", "3_7_0"}  # influence <= 0.3
-    assert not pruner.exact and pruner.error_magnitudes() == {"err_1_0": 0.01}
+    assert not pruner.exact and pruner.error_magnitudes() == {"1_-1_0": 0.01}
 
 
 def test_re_pruning_the_raw_graph_at_the_saved_thresholds_gives_the_saved_graph(made):

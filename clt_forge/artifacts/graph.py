@@ -9,10 +9,10 @@ The output has circuit-tracer's `create_graph_files` shape (metadata, qParams, n
 node fields node_id, feature, layer, ctx_idx, feature_type, jsNodeId, clerp, influence,
 activation, ...) and validates against Neuronpedia's graph schema, with these differences:
 
-- unique node ids: circuit-tracer 0.5.0 names the error node of (layer L, position p)
-  "0_L_p", which is also the id of layer-0 feature L at position p, so the two nodes' edges
-  merge. Error nodes here are "err_L_p" (jsNodeId "err_L-p"); all other ids are unchanged
-  (graph_nodes.py writes and parses them; they are re-exported here);
+- error node ids as upstream circuit-tracer now writes them: "L_-1_p" for (layer L, position
+  p) (jsNodeId "L_-1-p"); circuit-tracer 0.5.0, which we attribute with, names it "0_L_p",
+  also the id of layer-0 feature L at p, so the two nodes' edges would merge. All other ids
+  are circuit-tracer's (graph_nodes.py writes and parses them; they are re-exported here);
 - feature labels (`clerp`) come from a mapping (layer, feature) -> explanation, normally
   the `clt autointerp` database;
 - no tokenizer download: tokens are decoded with the tokenizer we already hold;
@@ -20,9 +20,13 @@ activation, ...) and validates against Neuronpedia's graph schema, with these di
   settings, and where the raw graph, checkpoint and feature database are, so `clt serve`
   can re-prune and intervene from the JSON alone.
 
-`metadata.schema_version` is SCHEMA_VERSION; a reader refuses a file of another (newer)
-version, naming the file and the version. A file without one is version 1 (Neuronpedia's
-default). Clusters are saved as Neuronpedia saves supernodes: `[name, node_id, ...]` lists.
+`metadata.schema_version` is SCHEMA_VERSION (2); a reader refuses a file of another (newer)
+version, naming the file and the version. Version 1 (a file without the field is version 1,
+Neuronpedia's default) is read and upgraded in memory: its error ids, "err_L_p" as clt-forge
+wrote them (or circuit-tracer 0.5.0's "0_L_p" where no feature has that id), are renamed to
+"L_-1_p" in nodes, links and qParams (`upgrade_v1`), and the document says version 2, so a
+file saved back (clusters) is a version-2 file. Clusters are saved as Neuronpedia saves
+supernodes: `[name, node_id, ...]` lists; pinned nodes as `qParams.pinnedIds`.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ from clt_forge.artifacts.graph_nodes import (
     embedding_node_id,
     error_node_id,
     feature_node_id,
+    legacy_error_node_id,
     logit_node_id,
     parse_node,
     parse_node_id,
+    upgrade_v1,
 )
 from clt_forge.errors import CLTError
 
@@ -75,15 +81,18 @@ __all__ = [
     "feature_node_id",
     "from_supernodes",
     "graph_json",
+    "legacy_error_node_id",
     "logit_node_id",
     "parse_node",
     "parse_node_id",
     "read_graph",
     "save_clusters",
     "to_supernodes",
+    "upgrade_v1",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: upgraded on read (upgrade_v1)
 MAX_BYTES = 512 * 1024 * 1024  # a graph JSON larger than this is refused rather than parsed
 
 
@@ -199,25 +208,26 @@ def read_graph(path: Path, max_bytes: int = MAX_BYTES) -> GraphDocument:
         ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise GraphFileError(f"{path}: cannot read the graph file ({err}).") from None
-    if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
-        check_version(data["metadata"], path)
+    if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and check_version(data["metadata"], path) == 1:
+        upgrade_v1(data, SCHEMA_VERSION)
     check_graph(data, path)
     return GraphDocument(path, data)
 
 
-def check_version(metadata: Mapping[str, Any], path: Path) -> None:
-    """Refuse a `schema_version` this module does not write (absent: version 1)."""
+def check_version(metadata: Mapping[str, Any], path: Path) -> int:
+    """The file's `schema_version` (absent: 1); refuses one this module does not read."""
     version = metadata.get("schema_version", 1)
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise GraphFileError(
             f"{path}: graph schema_version {version} is newer than this clt-forge reads "
             f"(up to {SCHEMA_VERSION}); open it with the clt-forge that wrote it, or upgrade."
         )
-    if isinstance(version, bool) or version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise GraphFileError(
-            f"{path}: unknown graph schema_version {version!r} (this clt-forge reads {SCHEMA_VERSION}); "
-            "expected a graph JSON from `clt attribute` (docs/formats.md)."
+            f"{path}: unknown graph schema_version {version!r} (this clt-forge reads "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}); expected a graph JSON from `clt attribute` (docs/formats.md)."
         )
+    return int(version)
 
 
 def check_graph(data: Any, path: Path) -> None:
@@ -378,7 +388,7 @@ def _nodes(
             layer, pos = divmod(index - n_features, graph.n_pos)
             node = Node.error_node(layer, pos, influence=influence)
             node.node_id = error_node_id(layer, pos)
-            node.jsNodeId = f"err_{layer}-{pos}"
+            node.jsNodeId = f"{layer}_-1-{pos}"
         elif index < token_end:
             pos = index - error_end
             token_id = int(graph.input_tokens[pos])
