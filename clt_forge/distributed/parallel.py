@@ -180,17 +180,25 @@ class _Distributed(Parallel):
             dist.destroy_process_group()
 
     def grad_scaler(self, enabled: bool, init_scale: float) -> torch.amp.GradScaler:
-        """A rank holds a slice of the gradients (feature, fsdp) or a copy (ddp): the scaler
-        sums its inf/NaN findings over ranks, so every rank skips the same steps and keeps
-        the same scale."""
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(self.device.type, init_scale=init_scale, enabled=enabled)
+        return RankSyncedGradScaler(self.device.type, init_scale=init_scale, enabled=enabled)
 
     def _mean(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         stacked = torch.stack([v.detach().float() for v in values])
         dist.all_reduce(stacked)
         return list(stacked / self.world)
+
+
+class RankSyncedGradScaler(torch.amp.GradScaler):
+    """A rank holds a slice of the gradients (feature, fsdp) or a copy (ddp): the inf/NaN finding
+    of `unscale_` (0.0 or 1.0) is maxed over ranks, so every rank skips the same steps and keeps
+    the same scale. Not torch's ShardedGradScaler: its finding has shape [1], which the fused
+    Adam step refuses, and is summed, while fused Adam skips only on exactly 1.0."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        if self.is_enabled():
+            for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
 
 
 class FeatureParallel(_Distributed):
