@@ -11,6 +11,16 @@ into the weights and the converted transcoder maps raw MLP inputs to raw MLP out
 
 JumpReLU is z = h * (h > threshold) in both libraries, so features agree exactly too.
 
+A TopK or BatchTopK CLT (clt.activation, clt_forge/clt/activations.py) exports the same way, as
+a JumpReLU CLT: its log_threshold holds no learned gradient but the inference threshold its
+training forwards estimated (per layer, a moving average of the smallest activation kept), which
+is what the BatchTopK paper uses at inference. The export then keeps, per token, the features
+above that threshold instead of exactly the top k: tests/test_activations.py checks that the
+exported CLT, read back by circuit-tracer's load_clt, explains the held-out variance the trained
+one does to within 0.05 for BatchTopK, whose batch cutoff is what the threshold estimates, and
+0.15 for TopK, whose cutoff varies per token (EXPORT_EV_TOLERANCE), at about the same L0. Checkpoints record no
+activation: `load_checkpoint` gives this JumpReLU CLT, the one attribution uses.
+
 On disk (`export_circuit_tracer`) we write what circuit-tracer's `load_clt` reads back:
 W_enc_{l}.safetensors (W_enc_{l}, b_enc_{l}, b_dec_{l}, threshold_{l}) and
 W_dec_{l}.safetensors (W_dec_{l}), plus the config.yaml its hub loader expects
@@ -110,7 +120,7 @@ def to_circuit_tracer(
     return converted.to(device=torch.device(device), dtype=dtype)
 
 
-def export_circuit_tracer(checkpoint: str | Path, out: str | Path) -> Path:
+def export_circuit_tracer(checkpoint: str | Path | tuple[CrossLayerTranscoder, Normalization], out: str | Path) -> Path:
     """Write circuit-tracer's on-disk CLT format (see the module docstring) atomically to `out`."""
     clt, norm = _load(checkpoint)
     weights = fold(clt, norm)

@@ -15,7 +15,9 @@ where ||W_dec[l, f]|| is the norm of feature f of layer l's decoder vectors conc
 its target layers (`CrossLayerTranscoder.decoder_norms`, or `CLTOutput.decoder_norms`),
 theta = exp(log_threshold) the JumpReLU threshold and h the pre-activations. The dead term
 pushes the pre-activations of features that never fire up toward their threshold. Gradients
-flow through every factor, as in the formulas.
+flow through every factor, as in the formulas. An activation that fixes the number of active
+features (TopK, BatchTopK: `CLTOutput.l0_penalty` False) has no sparsity term whatever the
+l0_coefficient (its schedule does not apply); its theta is an estimate, not trained.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def clt_loss(
     mse = (output.reconstruction - target).square().sum() / batch
     zero = mse.new_zeros(())
     sparsity = zero
-    if l0_coefficient != 0.0:
+    if l0_coefficient != 0.0 and output.l0_penalty:
         sparsity = l0_coefficient * torch.tanh(c * output.features * decoder_norms).sum() / batch
     dead = zero
     if dead_coefficient != 0.0:

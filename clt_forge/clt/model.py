@@ -51,8 +51,11 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
+from clt_forge.clt.activations import Activated, Gather, make_activation
 from clt_forge.clt.init import init_clt
-from clt_forge.clt.jumprelu import jumprelu
+from clt_forge.clt.sparse_decode import DECODE, SparseDecodeWithNorms
+from clt_forge.clt.sparse_decode import decoder_norms_packed as _decoder_norms_packed
+from clt_forge.clt.sparse_decode import source_block as _source_block
 
 __all__ = ["CLTOutput", "CrossLayerTranscoder", "pair_offsets"]
 
@@ -73,11 +76,7 @@ class CLTOutput:
     features: Float[torch.Tensor, "batch n_layers d_features"]
     reconstruction: Float[torch.Tensor, "batch n_layers d_model"]
     decoder_norms: Float[torch.Tensor, "n_layers d_features"]
-
-
-def _source_block(W_dec: torch.Tensor, offsets: list[int], source: int) -> torch.Tensor:
-    """Source `source`'s decoders as a strided [F, (L - source) D] matrix view of W_dec."""
-    return W_dec[:, offsets[source] : offsets[source + 1]].view(W_dec.shape[0], -1)
+    l0_penalty: bool = True  # whether the L0 sparsity term applies to this activation (clt_loss)
 
 
 def _decode_packed(z: torch.Tensor, W_dec: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -92,12 +91,6 @@ def _decode_packed(z: torch.Tensor, W_dec: torch.Tensor, offsets: list[int]) -> 
         else:
             dest.addmm_(z[:, source], block)
     return out
-
-
-def _decoder_norms_packed(W_dec: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-    """||W_dec[l -> l..L-1]||_2 per (source l, feature): [L, F]."""
-    n_layers = len(offsets) - 1
-    return torch.stack([torch.linalg.vector_norm(_source_block(W_dec, offsets, s), dim=1) for s in range(n_layers)])
 
 
 def _storage_owners(tensor: torch.Tensor) -> int | None:
@@ -216,6 +209,10 @@ class CrossLayerTranscoder(nn.Module):
     `grad_buffer` reuses W_dec's gradient storage across steps (see `GradBuffer`); a wrapper
     that frees gradients itself after reducing them (FSDP) may set it to None so the full-size
     buffer is not kept alive between steps.
+
+    `activation` names an entry of clt_forge.clt.activations.ACTIVATIONS (jumprelu, topk,
+    batchtopk; `k` is TopK's features per token and layer); `decode` an entry of
+    clt_forge.clt.sparse_decode.DECODE (auto, dense, sparse), checked per forward.
     """
 
     def __init__(
@@ -228,6 +225,9 @@ class CrossLayerTranscoder(nn.Module):
         device: torch.device | str | None = None,
         jumprelu_threshold: float = 0.03,
         init: bool = True,
+        activation: str = "jumprelu",
+        k: int = 0,
+        decode: str = "auto",
     ) -> None:
         super().__init__()
         self.n_layers = n_layers
@@ -243,6 +243,10 @@ class CrossLayerTranscoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_features, self.n_pairs, d_model, **kw))
         self.b_dec = nn.Parameter(torch.empty(n_layers, d_model, **kw))
         self.grad_buffer: GradBuffer | None = GradBuffer()  # set to None to allocate W_dec.grad afresh
+        self.activation_name, self.k, self.decode_mode = activation, k, decode
+        self.activation = make_activation(activation, k)
+        self.use_sparse = DECODE.lookup(decode)
+        self.log_threshold.requires_grad_(self.activation.learns_threshold)
         if init:  # a CLT about to be loaded or sliced into skips it: its values are overwritten
             init_clt(self, jumprelu_threshold=jumprelu_threshold)
 
@@ -267,13 +271,20 @@ class CrossLayerTranscoder(nn.Module):
     def encode(
         self, x: Float[torch.Tensor, "batch n_layers d_model"]
     ) -> tuple[Float[torch.Tensor, "batch n_layers d_features"], Float[torch.Tensor, "batch n_layers d_features"]]:
-        """(pre_acts h, features z = JumpReLU(h)); one batched matmul over layers.
+        """(pre_acts h, features z = activation(h)); one batched matmul over layers.
 
         Both come back as [B, L, F] views of [L, B, F] storage, so z[:, l] is contiguous.
         """
+        h, activated = self.encode_activated(x)
+        return h, activated.features
+
+    def encode_activated(
+        self, x: Float[torch.Tensor, "batch n_layers d_model"], gather: Gather | None = None
+    ) -> tuple[Float[torch.Tensor, "batch n_layers d_features"], Activated]:
+        """(h, the activation's output: z and where the decode's backward needs grad z). `gather`
+        concatenates across feature shards for activations that rank all features (TopK)."""
         h = torch.baddbmm(self.b_enc[:, None, :], x.transpose(0, 1), self.W_enc).permute(1, 0, 2)
-        z = jumprelu(h, self.jumprelu_threshold(), self.bandwidth)
-        return h, z
+        return h, self.activation(h, self, gather)
 
     def decode(
         self, z: Float[torch.Tensor, "batch n_layers d_features"], bias: bool = True
@@ -283,14 +294,20 @@ class CrossLayerTranscoder(nn.Module):
         return recon + self.b_dec if bias else recon
 
     def decode_with_norms(
-        self, z: Float[torch.Tensor, "batch n_layers d_features"], bias: bool = True
+        self,
+        z: Float[torch.Tensor, "batch n_layers d_features"],
+        bias: bool = True,
+        grad_needed: torch.Tensor | None = None,
     ) -> tuple[Float[torch.Tensor, "batch n_layers d_model"], Float[torch.Tensor, "n_layers d_features"]]:
         """(decode(z, bias), decoder_norms()) from one autograd node, so the gradients of the
-        reconstruction and of the norm terms land in one W_dec buffer in one pass."""
-        recon, norms = self._decode(z, with_norms=True)
+        reconstruction and of the norm terms land in one W_dec buffer in one pass. A sparse decode
+        computes grad z only where `grad_needed` (from the activation; None: everywhere)."""
+        recon, norms = self._decode(z, with_norms=True, grad_needed=grad_needed)
         return (recon + self.b_dec if bias else recon), norms
 
-    def _decode(self, z: torch.Tensor, with_norms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(
+        self, z: torch.Tensor, with_norms: bool, grad_needed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the packed decode in one dtype: autocast's where autocast is on (as nn.Linear
         would: both operands cast, outputs in that dtype), else W_dec's."""
         device_type = z.device.type
@@ -301,10 +318,13 @@ class CrossLayerTranscoder(nn.Module):
         elif z.dtype != W_dec.dtype:
             z = z.to(W_dec.dtype)
         with torch.autocast(device_type, enabled=False):
+            if self.use_sparse(z):
+                args = (z, W_dec, self.offsets, self.grad_buffer, with_norms, grad_needed)
+                return SparseDecodeWithNorms.apply(*args)
             return _DecodeWithNorms.apply(z, W_dec, self.offsets, self.grad_buffer, with_norms)
 
     def forward(self, x: Float[torch.Tensor, "batch n_layers d_model"]) -> CLTOutput:
-        """Encode, JumpReLU, decode; also returns the decoder norms the loss needs."""
-        h, z = self.encode(x)
-        recon, norms = self.decode_with_norms(z)
-        return CLTOutput(pre_acts=h, features=z, reconstruction=recon, decoder_norms=norms)
+        """Encode, activate, decode; also returns the decoder norms the loss needs."""
+        h, activated = self.encode_activated(x)
+        recon, norms = self.decode_with_norms(activated.features, grad_needed=activated.grad_needed)
+        return CLTOutput(h, activated.features, recon, norms, l0_penalty=self.activation.l0_penalty)

@@ -10,7 +10,10 @@ identity: d mse / d partial_r = d mse / d reconstruction, which every rank alrea
 full (the targets and the reconstruction are replicated). An autograd all-reduce in the
 backward as well would multiply every gradient by the world size (a bug this design avoids).
 A rank's sparsity and dead terms depend only on its own parameters, so their gradients are
-local and exact. b_dec's gradient comes from the replicated mse and is equal on every rank.
+local and exact. Activations that rank all of a layer's features (TopK, BatchTopK) see every
+rank's candidates through `all_gather_last` (no gradient: it only picks the cutoff), so each rank
+keeps exactly its slice of the unsharded CLT's active set; the sparse decode then runs on each
+rank's active slice. b_dec's gradient comes from the replicated mse and is equal on every rank.
 Logged totals all-reduce the local terms; the global gradient norm sums the sharded parameters'
 squared norms across ranks and counts b_dec once.
 """
@@ -21,12 +24,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from jaxtyping import Float
 from torch import nn
 
 from clt_forge.clt.loss import LossTerms, clt_loss
 from clt_forge.clt.model import CLTOutput, CrossLayerTranscoder
 
-__all__ = ["FeatureShardedCLT", "all_reduce_sum", "feature_slice", "shard_clt"]
+__all__ = ["FeatureShardedCLT", "all_gather_last", "all_reduce_sum", "feature_slice", "shard_clt"]
 
 SHARDED = ("W_enc", "b_enc", "log_threshold", "W_dec")
 REPLICATED = ("b_dec",)
@@ -58,6 +62,22 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_gather_last(
+    tensor: Float[torch.Tensor, "*lead n"], group: Any = None
+) -> Float[torch.Tensor, "*lead n_all_ranks"]:
+    """Every rank's `tensor` concatenated along the last dim, in rank order (sizes may differ)."""
+    sizes = torch.tensor([tensor.shape[-1]], device=tensor.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(all_sizes, sizes, group=group)
+    widest = int(max(s.item() for s in all_sizes))
+    padded = torch.full((*tensor.shape[:-1], widest), -torch.inf, dtype=tensor.dtype, device=tensor.device)
+    padded[..., : tensor.shape[-1]] = tensor
+    parts = [torch.empty_like(padded) for _ in all_sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[..., : int(n.item())] for part, n in zip(parts, all_sizes, strict=True)], dim=-1)
+
+
+@torch.no_grad()
 def shard_clt(full: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTranscoder:
     """This rank's slice of a full CLT as a plain CrossLayerTranscoder (copies, same dtype/device)."""
     cols = feature_slice(full.d_features, rank, world)
@@ -69,6 +89,9 @@ def shard_clt(full: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTr
         dtype=full.W_enc.dtype,
         device=full.W_enc.device,
         init=False,
+        activation=full.activation_name,
+        k=full.k,
+        decode=full.decode_mode,
     )
     local.W_enc.copy_(full.W_enc[:, :, cols])
     local.b_enc.copy_(full.b_enc[:, cols])
@@ -88,10 +111,11 @@ class FeatureShardedCLT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> CLTOutput:
         """Local pre-activations / features / decoder norms; the global reconstruction."""
-        h, z = self.local.encode(x)
-        partial, norms = self.local.decode_with_norms(z, bias=False)
+        h, activated = self.local.encode_activated(x, gather=lambda t: all_gather_last(t, self.group))
+        z = activated.features
+        partial, norms = self.local.decode_with_norms(z, bias=False, grad_needed=activated.grad_needed)
         reconstruction = all_reduce_sum(partial, self.group) + self.local.b_dec
-        return CLTOutput(pre_acts=h, features=z, reconstruction=reconstruction, decoder_norms=norms)
+        return CLTOutput(h, z, reconstruction, norms, l0_penalty=self.local.activation.l0_penalty)
 
     def loss(
         self, output: CLTOutput, target: torch.Tensor, l0_coefficient: float, c: float, dead_coefficient: float

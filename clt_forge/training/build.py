@@ -137,6 +137,9 @@ def build_clt(
         bandwidth=cfg.clt.jumprelu_bandwidth,
         device=device,
         init=False,
+        activation=cfg.clt.activation,
+        k=cfg.clt.k,
+        decode=cfg.clt.decode,
     )
     init_clt(clt, cfg.clt.jumprelu_threshold, seed=cfg.seed, features=features, d_features=d_features)
     return clt, None

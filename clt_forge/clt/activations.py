@@ -1,0 +1,182 @@
+"""The CLT's activation functions, one registry keyed by `clt.activation`.
+
+The one job of this file: turn pre-activations h [B, L, F] into features z [B, L, F], and say
+where the decode's backward must compute grad z (`Activated.grad_needed`) so the sparse decode
+(clt_forge/clt/decode.py) can skip the rest exactly. A new activation is one registered subclass
+of `Activation`.
+
+    jumprelu   z = h * H(h - theta), theta = exp(log_threshold) learned with the STE
+               (clt_forge/clt/jumprelu.py); grad z is needed where z != 0 and, while theta
+               learns, inside the STE window |h - theta| < bandwidth / 2.
+    topk       z = ReLU(h) on the k largest h of each (token, layer), over all F features.
+    batchtopk  z = ReLU(h) on the k * B largest h of each layer over the whole batch (Bussmann
+               et al. 2024); in eval mode z = JumpReLU(h, theta) with the estimated theta, which
+               is batch-independent, as the BatchTopK paper does at inference.
+
+TopK and BatchTopK need no L0 penalty (`l0_penalty = False`: the loss skips the sparsity term and
+its schedule) and do not learn theta by gradient (log_threshold has requires_grad False). Instead
+each training forward estimates it as the paper does: per layer, an exponential moving average
+(momentum `threshold_momentum`) of the smallest activation kept in the batch, written into every
+feature of that layer's log_threshold (TopK: the mean over tokens of each token's smallest kept
+activation, its per-token cutoff). That makes the checkpoint a JumpReLU CLT with learned
+thresholds, which is what circuit-tracer loads (clt_forge/attribution/convert.py).
+
+Feature sharding: a rank holds only its slice of F, so the cutoffs need every rank's candidates.
+`gather` concatenates a tensor along its last dim across the ranks (identity on one device); the
+k-th largest value of the gathered per-rank top-k equals the k-th largest over all features, so a
+sharded forward keeps exactly the entries the unsharded one keeps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Bool, Float
+
+from clt_forge.clt.jumprelu import jumprelu, rectangle
+from clt_forge.registry import Registry
+
+if TYPE_CHECKING:
+    from clt_forge.clt.model import CrossLayerTranscoder
+
+__all__ = ["ACTIVATIONS", "Activated", "Activation", "Gather", "make_activation"]
+
+Gather = Callable[[torch.Tensor], torch.Tensor]  # concatenates along the last dim across feature shards
+
+
+def _no_gather(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass
+class Activated:
+    """Features and where their gradient is needed (None: everywhere, e.g. under no_grad)."""
+
+    features: Float[torch.Tensor, "batch n_layers d_features"]
+    grad_needed: Bool[torch.Tensor, "batch n_layers d_features"] | None
+
+
+class Activation:
+    """Base class: `__call__(h, clt, gather)` -> Activated. Subclasses set the class flags."""
+
+    l0_penalty = True  # the tanh L0 term and its schedule apply
+    learns_threshold = True  # log_threshold is trained by gradient (else estimated in the forward)
+
+    def __init__(self, k: int = 0) -> None:
+        self.k = k
+
+    def __call__(
+        self, h: Float[torch.Tensor, "batch n_layers d_features"], clt: CrossLayerTranscoder, gather: Gather | None
+    ) -> Activated:
+        raise NotImplementedError
+
+
+ACTIVATIONS: Registry[type[Activation]] = Registry("clt.activation")
+
+
+def make_activation(name: str, k: int = 0) -> Activation:
+    """The activation `name` with its settings checked (ConfigError / ValueError naming the fix)."""
+    return ACTIVATIONS.lookup(name)(k=k)
+
+
+@ACTIVATIONS.register("jumprelu")
+class JumpReLU(Activation):
+    """Today's activation: learned thresholds, straight-through gradients (see jumprelu.py)."""
+
+    def __call__(self, h: torch.Tensor, clt: CrossLayerTranscoder, gather: Gather | None) -> Activated:
+        theta = clt.jumprelu_threshold()
+        z = jumprelu(h, theta, clt.bandwidth)
+        if not torch.is_grad_enabled():
+            return Activated(z, None)
+        needed = z != 0
+        if theta.requires_grad:  # theta's STE reads grad z inside the window, active or not
+            needed |= rectangle((h.detach() - theta.detach()) / clt.bandwidth).bool()
+        return Activated(z, needed)
+
+
+class _Selecting(Activation):
+    """TopK-style: keep a number of the largest pre-activations, estimate theta for inference."""
+
+    l0_penalty = False
+    learns_threshold = False
+    threshold_momentum = 0.99
+
+    def __init__(self, k: int = 0) -> None:
+        if k < 1:
+            raise ValueError(f"clt.k={k}: the {type(self).__name__} activation keeps k features; set clt.k >= 1")
+        super().__init__(k)
+
+    def keep(self, h: torch.Tensor, gather: Gather) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, h: torch.Tensor, clt: CrossLayerTranscoder, gather: Gather | None) -> Activated:
+        gather = gather or _no_gather
+        with torch.no_grad():
+            kept = self.keep(h.detach(), gather) & (h.detach() > 0)
+        z = h * kept.to(h.dtype)
+        if clt.training and torch.is_grad_enabled():
+            self.update_threshold(z.detach(), kept, clt, gather)
+        return Activated(z, kept if torch.is_grad_enabled() else None)
+
+    def batch_threshold(self, z: torch.Tensor, kept: torch.Tensor, gather: Gather) -> torch.Tensor:
+        """This batch's threshold per layer [L] (inf where a layer kept nothing): the smallest
+        activation kept, over the batch and every shard (the BatchTopK paper's estimate)."""
+        smallest = torch.where(kept, z, torch.full_like(z, math.inf)).amin(dim=(0, 2))  # [L]
+        return gather(smallest[:, None]).amin(dim=1)
+
+    @torch.no_grad()
+    def update_threshold(self, z: torch.Tensor, kept: torch.Tensor, clt: CrossLayerTranscoder, gather: Gather) -> None:
+        """theta_l <- m theta_l + (1 - m) batch_threshold_l, per layer, the same on every rank."""
+        smallest = self.batch_threshold(z, kept, gather)
+        theta = clt.log_threshold.exp()
+        found = torch.isfinite(smallest)[:, None]  # a layer that kept nothing keeps its theta
+        m = self.threshold_momentum
+        updated = m * theta + (1 - m) * smallest[:, None].to(theta.dtype)
+        clt.log_threshold.copy_(torch.where(found, updated.log(), clt.log_threshold))
+
+
+def _kth_largest(values: torch.Tensor, k: int, gather: Gather) -> torch.Tensor:
+    """The k-th largest entry of `values` along its last dim across all shards (-inf if fewer)."""
+    local = values.topk(min(k, values.shape[-1]), dim=-1).values
+    everywhere = gather(local)
+    if everywhere.shape[-1] < k:
+        return torch.full_like(everywhere[..., :1], -math.inf)
+    return everywhere.topk(k, dim=-1).values[..., -1:]
+
+
+@ACTIVATIONS.register("topk")
+class TopK(_Selecting):
+    """k features per layer per token (Gao et al. 2024), over all of the layer's features."""
+
+    def keep(self, h: torch.Tensor, gather: Gather) -> torch.Tensor:
+        return h >= _kth_largest(h, self.k, gather)
+
+    def batch_threshold(self, z: torch.Tensor, kept: torch.Tensor, gather: Gather) -> torch.Tensor:
+        """Per layer, the mean over tokens of each token's smallest kept activation (its cutoff):
+        the batch minimum would sit at the lowest token's cutoff and keep far more than k."""
+        per_token = gather(torch.where(kept, z, torch.full_like(z, math.inf)).amin(dim=2, keepdim=True)).amin(-1)
+        found = torch.isfinite(per_token)
+        total = torch.where(found, per_token, torch.zeros_like(per_token)).sum(0)
+        count = found.sum(0)
+        return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.inf))
+
+
+@ACTIVATIONS.register("batchtopk")
+class BatchTopK(_Selecting):
+    """k x batch features per layer over the whole batch; theta alone in eval mode."""
+
+    def keep(self, h: torch.Tensor, gather: Gather) -> torch.Tensor:
+        batch, n_layers, _ = h.shape
+        per_layer = h.transpose(0, 1).reshape(n_layers, -1)  # [L, B F]
+        cutoff = _kth_largest(per_layer, self.k * batch, gather)  # [L, 1]
+        return h >= cutoff.view(1, n_layers, 1)
+
+    def __call__(self, h: torch.Tensor, clt: CrossLayerTranscoder, gather: Gather | None) -> Activated:
+        if clt.training:
+            return super().__call__(h, clt, gather)
+        kept = h > clt.log_threshold.exp()
+        return Activated(h * kept.to(h.dtype), kept if torch.is_grad_enabled() else None)

@@ -1,0 +1,150 @@
+"""The sparse decode: the packed decode (clt_forge/clt/model.py) at the cost of the active features.
+
+The one job of this file: the autograd Function that computes the same (reconstruction without
+bias, decoder norms) as the dense `_DecodeWithNorms`, and the same gradients to fp32 rounding,
+reading and writing only what the active entries touch, plus the `clt.decode` choice.
+
+Per source layer l (B tokens, W_l = W_dec's [F, (L - l) D] block of source l, a strided view):
+
+    forward    recon[:, l:] += Z_l W_l                 Z_l = z[:, l] as a CSR matrix [B, F]: only
+                                                       the active (token, feature) rows of W_l are read
+    grad W_l   = coef_l * W_l + Z_l^T G_l              G_l = grad recon[:, l:] [B, (L - l) D]; the
+                                                       CSR product adds only rows of features active
+                                                       in the batch (the norm term, exact and dense,
+                                                       is written first, or zeros without it)
+    grad z_l   = (G_l W_l^T) at the entries in `grad_needed` (a sampled product, SDDMM), zero
+                 elsewhere; a layer where more than SDDMM_MAX_FRACTION of the entries are needed
+                 uses the dense GEMM (cheaper there; same values)
+
+`grad_needed` comes from the activation (clt_forge/clt/activations.py): the active entries, plus
+JumpReLU's STE window while theta learns. None means everywhere (the dense GEMM). The sparse
+kernels are torch's CSR ops (MKL on CPU, cuSPARSE on CUDA) in fp32 / fp64; other dtypes decode
+densely. The decoder norms are computed exactly as the dense path does.
+
+`clt.decode` (DECODE, a registry of predicates on z): dense, sparse, or auto, which decodes
+sparsely when the active fraction of z is at most AUTO_MAX_ACTIVE, the crossover measured with
+benchmarks/train_step.py --sparse (docs/performance.md, "Sparse decode").
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from clt_forge.registry import Registry
+
+if TYPE_CHECKING:
+    from clt_forge.clt.model import GradBuffer
+
+__all__ = ["AUTO_MAX_ACTIVE", "DECODE", "SDDMM_MAX_FRACTION", "SparseDecodeWithNorms", "decoder_norms_packed"]
+
+AUTO_MAX_ACTIVE = 0.05  # measured crossover (docs/performance.md, "Sparse decode")
+SDDMM_MAX_FRACTION = 0.02  # above it grad z of a layer is one dense GEMM (benchmarks/train_step.py --sparse)
+SPARSE_DTYPES = (torch.float32, torch.float64)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # the ops used here are stable
+
+DECODE: Registry[Callable[[torch.Tensor], bool]] = Registry("clt.decode")  # name -> "decode z sparsely?"
+
+
+@DECODE.register("dense")
+def _dense(z: torch.Tensor) -> bool:
+    return False
+
+
+@DECODE.register("sparse")
+def _sparse(z: torch.Tensor) -> bool:
+    return z.dtype in SPARSE_DTYPES
+
+
+@DECODE.register("auto")
+def _auto(z: torch.Tensor) -> bool:
+    if z.dtype not in SPARSE_DTYPES:
+        return False
+    return bool(torch.count_nonzero(z).item() <= AUTO_MAX_ACTIVE * z.numel())
+
+
+def source_block(W_dec: torch.Tensor, offsets: list[int], source: int) -> torch.Tensor:
+    """Source `source`'s decoders as a strided [F, (L - source) D] matrix view of W_dec."""
+    return W_dec[:, offsets[source] : offsets[source + 1]].view(W_dec.shape[0], -1)
+
+
+def decoder_norms_packed(W_dec: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """||W_dec[l -> l..L-1]||_2 per (source l, feature): [L, F]."""
+    n_layers = len(offsets) - 1
+    return torch.stack([torch.linalg.vector_norm(source_block(W_dec, offsets, s), dim=1) for s in range(n_layers)])
+
+
+def _grad_z_layer(
+    grad_recon_l: torch.Tensor, block: torch.Tensor, needed: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """out [B, F] = grad_recon_l @ block^T where `needed` (everywhere when None), else 0."""
+    if needed is None or needed.sum().item() > SDDMM_MAX_FRACTION * needed.numel():
+        torch.mm(grad_recon_l, block.t(), out=out)
+        if needed is not None:
+            out.mul_(needed)
+        return
+    pattern = needed.to(out.dtype).to_sparse_csr()
+    sampled = torch.sparse.sampled_addmm(pattern, grad_recon_l, block.t(), beta=0.0)
+    out.copy_(sampled.to_dense())
+
+
+class SparseDecodeWithNorms(torch.autograd.Function):
+    """(reconstruction without bias [B, L, D], decoder norms [L, F]) from (z, packed W_dec),
+    decoded through the active entries only (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: torch.Tensor,
+        W_dec: torch.Tensor,
+        offsets: list[int],
+        grad_buffer: GradBuffer | None,
+        with_norms: bool,
+        grad_needed: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, n_layers, _ = z.shape
+        out = z.new_zeros(batch, n_layers, W_dec.shape[2])
+        for source in range(n_layers):
+            active = z[:, source].to_sparse_csr()
+            out[:, source:].view(batch, -1).addmm_(active, source_block(W_dec, offsets, source))
+        norms = decoder_norms_packed(W_dec, offsets) if with_norms else W_dec.new_empty(0)
+        ctx.save_for_backward(z, W_dec, norms, grad_needed)
+        ctx.offsets, ctx.grad_buffer = offsets, grad_buffer
+        ctx.set_materialize_grads(False)
+        return out, norms
+
+    @staticmethod
+    def backward(ctx: Any, grad_recon: torch.Tensor | None, grad_norms: torch.Tensor | None) -> tuple[Any, ...]:
+        z, W_dec, norms, grad_needed = ctx.saved_tensors
+        offsets = ctx.offsets
+        batch, n_layers, d_features = z.shape
+        if grad_recon is not None:
+            grad_recon = grad_recon.contiguous()
+        if grad_norms is not None and norms.numel() == 0:
+            grad_norms = None
+        grad_z = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_z_lbf = z.new_zeros(n_layers, batch, d_features)
+            if grad_recon is not None:
+                for source in range(n_layers):
+                    needed = None if grad_needed is None else grad_needed[:, source]
+                    block = source_block(W_dec, offsets, source)
+                    _grad_z_layer(grad_recon[:, source:].view(batch, -1), block, needed, grad_z_lbf[source])
+            grad_z = grad_z_lbf.permute(1, 0, 2)
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.grad_buffer.take(W_dec) if ctx.grad_buffer is not None else torch.empty_like(W_dec)
+            if grad_norms is not None:
+                coef = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))  # [L, F]
+            for source in range(n_layers):
+                dest = source_block(grad_w, offsets, source)
+                if grad_norms is not None:
+                    torch.mul(source_block(W_dec, offsets, source), coef[source, :, None], out=dest)
+                else:
+                    dest.zero_()
+                if grad_recon is not None:
+                    active_t = z[:, source].t().to_sparse_csr()  # [F, B]: rows of active features only
+                    dest.addmm_(active_t, grad_recon[:, source:].view(batch, -1))
+        return grad_z, grad_w, None, None, None, None

@@ -1,0 +1,145 @@
+"""The sparse decode equals the dense one (fp32 rounding only): the loss terms, every parameter's
+gradient and the weights after one Adam step, for each activation; on one process and under
+feature sharding on gloo (2 processes)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clt_forge.clt.loss import clt_loss
+from clt_forge.clt.model import CrossLayerTranscoder
+from clt_forge.clt.sparse_decode import DECODE, SparseDecodeWithNorms, _grad_z_layer
+from clt_forge.distributed.feature_sharding import FeatureShardedCLT, feature_slice, shard_clt
+
+L, D, F, B = 4, 16, 64, 48
+SETTINGS = {  # activation -> (k, bandwidth, loss coefficients)
+    "jumprelu": (0, 0.02, {"l0_coefficient": 0.3, "c": 2.0, "dead_coefficient": 0.01}),
+    "jumprelu-wide": (0, 1.0, {"l0_coefficient": 0.3, "c": 2.0, "dead_coefficient": 0.0}),
+    "topk": (3, 1.0, {"l0_coefficient": 0.3, "c": 1.0, "dead_coefficient": 0.0}),
+    "batchtopk": (2, 1.0, {"l0_coefficient": 0.0, "c": 1.0, "dead_coefficient": 0.01}),
+}
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def make_clt(name: str, decode: str) -> CrossLayerTranscoder:
+    k, bandwidth, _ = SETTINGS[name]
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(
+        L, D, F, bandwidth=bandwidth, activation=name.split("-")[0], k=k, decode=decode, jumprelu_threshold=0.5
+    )
+    with torch.no_grad():
+        clt.b_enc.normal_(-0.4, 0.2)  # a few percent active, as a trained CLT
+        clt.b_dec.normal_(0, 0.1)
+    return clt
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(B, L, D, generator=generator), torch.randn(B, L, D, generator=generator)
+
+
+def step(clt: CrossLayerTranscoder, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(loss terms, gradients) of one training step; the CLT has taken one Adam step afterwards."""
+    x, y = batch()
+    out = clt(x)
+    terms = clt_loss(out, y, out.decoder_norms, clt.jumprelu_threshold(), **SETTINGS[name][2])
+    terms.total.backward()
+    grads = {n: p.grad.clone() for n, p in clt.named_parameters() if p.grad is not None}
+    torch.optim.Adam([p for p in clt.parameters() if p.requires_grad], lr=1e-2).step()
+    return {n: getattr(terms, n).detach() for n in ("total", "mse", "sparsity", "dead")}, grads
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_sparse_equals_dense(name: str) -> None:
+    dense, sparse = make_clt(name, "dense"), make_clt(name, "sparse")
+    x, _ = batch()
+    with torch.no_grad():  # no training forward: TopK's theta estimate stays as it is
+        active = (dense(x).features != 0).float().mean().item()
+    assert 0.0 < active < 0.2  # the sparse path has something to skip
+    dense_terms, dense_grads = step(dense, name)
+    sparse_terms, sparse_grads = step(sparse, name)
+    torch.testing.assert_close(sparse_terms, dense_terms, **TOLERANCE)
+    assert sparse_grads.keys() == dense_grads.keys()
+    assert ("log_threshold" in dense_grads) == name.startswith("jumprelu")
+    torch.testing.assert_close(sparse_grads, dense_grads, **TOLERANCE)
+    torch.testing.assert_close(dict(sparse.named_parameters()), dict(dense.named_parameters()), **TOLERANCE)
+
+
+def test_sparse_decode_alone_without_grad_mask_and_without_norms() -> None:
+    """decode(z) with no activation mask: grad z everywhere; the norms' gradient absent."""
+    for decode in ("dense", "sparse"):
+        clt = make_clt("topk", decode)
+        z = torch.relu(torch.randn(B, L, F) - 2.0).requires_grad_()
+        clt.decode(z).square().sum().backward()
+        if decode == "dense":
+            expected = (z.grad.clone(), clt.W_dec.grad.clone())
+    torch.testing.assert_close((z.grad, clt.W_dec.grad), expected, **TOLERANCE)
+
+
+def test_grad_z_sampled_where_needed_only() -> None:
+    generator = torch.Generator().manual_seed(3)
+    grad, block = torch.randn(B, 5 * D, generator=generator), torch.randn(F, 5 * D, generator=generator)
+    needed = torch.rand(B, F, generator=generator) < 0.01  # below SDDMM_MAX_FRACTION: the sampled product
+    out = torch.full((B, F), 7.0)
+    _grad_z_layer(grad, block, needed, out)
+    torch.testing.assert_close(out, (grad @ block.t()) * needed, **TOLERANCE)
+
+
+def test_auto_picks_sparse_by_active_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = SparseDecodeWithNorms.apply
+    monkeypatch.setattr(SparseDecodeWithNorms, "apply", lambda *a: calls.append(1) or original(*a))
+    clt = make_clt("topk", "auto")
+    x, _ = batch()
+    clt(x)  # 3 of 64 features: under the crossover
+    assert calls == [1]
+    assert not DECODE["auto"](torch.ones(4, 4)) and DECODE["auto"](torch.zeros(4, 4))
+    assert not DECODE["sparse"](torch.zeros(4, 4, dtype=torch.bfloat16))  # CSR kernels: fp32 / fp64 only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sharded_worker(rank: int, world: int, port: int, name: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        reference = make_clt(name, "dense")
+        terms, expected = step(copy.deepcopy(reference), name)
+        sharded = FeatureShardedCLT(shard_clt(make_clt(name, "sparse"), rank, world))
+        x, y = batch()
+        out = sharded(x)
+        local, logged = sharded.loss(out, y, **SETTINGS[name][2])
+        local.total.backward()
+        torch.testing.assert_close({n: getattr(logged, n) for n in terms}, terms, **TOLERANCE)
+        cols = feature_slice(F, rank, world)
+        for n, p in sharded.local.named_parameters():
+            want = expected.get(n)
+            if want is None:
+                assert p.grad is None, n
+                continue
+            want = {"W_enc": want[..., cols], "b_enc": want[:, cols], "log_threshold": want[:, cols]}.get(n, want)
+            want = want[cols] if n == "W_dec" else want
+            torch.testing.assert_close(p.grad, want, **TOLERANCE)
+        full_l0 = (reference(x).features != 0).sum()
+        l0 = (out.features != 0).sum()
+        dist.all_reduce(l0)
+        assert l0 == full_l0
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "topk", "batchtopk"])
+def test_sparse_under_feature_sharding_equals_dense_single(name: str) -> None:
+    mp.spawn(_sharded_worker, args=(2, _free_port(), name), nprocs=2, join=True)
