@@ -59,6 +59,15 @@ class EncodeMode(StrEnum):
     inline = "inline"  # encode between forwards with every thread (CPU-only: no thread contention)
 
 
+class ExplainerKind:
+    """Names of the built-in explainer kinds, for code that names one. Not a list to extend: the
+    allowed values of explainer.kind are the keys of EXPLAINERS (clt_forge/autointerp/explainers.py)."""
+
+    local = "local"  # a local Hugging Face instruct model (offline)
+    openai = "openai"  # any OpenAI-compatible endpoint
+    none = "none"  # no explanations
+
+
 class Offload(StrEnum):
     cpu = "cpu"
     disk = "disk"
@@ -232,7 +241,7 @@ class TrainConfig(PipelineConfig):
 class ExplainerConfig:
     """Which language model writes and scores feature explanations (clt_forge/autointerp/explainers.py)."""
 
-    kind: str = "local"  # a registered explainer (tokens, local, openai, ...) or none
+    kind: str = "local"  # a registered explainer (local, openai, ...) or none
     model: str = "smollm2_135m"  # local: a model config name (conf/model); openai: the endpoint's model
     base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8080/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key
@@ -241,9 +250,6 @@ class ExplainerConfig:
     concurrency: int = 4  # openai: requests in flight at once
     retries: int = 3  # openai: attempts per request (exponential back-off)
     timeout_s: float = 60.0  # openai: per request
-    candidates: int = 3  # local / openai: answers per feature; the best-scoring acceptable one is kept
-    sample_temperature: float = 0.7  # local / openai: sampling temperature of the candidates after the first
-    judge: str | None = None  # the explainer kind judging detection questions; null: this one (tokens: local)
 
 
 @dataclass
@@ -274,7 +280,7 @@ class AutointerpConfig(PipelineConfig):
     top_logits: int = 10  # decoder direction through the unembedding: top / bottom tokens
     explain: bool = True  # run the explainer
     score: bool = True  # run the detection scorer
-    score_examples: int = 40  # held-out contexts per feature shown to the scorer (half firing, half silent)
+    score_examples: int = 10  # held-out contexts per feature shown to the scorer (half firing)
     dry_run: bool = False  # print one explanation prompt and stop
     export: str | None = None  # also write circuit-tracer feature JSON files here
     merge: str | None = None  # only merge the per-worker databases in this folder
@@ -293,10 +299,6 @@ class AttributionSettings:
     node_threshold: float = 0.8  # pruning: keep nodes carrying this share of the influence
     edge_threshold: float = 0.98  # pruning: keep edges carrying this share of the influence
     verbose: bool = True  # progress bar and timings
-    fit_to_machine: bool = True  # lower batch_size / max_feature_nodes to fit memory and max_minutes
-    max_minutes: float | None = 5.0  # on a CPU, attribute this long at most (estimated); null: no cap
-    memory_fraction: float = 0.8  # of the memory available when attribution starts
-    allow_over_memory: bool = False  # run even when the estimate exceeds that memory
 
 
 @dataclass
