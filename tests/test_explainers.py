@@ -15,7 +15,7 @@ import pytest
 from openai_server import FakeOpenAIServer, mentions
 
 from clt_forge.artifacts.features import Example, FeatureEvidence
-from clt_forge.autointerp.explainers import EXPLAINERS, Explainer, OpenAIExplainer, make_explainer
+from clt_forge.autointerp.explainers import EXPLAINERS, NO_EXPLAINER, Explainer, OpenAIExplainer, make_explainer
 from clt_forge.autointerp.prompts import (
     clean_explanation,
     detection_messages,
@@ -26,7 +26,7 @@ from clt_forge.autointerp.prompts import (
     split_detection_question,
 )
 from clt_forge.autointerp.scoring import detection_score, list_detection_score, summarize
-from clt_forge.config.schema import ExplainerConfig, ExplainerKind
+from clt_forge.config.schema import ExplainerConfig
 from clt_forge.errors import CLTError
 
 
@@ -216,15 +216,15 @@ def test_summarize():
 
 
 def test_make_explainer_by_kind():
-    assert make_explainer(ExplainerConfig(kind=ExplainerKind.none)) is None
-    assert set(EXPLAINERS) == {ExplainerKind.local, ExplainerKind.openai}
+    assert make_explainer(ExplainerConfig(kind=NO_EXPLAINER)) is None
+    assert set(EXPLAINERS) == {"local", "openai", "tokens"}
 
 
 # ---- OpenAI-compatible endpoint (a real HTTP server on 127.0.0.1) ------------------------------
 
 
 def openai_config(server: FakeOpenAIServer, **overrides) -> ExplainerConfig:
-    fields = {"kind": ExplainerKind.openai, "model": "fake", "base_url": server.base_url, "api_key_env": "CLT_TEST_KEY"}
+    fields = {"kind": "openai", "model": "fake", "base_url": server.base_url, "api_key_env": "CLT_TEST_KEY"}
     return ExplainerConfig(**{**fields, "retries": 3, "timeout_s": 10.0, **overrides})
 
 
@@ -291,13 +291,13 @@ def test_openai_failures_name_the_base_url(monkeypatch):
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
-    cfg = ExplainerConfig(kind=ExplainerKind.openai, base_url=closed, retries=2)
+    cfg = ExplainerConfig(kind="openai", base_url=closed, retries=2)
     with OpenAIExplainer(cfg, backoff_s=0.01) as explainer, pytest.raises(CLTError, match=re.escape(closed)):
         explainer.judge([detection_question("x", KING[0])])
 
     monkeypatch.delenv("CLT_TEST_KEY", raising=False)
     remote = ExplainerConfig(
-        kind=ExplainerKind.openai, base_url="https://api.example.com/v1", api_key_env="CLT_TEST_KEY"
+        kind="openai", base_url="https://api.example.com/v1", api_key_env="CLT_TEST_KEY"
     )
     with pytest.raises(CLTError, match="CLT_TEST_KEY"):
         make_explainer(remote)

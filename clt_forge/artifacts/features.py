@@ -1,16 +1,17 @@
 """The feature database: one SQLite file per worker, merged into one store (docs/formats.md).
 
-Tables (format "clt-forge/features", version 1):
+Tables (format "clt-forge/features", version 2):
 
     meta(key PRIMARY KEY, value)              JSON values: format, version, checkpoint, source,
                                               tokens, worker, hist_edges, context, display
                                               ({histogram_bins, quantiles} of the feature
-                                              JSON export), pass_done,
-                                              finished
+                                              JSON export), scorer ("auroc"; "balanced_accuracy"
+                                              in version 1), pass_done, finished
     features(layer, feature, PRIMARY KEY)     n_active, frequency, mean_act, max_act, histogram
                                               (JSON counts on meta.hist_edges), top_tokens,
                                               top_logits, bottom_logits (JSON), explanation,
-                                              score, score_tpr, score_tnr, status
+                                              score, score_tpr, score_tnr, status,
+                                              score_control, score_difference (version 2)
     examples(layer, feature, kind, rank, PK)  kind: top | sample | silent; position (global
                                               token index), value, center (index of that token
                                               in the lists), token_ids, tokens (decoded strings),
@@ -19,7 +20,12 @@ Tables (format "clt-forge/features", version 1):
 `status` moves collected -> explained -> scored (or done when explanations are off); a worker
 that is killed and re-run skips the pass once `pass_done` is set and every feature already
 past the step it would redo; `finished` marks a worker whose features are all done, and only
-finished worker databases merge. Merging copies rows table by table through SQLite (ATTACH),
+finished worker databases merge.
+
+Version 2 (the scorer with a control) appended `score_control` and `score_difference` to the
+features table; `score` became the AUROC of the judge's P(yes) (it was the balanced accuracy). A
+version-1 database is upgraded in place when opened: the two columns are added (NULL) and
+meta.scorer says "balanced_accuracy" for its old scores; read-only files are read as they are. Merging copies rows table by table through SQLite (ATTACH),
 so it never holds a worker's database in memory.
 """
 
@@ -39,7 +45,9 @@ from clt_forge.errors import CLTError
 __all__ = ["FORMAT", "VERSION", "FeatureStore", "merge_stores", "read_explanations"]
 
 FORMAT = "clt-forge/features"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)  # version 1 is upgraded on open (`_upgrade_v1`)
+V2_COLUMNS = {"score_control": "REAL", "score_difference": "REAL"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,6 +56,7 @@ CREATE TABLE IF NOT EXISTS features (
     n_active INTEGER NOT NULL, frequency REAL NOT NULL, mean_act REAL NOT NULL, max_act REAL NOT NULL,
     histogram TEXT NOT NULL, top_tokens TEXT NOT NULL, top_logits TEXT NOT NULL, bottom_logits TEXT NOT NULL,
     explanation TEXT, score REAL, score_tpr REAL, score_tnr REAL, status TEXT NOT NULL,
+    score_control REAL, score_difference REAL,
     PRIMARY KEY (layer, feature));
 CREATE TABLE IF NOT EXISTS examples (
     layer INTEGER NOT NULL, feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
@@ -70,6 +79,8 @@ FEATURE_COLUMNS = [
     "score_tpr",
     "score_tnr",
     "status",
+    "score_control",
+    "score_difference",
 ]
 EXAMPLE_COLUMNS = ["layer", "feature", "kind", "rank", "position", "value", "center", "token_ids", "tokens", "acts"]
 
@@ -116,10 +127,28 @@ class FeatureStore:
         meta = self.meta()
         if meta.get("format", FORMAT) != FORMAT:
             raise CLTError(f"{self.path}: not a clt-forge feature database (format={meta['format']!r}).")
-        if meta.get("version", VERSION) != VERSION:
+        if meta.get("version", VERSION) not in READABLE:
             raise CLTError(
-                f"{self.path}: feature database version {meta['version']}; this clt-forge reads version {VERSION}."
+                f"{self.path}: feature database version {meta['version']}; this clt-forge reads versions "
+                f"{', '.join(map(str, READABLE))}."
             )
+        if meta.get("version") == 1:
+            self._upgrade_v1()
+
+    def _upgrade_v1(self) -> None:
+        """Version 1 -> 2: append the control columns; old scores were balanced accuracies."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(features)")}
+        try:
+            with self.db:
+                for name, kind in V2_COLUMNS.items():
+                    if name not in have:
+                        self.db.execute(f"ALTER TABLE features ADD COLUMN {name} {kind}")
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [("version", json.dumps(VERSION)), ("scorer", json.dumps("balanced_accuracy"))],
+                )
+        except sqlite3.OperationalError:  # a read-only file: readers use .get() for the new columns
+            pass
 
     def close(self) -> None:
         self.db.close()
@@ -178,12 +207,17 @@ class FeatureStore:
                 (text, status, layer, feature),
             )
 
-    def set_score(self, layer: int, feature: int, score: float, tpr: float, tnr: float) -> None:
+    def set_score(
+        self, layer: int, feature: int, score: float, tpr: float, tnr: float, control: float | None = None
+    ) -> None:
+        """The explanation's score (and TPR / TNR at P(yes) > 0.5), its control's score (the same
+        contexts judged with another feature's explanation), and score - control."""
+        difference = None if control is None else score - control
         with self.db:
             self.db.execute(
-                "UPDATE features SET score = ?, score_tpr = ?, score_tnr = ?, status = 'scored' "
-                "WHERE layer = ? AND feature = ?",
-                (score, tpr, tnr, layer, feature),
+                "UPDATE features SET score = ?, score_tpr = ?, score_tnr = ?, score_control = ?, "
+                "score_difference = ?, status = 'scored' WHERE layer = ? AND feature = ?",
+                (score, tpr, tnr, control, difference, layer, feature),
             )
 
     def set_status(self, status: str, old: str) -> None:
@@ -246,7 +280,21 @@ class FeatureStore:
     def scores(self) -> list[float | None]:
         """Detection scores of every scored feature (None where there was nothing to score on:
         SQLite stores a NaN as NULL)."""
-        return [s for (s,) in self.db.execute("SELECT score FROM features WHERE status = 'scored'")]
+        return [
+            s for (s,) in self.db.execute("SELECT score FROM features WHERE status = 'scored' ORDER BY layer, feature")
+        ]
+
+    def controls(self) -> list[float | None]:
+        """The control scores of the features `scores()` lists, in the same order (None: none)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(features)")}
+        if "score_control" not in have:  # a read-only version-1 file
+            return [None for _ in self.scores()]
+        return [
+            c
+            for (c,) in self.db.execute(
+                "SELECT score_control FROM features WHERE status = 'scored' ORDER BY layer, feature"
+            )
+        ]
 
 
 def read_explanations(path: str | Path) -> dict[tuple[int, int], str]:

@@ -6,6 +6,10 @@ An `Explainer` answers chat prompts (prompts.py) in two ways:
 - `judge(questions)`: for each yes/no question, a probability-like score in [0, 1] that the
   answer is yes (scoring.py counts > 0.5 as yes).
 
+`describe(evidence)` gives each feature's candidate explanations (cleaned); labels.py keeps the
+best acceptable one. The LLM kinds build them from `explain` on prompts.explanation_messages: the
+first answer as `temperature` says, `candidates - 1` more sampled at `sample_temperature`.
+
 Kinds, one registered class each (`EXPLAINERS`, keyed by `explainer.kind`; a new backend is one
 class decorated with `@EXPLAINERS.register("name")`, built from the ExplainerConfig, plus
 conf/explainer/<name>.yaml with `kind: name`; `kind: none` means no explainer):
@@ -20,6 +24,9 @@ conf/explainer/<name>.yaml with `kind: name`; `kind: none` means no explainer):
   sentences and 30-token windows) this ranked firing above silent with AUC 0.94, and the 2-nat
   margin gave balanced accuracy 0.86. Prompts that are not detection questions fall back to the
   yes/no logits.
+- tokens (tokens.py): no LLM; the label is read off the evidence (dominant activating tokens,
+  the preceding token, the decoder's promoted tokens). Its judge is another kind (explainer.judge,
+  default local).
 - openai: any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp's server, ...), with bounded
   concurrency and retries with exponential back-off.
 """
@@ -30,17 +37,17 @@ import math
 import os
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlparse
 
+from clt_forge.autointerp import tokens as _tokens  # noqa: F401  (registers explainer.kind=tokens)
+from clt_forge.autointerp.base import EXPLAINERS, NO_EXPLAINER, Explainer, Messages
 from clt_forge.autointerp.prompts import split_detection_question
 from clt_forge.config.schema import ExplainerConfig
 from clt_forge.errors import CLTError
-from clt_forge.registry import Registry
 from clt_forge.threads import torch_threads
 
 __all__ = [
@@ -51,9 +58,8 @@ __all__ = [
     "LocalExplainer",
     "OpenAIExplainer",
     "make_explainer",
+    "validate_kinds",
 ]
-
-Messages = Sequence[dict[str, str]]
 
 YES_WORDS = ("yes", "Yes", "YES", "true", "True")
 NO_WORDS = ("no", "No", "NO", "false", "False")
@@ -63,37 +69,23 @@ PMI_BASELINE = "Here is a sentence:\n"
 MAX_JUDGED_TOKENS = 128  # longer texts are cut (the local judge's cost grows with them)
 
 
-class Explainer(ABC):
-    """A language model that explains features and judges detection questions."""
-
-    @abstractmethod
-    def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
-        """The text answer to each chat prompt, in order."""
-
-    @abstractmethod
-    def judge(self, questions: Sequence[Messages]) -> list[float]:
-        """For each yes/no question, a score in [0, 1] that the answer is yes."""
-
-    def close(self) -> None:
-        """Release the model / connections (idempotent)."""
-        return None
-
-    def __enter__(self) -> Explainer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-NO_EXPLAINER = "none"  # explainer.kind=none: statistics and examples only
-EXPLAINERS: Registry[Callable[[ExplainerConfig], Explainer]] = Registry("explainer.kind", extra=(NO_EXPLAINER,))
-
-
 def make_explainer(cfg: ExplainerConfig) -> Explainer | None:
     """The explainer `cfg` describes; None for kind none (statistics only)."""
+    validate_kinds(cfg)
     if cfg.kind == NO_EXPLAINER:
         return None
     return EXPLAINERS.lookup(cfg.kind)(cfg)
+
+
+def validate_kinds(cfg: ExplainerConfig) -> None:
+    """Fail now (a ConfigError naming the key and the allowed values) on an unknown explainer.kind
+    or explainer.judge: `clt autointerp` calls this before its pass, not after."""
+    if cfg.kind != NO_EXPLAINER:
+        EXPLAINERS.lookup(cfg.kind)
+    if cfg.judge is not None and cfg.kind != NO_EXPLAINER:
+        if cfg.judge in (NO_EXPLAINER, "tokens"):
+            raise CLTError(f"explainer.judge={cfg.judge}: a judge must be a language model (local, openai, ...).")
+        EXPLAINERS.lookup(cfg.judge)
 
 
 # ---- local -------------------------------------------------------------------------------------
@@ -124,6 +116,7 @@ class LocalExplainer(Explainer):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._baselines: dict[str, float] = {}  # text -> log P(text | PMI_BASELINE)
         self.yes_ids = self._single_tokens(YES_WORDS)
         self.no_ids = self._single_tokens(NO_WORDS)
 
@@ -138,12 +131,20 @@ class LocalExplainer(Explainer):
         return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
 
     def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
+        return [one for (one,) in self._generate(messages_batch, self.cfg.temperature, 1)]
+
+    def sample(self, messages_batch: Sequence[Messages], n: int) -> list[list[str]]:
+        if n <= 0:
+            return [[] for _ in messages_batch]
+        return self._generate(messages_batch, max(self.cfg.sample_temperature, 1e-3), n)
+
+    def _generate(self, messages_batch: Sequence[Messages], temperature: float, n: int) -> list[list[str]]:
         import torch
 
-        answers: list[str] = []
+        answers: list[list[str]] = []
         sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": self.cfg.temperature}
-            if self.cfg.temperature > 0
+            {"do_sample": True, "temperature": temperature, "num_return_sequences": n}
+            if temperature > 0
             else {"do_sample": False}
         )
         with self._threads(), torch.inference_mode():
@@ -158,7 +159,9 @@ class LocalExplainer(Explainer):
                     **sampling,
                 )
                 new = output[:, encoded["input_ids"].shape[1] :]
-                answers += [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+                texts = [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+                per = len(texts) // len(prompts)  # generate() returns each prompt's sequences together
+                answers += [texts[i * per : (i + 1) * per] for i in range(len(prompts))]
         return answers
 
     def judge(self, questions: Sequence[Messages]) -> list[float]:
@@ -193,10 +196,13 @@ class LocalExplainer(Explainer):
         encode = self.tokenizer.encode
         baseline = encode(PMI_BASELINE, add_special_tokens=False)
         rows: list[tuple[list[int], int]] = []  # token ids, where the text starts
+        new_texts = list(dict.fromkeys(t for _, t in pairs if t not in self._baselines))
         for explanation, text in pairs:
             text_ids = encode(text, add_special_tokens=False)[:MAX_JUDGED_TOKENS]
             prefix = encode(PMI_PREFIX.format(explanation=explanation), add_special_tokens=False)
-            rows += [(prefix + text_ids, len(prefix)), (baseline + text_ids, len(baseline))]
+            rows.append((prefix + text_ids, len(prefix)))
+        for text in new_texts:  # each text's neutral log-likelihood is computed once, then cached
+            rows.append((baseline + encode(text, add_special_tokens=False)[:MAX_JUDGED_TOKENS], len(baseline)))
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
@@ -210,7 +216,10 @@ class LocalExplainer(Explainer):
         for row, (ids, start) in enumerate(rows):
             targets = input_ids[row, start : len(ids)]
             totals.append(float(logprobs[row, start - 1 : len(ids) - 1].gather(-1, targets[:, None]).sum()))
-        return [totals[2 * k] - totals[2 * k + 1] for k in range(len(pairs))]
+        if len(self._baselines) > 20_000:
+            self._baselines.clear()
+        self._baselines.update(zip(new_texts, totals[len(pairs) :], strict=True))
+        return [totals[k] - self._baselines[text] for k, (_, text) in enumerate(pairs)]
 
     def _yes_no(self, questions: Sequence[Messages]) -> list[float]:
         import torch
@@ -268,6 +277,17 @@ class OpenAIExplainer(Explainer):
     def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
         return list(self.pool.map(lambda m: self._text(self._complete(m, self.cfg.max_new_tokens)), messages_batch))
 
+    def sample(self, messages_batch: Sequence[Messages], n: int) -> list[list[str]]:
+        """`n` more requests per prompt at sample_temperature (the `n` parameter is not universal)."""
+        temperature = self.cfg.sample_temperature
+        jobs = [m for m in messages_batch for _ in range(n)]
+        texts = list(
+            self.pool.map(
+                lambda m: self._text(self._complete(m, self.cfg.max_new_tokens, temperature=temperature)), jobs
+            )
+        )
+        return [texts[i * n : (i + 1) * n] for i in range(len(messages_batch))]
+
     def judge(self, questions: Sequence[Messages]) -> list[float]:
         return list(self.pool.map(self._judge_one, questions))
 
@@ -292,7 +312,9 @@ class OpenAIExplainer(Explainer):
     def _text(response: Any) -> str:
         return str(response.choices[0].message.content or "").strip()
 
-    def _complete(self, messages: Messages, max_tokens: int, logprobs: bool = False) -> Any:
+    def _complete(
+        self, messages: Messages, max_tokens: int, logprobs: bool = False, temperature: float | None = None
+    ) -> Any:
         import openai
 
         extra: dict[str, Any] = {"logprobs": True, "top_logprobs": 5} if logprobs else {}
@@ -302,7 +324,7 @@ class OpenAIExplainer(Explainer):
                 return self.client.chat.completions.create(
                     model=self.cfg.model,
                     messages=list(messages),  # type: ignore[arg-type]
-                    temperature=self.cfg.temperature,
+                    temperature=self.cfg.temperature if temperature is None else temperature,
                     max_tokens=max_tokens,
                     timeout=self.cfg.timeout_s,
                     **extra,

@@ -5,8 +5,9 @@
 Steps (each resumable; see clt_forge/artifacts/features.py):
 1. the streaming pass over `tokens` tokens for this worker's features (collect.py), written to
    the worker's database in one transaction;
-2. explanations for every feature that fired (explainers.py, prompts.py);
-3. detection scores on held-out contexts (scoring.py);
+2. explanations for every feature that fired (explainers.py, prompts.py, tokens.py; the candidate
+   chosen in labels.py);
+3. detection scores with a control on held-out contexts (scoring.py);
 4. when every worker's database is complete, the merged `features.db`, circuit-tracer feature
    JSON files (`export=`) and summary.json.
 """
@@ -17,6 +18,7 @@ import json
 import time
 from collections import Counter
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,9 +31,11 @@ from clt_forge.artifacts.features import FeatureStore, merge_stores
 from clt_forge.artifacts.graph import NodeKind, parse_node
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
+from clt_forge.autointerp.explainers import NO_EXPLAINER, Explainer, make_explainer, validate_kinds
+from clt_forge.autointerp.labels import SELECT_SILENT
 from clt_forge.autointerp.source import dataset_windows, grouped, model_windows
 from clt_forge.clt.model import CrossLayerTranscoder
-from clt_forge.config.schema import AutointerpConfig, ExplainerKind
+from clt_forge.config.schema import AutointerpConfig
 from clt_forge.errors import CLTError
 from clt_forge.models.loading import load_model, recorded_model_config
 
@@ -74,6 +78,8 @@ class AutoInterp:
         from clt_forge.runs import output_dir
 
         cfg = self.cfg
+        if cfg.explain:
+            validate_kinds(cfg.explainer)  # a typo fails now, not after the pass
         out = Path(out) if out is not None else output_dir(cfg)
         if cfg.merge:
             return self._finish(Path(cfg.merge))
@@ -124,7 +130,7 @@ class AutoInterp:
             features,
             top_k=cfg.top_k,
             sample=sample,
-            silent=max(cfg.non_activating, cfg.score_examples),
+            silent=max(cfg.non_activating, cfg.score_examples // 2 + SELECT_SILENT),
             before=cfg.context_before,
             after=cfg.context_after,
             seed=cfg.seed,
@@ -202,41 +208,41 @@ class AutoInterp:
     def _explain_and_score(self, store: FeatureStore) -> None:
         cfg = self.cfg
         pending = store.with_status("collected")
-        if not cfg.explain or cfg.explainer.kind == ExplainerKind.none:
+        if not cfg.explain or cfg.explainer.kind == NO_EXPLAINER:
             store.set_status("done", "collected")
             return
         to_score = store.with_status("explained") if cfg.score else []
         if not pending and not to_score:
             return
-        from clt_forge.autointerp.explainers import make_explainer
-        from clt_forge.autointerp.prompts import clean_explanation, explanation_messages
-        from clt_forge.autointerp.scoring import detection_score
+        from clt_forge.autointerp.labels import choose_labels
+        from clt_forge.autointerp.scoring import score_store
 
         explainer = make_explainer(cfg.explainer)
         assert explainer is not None
+        judge = _judge(cfg, explainer)
+        half = cfg.score_examples // 2
+        rejected = fallbacks = 0
         try:
             batch = 8
             for start in tqdm(range(0, len(pending), batch), desc="explaining", unit="batch"):
                 group = pending[start : start + batch]
-                messages = [explanation_messages(store.evidence(layer, feature)) for layer, feature in group]
-                for (layer, feature), text in zip(group, explainer.explain(messages), strict=True):
-                    store.set_explanation(layer, feature, clean_explanation(text))
+                evidence = [store.evidence(layer, feature) for layer, feature in group]
+                silent = [e.non_activating[half:] for e in evidence]  # not the scorer's contexts
+                choices = choose_labels(explainer, judge, evidence, cfg.explainer.candidates, silent)
+                for (layer, feature), choice in zip(group, choices, strict=True):
+                    store.set_explanation(layer, feature, choice.label)
+                    rejected += len(choice.rejected)
+                    fallbacks += choice.fallback
+            if pending and cfg.explainer.kind != "tokens":
+                print(
+                    f"explanations: {rejected} answers rejected; the tokens label replaced {fallbacks} of {len(pending)}."
+                )
             if cfg.score:
-                for layer, feature in tqdm(store.with_status("explained"), desc="scoring", unit="feature"):
-                    evidence = store.evidence(layer, feature)
-                    explanation = store.feature(layer, feature)["explanation"]  # type: ignore[index]
-                    half = cfg.score_examples // 2
-                    score = detection_score(
-                        explainer,
-                        explanation,
-                        evidence.activating[:half],
-                        evidence.non_activating[:half],
-                        seed=cfg.seed + layer * 100_003 + feature,
-                    )
-                    store.set_score(
-                        layer, feature, score.balanced_accuracy, score.true_positive_rate, score.true_negative_rate
-                    )
+                score_store(store, judge, half, cfg.seed)
+                store.set_meta(scorer="auroc")
         finally:
+            if judge is not explainer:
+                judge.close()
             explainer.close()
 
     def _dry_run(self, store: FeatureStore) -> None:
@@ -250,7 +256,7 @@ class AutoInterp:
     # ---- 4. merge, export, summary ---------------------------------------------------------
 
     def _finish(self, folder: Path) -> Path:
-        from clt_forge.autointerp.scoring import summarize
+        from clt_forge.autointerp.scoring import summarize, verdict
 
         count = self.cfg.worker.count
         merged = folder / MERGED
@@ -263,12 +269,27 @@ class AutoInterp:
                 "features": sum(1 for _ in store.features()),
                 "explained": len(store.explanations()),
                 "detection_scores": summarize(store.scores()),
+                "control_scores": summarize(store.controls()),
             }
+            scorer = {"kind": store.meta().get("scorer", "auroc")} | verdict(store.scores(), store.controls())
+            summary["scorer"] = scorer
+            if scorer.get("message") and scorer["pairs"]:
+                print("!" * 80 + "\n" + str(scorer["message"]) + "\n" + "!" * 80)
             if self.cfg.export:
                 summary["exported"] = export_feature_files(store, Path(self.cfg.export))
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"feature database: {merged} ({summary['features']} features, {summary['explained']} explained)")
         return merged
+
+
+def _judge(cfg: AutointerpConfig, explainer: Explainer) -> Explainer:
+    """What answers detection questions: explainer.judge when set for an LLM kind, else the explainer
+    (the tokens kind delegates to its own judge)."""
+    if cfg.explainer.judge is None or cfg.explainer.kind == "tokens":
+        return explainer
+    judge = make_explainer(replace(cfg.explainer, kind=cfg.explainer.judge, judge=None))
+    assert judge is not None
+    return judge
 
 
 def _complete(path: Path) -> bool:

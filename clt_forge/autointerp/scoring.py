@@ -1,28 +1,56 @@
 """Detection scores: how well an explanation tells a feature's firing contexts from silent ones.
 
-The scorer sees the explanation and held-out contexts (a seeded shuffle of firing and silent ones,
-without highlighting) and says, per context, whether the feature fires. The score is the balanced
-accuracy (TPR + TNR) / 2: 1.0 is a perfect explanation, 0.5 is chance whatever the class balance.
+The judge (`Explainer.judge`) sees the explanation and one held-out context at a time (no
+highlighting) and gives P(yes), "the feature fires on this text". The score is threshold-free:
+the AUROC of P(yes) over the firing contexts against the silent ones (1.0: every firing context
+ranked above every silent one; 0.5: chance, whatever the class balance or the judge's calibration).
+The firing contexts are spread over the feature's activation range (`spread`: evenly spaced ranks
+of a uniform sample), so weak activations count as much as the top ones.
 
-Two protocols (prompts.py): `detection_score` asks one yes/no question per context through
-`Explainer.judge` (the local explainer scores it from log-probabilities); `list_detection_score`
-shows every context in one numbered list and parses the answer (capable OpenAI-compatible models).
+Every score comes with a control: the same judge, the same contexts, another feature's
+explanation (`pick_control`). A judge that cannot read explanations gives score ~ control; a
+scorer whose mean score does not beat its mean control by INFORMATIVE_MARGIN (and by two standard
+errors of the paired differences) is reported as uninformative (`verdict`).
+
+Also kept: balanced accuracy at P(yes) > 0.5 (`detection_score`, the TPR / TNR columns) and the
+list protocol (`list_detection_score`: every context in one numbered list, for capable endpoints).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from clt_forge.artifacts.features import Example
+from tqdm import tqdm
+
+from clt_forge.artifacts.features import Example, FeatureStore
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.prompts import detection_messages, detection_question, parse_detection
 
-__all__ = ["GOOD_SCORE", "DetectionScore", "detection_score", "list_detection_score", "summarize"]
+__all__ = [
+    "CONTROL_FALLBACK",
+    "GOOD_SCORE",
+    "INFORMATIVE_MARGIN",
+    "DetectionScore",
+    "FeatureScore",
+    "auroc",
+    "detection_score",
+    "list_detection_score",
+    "pick_control",
+    "score_store",
+    "score_with_control",
+    "spread",
+    "summarize",
+    "verdict",
+]
 
 GOOD_SCORE = 0.7  # the summary reports the share of features scoring at least this
+INFORMATIVE_MARGIN = 0.1  # mean score - mean control below this: the scorer is uninformative
+BEATS_CONTROL = 0.2  # the summary reports the share of features whose score beats their control by this
+CONTROL_FALLBACK = "dates and numbers in a list"  # the control when no other feature has an explanation
 SHARE_GOOD = f"share_ge_{GOOD_SCORE}"
 
 
@@ -74,6 +102,131 @@ def list_detection_score(
         return DetectionScore.from_judgements([], [])
     (answer,) = explainer.explain([detection_messages(explanation, [example for example, _ in mix])])
     return DetectionScore.from_judgements([label for _, label in mix], parse_detection(answer, len(mix)))
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(a random positive scores above a random negative), ties counted half; NaN if a side is empty."""
+    if not positive or not negative:
+        return math.nan
+    ranked = sorted([(s, 1) for s in positive] + [(s, 0) for s in negative])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):  # average ranks (1-based) over runs of ties
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        rank_sum += sum(label for _, label in ranked[i:j]) * (i + j + 1) / 2
+        i = j
+    n_pos, n_neg = len(positive), len(negative)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def spread(examples: Sequence[Example], n: int) -> list[Example]:
+    """At most `n` of `examples` at evenly spaced ranks of their peak activation (strongest first),
+    so a uniform sample's quantiles are all represented."""
+    ordered = sorted(examples, key=lambda e: -e.max_act)
+    if len(ordered) <= n:
+        return ordered
+    return [ordered[round(i * (len(ordered) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class FeatureScore:
+    """An explanation's AUROC and its control's (another feature's explanation, same contexts)."""
+
+    score: float
+    control: float
+    true_positive_rate: float  # of the explanation, at P(yes) > 0.5
+    true_negative_rate: float
+    n_firing: int
+    n_silent: int
+
+    @property
+    def difference(self) -> float:
+        return self.score - self.control
+
+
+def score_with_control(
+    explainer: Explainer,
+    explanation: str,
+    control: str,
+    firing: Sequence[Example],
+    silent: Sequence[Example],
+) -> FeatureScore:
+    """One judge call: every context asked about `explanation` and about `control`."""
+    contexts = list(firing) + list(silent)
+    if not contexts:
+        return FeatureScore(math.nan, math.nan, math.nan, math.nan, 0, 0)
+    questions = [detection_question(text, example) for text in (explanation, control) for example in contexts]
+    p = explainer.judge(questions)
+    n_f, n = len(firing), len(contexts)
+    mine, theirs = p[:n], p[n:]
+    rates = DetectionScore.from_judgements([i < n_f for i in range(n)], [s > 0.5 for s in mine])
+    return FeatureScore(
+        auroc(mine[:n_f], mine[n_f:]),
+        auroc(theirs[:n_f], theirs[n_f:]),
+        rates.true_positive_rate,
+        rates.true_negative_rate,
+        n_f,
+        len(silent),
+    )
+
+
+def pick_control(key: tuple[int, int], explanations: Mapping[tuple[int, int], str], seed: int) -> str:
+    """Another feature's explanation (seeded choice among those with a different text), else
+    CONTROL_FALLBACK."""
+    own = explanations.get(key, "").strip().lower()
+    others = sorted(t for k, t in explanations.items() if k != key and t and t.strip().lower() != own)
+    if not others:
+        return CONTROL_FALLBACK
+    return random.Random(seed * 1_000_003 + key[0] * 100_003 + key[1]).choice(others)
+
+
+def verdict(scores: Sequence[float | None], controls: Sequence[float | None]) -> dict[str, Any]:
+    """Mean score, mean control, their difference, the share of features beating their control by
+    BEATS_CONTROL, and whether the scorer is informative: the mean paired difference is at least
+    INFORMATIVE_MARGIN and two standard errors."""
+    pairs = [
+        (float(s), float(c))
+        for s, c in zip(scores, controls, strict=True)
+        if s is not None and c is not None and not math.isnan(s) and not math.isnan(c)
+    ]
+    if not pairs:
+        return {"pairs": 0, "informative": False, "message": "no feature could be scored against a control"}
+    diffs = [s - c for s, c in pairs]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1))
+    stderr = sd / math.sqrt(len(diffs))
+    informative = mean >= INFORMATIVE_MARGIN and mean >= 2 * stderr
+    out: dict[str, Any] = {
+        "pairs": len(pairs),
+        "mean_score": sum(s for s, _ in pairs) / len(pairs),
+        "mean_control": sum(c for _, c in pairs) / len(pairs),
+        "mean_difference": mean,
+        "difference_stderr": stderr,
+        f"share_beats_control_by_{BEATS_CONTROL}": sum(d >= BEATS_CONTROL for d in diffs) / len(diffs),
+        "informative": informative,
+    }
+    if not informative:
+        out["message"] = (
+            f"UNINFORMATIVE SCORER: mean score {out['mean_score']:.3f} does not clearly beat the mean control "
+            f"{out['mean_control']:.3f} (difference {mean:.3f} +- {stderr:.3f}, needs >= {INFORMATIVE_MARGIN} and "
+            "2 standard errors): these scores cannot tell a good label from another feature's."
+        )
+    return out
+
+
+def score_store(store: FeatureStore, judge: Explainer, half: int, seed: int) -> None:
+    """Score every explained feature of `store`: `half` firing contexts spread over its activations
+    and `half` silent ones, with its explanation and with a control (`pick_control`)."""
+    explanations = store.explanations()
+    for layer, feature in tqdm(store.with_status("explained"), desc="scoring", unit="feature"):
+        evidence = store.evidence(layer, feature)
+        control = pick_control((layer, feature), explanations, seed)
+        firing, silent = spread(evidence.activating, half), evidence.non_activating[:half]
+        result = score_with_control(judge, explanations[layer, feature], control, firing, silent)
+        store.set_score(
+            layer, feature, result.score, result.true_positive_rate, result.true_negative_rate, result.control
+        )
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:

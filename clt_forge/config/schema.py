@@ -59,15 +59,6 @@ class EncodeMode(StrEnum):
     inline = "inline"  # encode between forwards with every thread (CPU-only: no thread contention)
 
 
-class ExplainerKind:
-    """Names of the built-in explainer kinds, for code that names one. Not a list to extend: the
-    allowed values of explainer.kind are the keys of EXPLAINERS (clt_forge/autointerp/explainers.py)."""
-
-    local = "local"  # a local Hugging Face instruct model (offline)
-    openai = "openai"  # any OpenAI-compatible endpoint
-    none = "none"  # no explanations
-
-
 class Offload(StrEnum):
     cpu = "cpu"
     disk = "disk"
@@ -241,7 +232,7 @@ class TrainConfig(PipelineConfig):
 class ExplainerConfig:
     """Which language model writes and scores feature explanations (clt_forge/autointerp/explainers.py)."""
 
-    kind: str = "local"  # a registered explainer (local, openai, ...) or none
+    kind: str = "local"  # a registered explainer (tokens, local, openai, ...) or none
     model: str = "smollm2_135m"  # local: a model config name (conf/model); openai: the endpoint's model
     base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8080/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key
@@ -250,6 +241,9 @@ class ExplainerConfig:
     concurrency: int = 4  # openai: requests in flight at once
     retries: int = 3  # openai: attempts per request (exponential back-off)
     timeout_s: float = 60.0  # openai: per request
+    candidates: int = 3  # local / openai: answers per feature; the best-scoring acceptable one is kept
+    sample_temperature: float = 0.7  # local / openai: sampling temperature of the candidates after the first
+    judge: str | None = None  # the explainer kind judging detection questions; null: this one (tokens: local)
 
 
 @dataclass
@@ -280,7 +274,7 @@ class AutointerpConfig(PipelineConfig):
     top_logits: int = 10  # decoder direction through the unembedding: top / bottom tokens
     explain: bool = True  # run the explainer
     score: bool = True  # run the detection scorer
-    score_examples: int = 10  # held-out contexts per feature shown to the scorer (half firing)
+    score_examples: int = 40  # held-out contexts per feature shown to the scorer (half firing, half silent)
     dry_run: bool = False  # print one explanation prompt and stop
     export: str | None = None  # also write circuit-tracer feature JSON files here
     merge: str | None = None  # only merge the per-worker databases in this folder

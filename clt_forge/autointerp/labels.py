@@ -1,0 +1,123 @@
+"""Choosing each feature's label: candidates, rejection rules, the tokens fallback, best score.
+
+    labels = choose_labels(explainer, judge, evidence, candidates=3, silent=[...])
+
+1. the explainer's candidates (`Explainer.describe`: the LLM kinds give `candidates` answers);
+2. an answer is rejected (`rejection`) when it is empty, repeats itself ("the feature of the
+   feature of ..."), copies the prompt's worked examples (prompts.DEMOS: a word of theirs that the
+   feature's top contexts lack), or quotes a token that is neither in the feature's top contexts nor
+   among its decoder's promoted tokens;
+3. no acceptable answer: the evidence-only label (tokens.py) is used instead;
+4. several: each is judged on the explainer's own evidence (the top contexts against silent
+   contexts kept apart from the scorer's: `silent`), and the highest AUROC is kept. Selection never
+   sees the held-out contexts the reported score is computed on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from clt_forge.artifacts.features import Example, FeatureEvidence
+from clt_forge.autointerp.explainers import Explainer
+from clt_forge.autointerp.prompts import DEMOS, detection_question
+from clt_forge.autointerp.scoring import auroc
+from clt_forge.autointerp.tokens import tokens_label
+
+__all__ = ["LabelChoice", "choose_labels", "quoted", "rejection"]
+
+SELECT_FIRING = 10  # top contexts judged per candidate
+SELECT_SILENT = 10  # silent contexts judged per candidate (collected beyond the scorer's)
+_STOP = {"the", "word", "words", "names", "name", "of", "a", "an", "and", "in", "token", "tokens"}
+_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
+
+
+def quoted(label: str) -> list[str]:
+    """The strings a label quotes ("..." or “...”), as written (\\n for a newline)."""
+    return [a or b for a, b in _QUOTED.findall(label)]
+
+
+def _demo_words() -> set[str]:
+    words: set[str] = set()
+    for demo, answer in DEMOS:
+        words |= set(re.findall(r"[a-z]+", answer.lower()))
+        words |= {token.strip().lower() for token, _ in demo.top_tokens}
+    return words - _STOP
+
+
+DEMO_WORDS = _demo_words()
+
+
+def rejection(label: str, evidence: FeatureEvidence) -> str | None:
+    """Why `label` is not acceptable for this feature (None: acceptable)."""
+    if not label.strip():
+        return "empty"
+    words = re.findall(r"[a-z]+", label.lower())
+    if any(c >= 2 for c in Counter(pairwise(words)).values()) or (len(words) >= 6 and len(set(words)) < len(words) / 2):
+        return "repeats itself"
+    text = " ".join("".join(e.tokens) for e in evidence.top_examples).lower()
+    promoted = {t.strip().lower() for t in evidence.top_logits}
+    copied = [w for w in words if w in DEMO_WORDS and w not in text]
+    if copied:
+        return f'copies the worked examples ("{copied[0]}")'
+    for name in quoted(label):
+        needle = name.replace("\\n", "\n").strip().lower()
+        if needle and needle not in text and needle not in promoted:
+            return f'names "{name}", absent from the top contexts'
+    return None
+
+
+@dataclass
+class LabelChoice:
+    label: str
+    candidates: int  # answers the explainer gave
+    rejected: dict[str, str] = field(default_factory=dict)  # answer -> why
+    fallback: bool = False  # the tokens label replaced every rejected answer
+
+
+def choose_labels(
+    explainer: Explainer,
+    judge: Explainer,
+    evidence: Sequence[FeatureEvidence],
+    candidates: int,
+    silent: Sequence[Sequence[Example]],
+) -> list[LabelChoice]:
+    """One label per feature (module docstring); `silent[i]`: feature i's selection silent contexts."""
+    choices = []
+    for e, answers in zip(evidence, explainer.describe(evidence, candidates), strict=True):
+        rejected = {a: why for a in answers if (why := rejection(a, e))}
+        kept = [a for a in answers if a not in rejected]
+        choice = LabelChoice(kept[0] if kept else tokens_label(e), len(answers), rejected, not kept)
+        choices.append((choice, kept))
+    _select([c for c, _ in choices], [k for _, k in choices], judge, evidence, silent)
+    return [c for c, _ in choices]
+
+
+def _select(
+    choices: list[LabelChoice],
+    kept: list[list[str]],
+    judge: Explainer,
+    evidence: Sequence[FeatureEvidence],
+    silent: Sequence[Sequence[Example]],
+) -> None:
+    """Where several answers are acceptable, the one with the best AUROC on the selection contexts."""
+    jobs = []  # (feature, candidates, firing, silent)
+    for i, answers in enumerate(kept):
+        firing, quiet = evidence[i].top_examples[:SELECT_FIRING], list(silent[i])[:SELECT_SILENT]
+        if len(answers) > 1 and firing and quiet:
+            jobs.append((i, answers, firing, quiet))
+    questions = [detection_question(a, x) for _, answers, f, q in jobs for a in answers for x in [*f, *q]]
+    if not questions:
+        return
+    p = iter(judge.judge(questions))
+    for i, answers, firing, quiet in jobs:
+        best, best_auc = answers[0], -1.0
+        for answer in answers:
+            scores = [next(p) for _ in range(len(firing) + len(quiet))]
+            auc = auroc(scores[: len(firing)], scores[len(firing) :])
+            if auc > best_auc:
+                best, best_auc = answer, auc
+        choices[i].label = best

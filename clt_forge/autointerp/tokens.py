@@ -1,0 +1,144 @@
+"""`explainer=tokens`: a label read off the evidence, no language model (also the LLM kinds' fallback).
+
+    "not" (19/20 top contexts), after "do" (12/20); promotes "be", "have", "know"
+    numbers: "1" (5/20), "2" (3/20), "12" (2/20)
+    newlines (22/24 top contexts); promotes "And", "The"
+
+From the feature's top contexts (the token where each peaks, and the token before it):
+- the dominant activating tokens (case and leading space merged), each with its share of the top
+  contexts, listed until they cover LISTED_SHARE of them (at most MAX_TOKENS);
+- when no single token holds half the contexts but a word class does (CLASS_SHARE of them:
+  numbers, newlines, punctuation, capitalised words), the class is named first;
+- the preceding token when one holds at least PRECEDING_SHARE of the contexts;
+- the decoder's top promoted tokens (what the feature writes), MAX_PROMOTED of them.
+Every quoted token is one the feature fired on in its top contexts, came before it there, or is
+one its decoder promotes, so the label never names a token the evidence does not hold.
+
+Detection questions (scoring) go to a language model: `explainer.judge` (default: local).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from clt_forge.artifacts.features import Example, FeatureEvidence
+from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
+from clt_forge.config.schema import ExplainerConfig
+
+__all__ = ["TokensExplainer", "tokens_label", "word_class"]
+
+LISTED_SHARE = 0.8  # list dominant tokens until they cover this share of the top contexts
+MAX_TOKENS = 3
+MIN_TOKEN_SHARE = 0.1  # a token below this share of the top contexts is not listed
+CLASS_SHARE = 0.6  # a word class holding this share of the top contexts is named
+PRECEDING_SHARE = 0.5  # a preceding token holding this share is named
+MAX_PROMOTED = 3
+DEFAULT_JUDGE = "local"
+
+CLASSES: list[tuple[str, Callable[[str], bool]]] = [
+    ("newlines", lambda t: "\n" in t),
+    ("numbers", lambda t: t.strip().replace(",", "").replace(".", "").isdigit()),
+    ("punctuation", lambda t: bool(t.strip()) and not any(c.isalnum() for c in t)),
+    ("capitalised words", lambda t: t.strip()[:1].isupper() and t.strip().isalpha()),
+]
+
+
+def word_class(token: str) -> str | None:
+    """The first class of CLASSES the token belongs to (None: an ordinary word piece)."""
+    return next((name for name, member in CLASSES if member(token)), None)
+
+
+def _shown(token: str) -> str:
+    """How a token is quoted in a label: stripped, newlines as \\n."""
+    return token.replace("\n", "\\n").strip() or repr(token)
+
+
+def _key(token: str) -> str:
+    return token.strip().lower() if token.strip() else token
+
+
+def _peaks(examples: Sequence[Example]) -> list[tuple[str, str | None]]:
+    """(token at the peak activation, the token before it) of each context that fired."""
+    out = []
+    for example in examples:
+        if not example.acts or max(example.acts) <= 0:
+            continue
+        peak = max(range(len(example.acts)), key=example.acts.__getitem__)
+        out.append((example.tokens[peak], example.tokens[peak - 1] if peak > 0 else None))
+    return out
+
+
+def _counted(tokens: Sequence[str]) -> list[tuple[str, int]]:
+    """(display form, count), most common first; case / leading-space variants merged."""
+    counts = Counter(_key(t) for t in tokens)
+    forms: dict[str, Counter[str]] = {}
+    for t in tokens:
+        forms.setdefault(_key(t), Counter())[_shown(t)] += 1
+    return [(forms[k].most_common(1)[0][0], c) for k, c in counts.most_common()]
+
+
+def tokens_label(evidence: FeatureEvidence) -> str:
+    """The evidence-only label (module docstring); "" when the feature never fired."""
+    peaks = _peaks(evidence.top_examples)
+    n = len(peaks)
+    if not n:
+        return ""
+    counted = _counted([token for token, _ in peaks])
+    listed, covered = [], 0
+    for form, count in counted[:MAX_TOKENS]:
+        if count / n < MIN_TOKEN_SHARE or covered / n >= LISTED_SHARE:
+            break
+        listed.append((form, count))
+        covered += count
+    classes = Counter(word_class(token) for token, _ in peaks)
+    name, members = max(((c, k) for c, k in classes.items() if c), key=lambda x: x[1], default=(None, 0))
+    if name == "newlines" and members / n >= CLASS_SHARE:
+        core = f"newlines ({members}/{n} top contexts)"
+    elif name and members / n >= CLASS_SHARE and counted[0][1] / n < 0.5:
+        in_class = [(form, c) for form, c in counted if word_class(form) == name][:MAX_TOKENS]
+        core = f"{name}: " + ", ".join(f'"{form}" ({c}/{n})' for form, c in in_class)
+    elif listed:
+        first, *rest = listed
+        core = f'"{first[0]}" ({first[1]}/{n} top contexts)' + "".join(f', "{f}" ({c}/{n})' for f, c in rest)
+    else:
+        core = "various tokens: " + ", ".join(f'"{form}"' for form, _ in counted[:MAX_TOKENS])
+    before = _counted([b for _, b in peaks if b is not None])
+    if before and before[0][1] / n >= PRECEDING_SHARE:
+        core += f', after "{before[0][0]}" ({before[0][1]}/{n})'
+    promoted = [_shown(t) for t in evidence.top_logits if t.strip()][:MAX_PROMOTED]
+    if promoted:
+        core += "; promotes " + ", ".join(f'"{t}"' for t in promoted)
+    return core
+
+
+@EXPLAINERS.register("tokens")
+class TokensExplainer(Explainer):
+    """Labels from the evidence alone; prompts (detection questions, lists) go to the judge kind
+    `cfg.judge` (default local), built on first use."""
+
+    def __init__(self, cfg: ExplainerConfig) -> None:
+        self.cfg = cfg
+        self._judge: Explainer | None = None
+
+    @property
+    def judge_model(self) -> Explainer:
+        if self._judge is None:
+            kind = self.cfg.judge or DEFAULT_JUDGE
+            self._judge = EXPLAINERS.lookup(kind)(replace(self.cfg, kind=kind, judge=None))
+        return self._judge
+
+    def describe(self, evidence: Sequence[FeatureEvidence], candidates: int = 1) -> list[list[str]]:
+        return [[tokens_label(e)] for e in evidence]
+
+    def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
+        return self.judge_model.explain(messages_batch)
+
+    def judge(self, questions: Sequence[Messages]) -> list[float]:
+        return self.judge_model.judge(questions)
+
+    def close(self) -> None:
+        if self._judge is not None:
+            self._judge.close()
+            self._judge = None

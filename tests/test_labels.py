@@ -1,0 +1,197 @@
+"""Feature labels a researcher can trust: the threshold-free scorer with its control, the
+evidence-only `tokens` explainer, the rejection rules and best-candidate choice of the LLM kinds,
+the feature database's version-2 columns, and the start-up check of explainer.kind."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from openai_server import FakeOpenAIServer, mentions
+
+from clt_forge.artifacts.features import VERSION, Example, FeatureEvidence, FeatureStore
+from clt_forge.autointerp.explainers import Explainer, make_explainer
+from clt_forge.autointerp.labels import choose_labels, rejection
+from clt_forge.autointerp.prompts import split_detection_question
+from clt_forge.autointerp.scoring import (
+    CONTROL_FALLBACK,
+    auroc,
+    pick_control,
+    score_with_control,
+    spread,
+    verdict,
+)
+from clt_forge.autointerp.tokens import TokensExplainer, tokens_label
+from clt_forge.config.schema import ExplainerConfig
+from clt_forge.errors import CLTError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def example(text: str, hot: Sequence[str] = (), act: float = 4.0) -> Example:
+    tokens = re.findall(r" ?\w+|[^\w\s]|\n", text)
+    return Example(tokens, [act if token.strip() in hot or token in hot else 0.0 for token in tokens])
+
+
+NOT = [example(f"I do not know {w}.", ["not"]) for w in ("him", "her", "it", "why")] + [
+    example("She did not go.", ["not"])
+]
+NUMBERS = [example(f"In chapter {n} verse {n} we read", [str(n)]) for n in (1, 2, 3, 12, 7)]
+QUIET = [example(t) for t in ("The dog ran.", "Rain fell on the town.", "He fixed it.", "A cat sat there.")]
+
+
+def evidence(top: list[Example], logits: Sequence[str] = (" be",)) -> FeatureEvidence:
+    return FeatureEvidence(layer=0, feature=1, top_examples=top, top_logits=list(logits), non_activating=QUIET)
+
+
+class KeywordJudge(Explainer):
+    """P(yes) = 1 iff a keyword of the explanation is a word of the text; explains with fixed answers."""
+
+    def __init__(self, answers: Sequence[str] = ()) -> None:
+        self.answers = list(answers)
+
+    def explain(self, messages_batch):
+        return [self.answers[0] for _ in messages_batch]
+
+    def sample(self, messages_batch, n):
+        return [self.answers[1 : 1 + n] for _ in messages_batch]
+
+    def judge(self, questions):
+        return [1.0 if mentions(*split_detection_question(q)) else 0.0 for q in questions]  # type: ignore[misc]
+
+
+# ---- the scorer ---------------------------------------------------------------------------------
+
+
+def test_auroc_is_threshold_free_and_counts_ties_half():
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auroc([0.1], [0.9]) == 0.0
+    assert auroc([0.5, 0.5], [0.5, 0.5]) == 0.5
+    assert auroc([0.51, 0.52], [0.50, 0.49]) == 1.0  # below any fixed 0.5 threshold's resolution
+    assert auroc([3.0, 1.0], [2.0, 0.0]) == 0.75
+    assert math.isnan(auroc([], [0.1]))
+
+
+def test_spread_keeps_every_activation_quantile():
+    ranked = [Example(["x"], [float(v)]) for v in range(100)]
+    kept = spread(ranked, 5)
+    assert [e.max_act for e in kept] == [99.0, 74.0, 49.0, 25.0, 0.0]  # ranks 0, 25, 50, 74, 99 (round half to even)
+    assert len(spread(ranked[:3], 5)) == 3
+
+
+def test_score_with_control_uses_the_same_contexts():
+    result = score_with_control(KeywordJudge(), "the word not", "the word chapter", NOT, QUIET)
+    assert (result.score, result.control, result.n_firing, result.n_silent) == (1.0, 0.5, 5, 4)
+    assert result.difference == 0.5 and (result.true_positive_rate, result.true_negative_rate) == (1.0, 1.0)
+
+
+def test_pick_control_is_another_features_explanation():
+    labels = {(0, 1): "the word not", (0, 2): "the word not", (1, 5): "numbers"}
+    assert pick_control((0, 1), labels, seed=0) == "numbers"  # never its own text
+    assert pick_control((0, 1), {(0, 1): "x"}, seed=0) == CONTROL_FALLBACK
+
+
+def test_verdict_flags_an_uninformative_scorer_loudly():
+    good = verdict([0.9, 0.95, 0.85, 1.0], [0.5, 0.55, 0.45, 0.6])
+    assert good["informative"] and good["mean_difference"] == pytest.approx(0.4)
+    assert good["share_beats_control_by_0.2"] == 1.0
+    bad = verdict([0.55, 0.5, 0.6, 0.5], [0.5, 0.55, 0.52, 0.5])
+    assert not bad["informative"] and "UNINFORMATIVE SCORER" in bad["message"]
+
+
+# ---- the tokens explainer and the rejection rules ------------------------------------------------
+
+
+def test_tokens_label_names_the_dominant_token_preceding_token_and_decoder():
+    label = tokens_label(evidence(NOT, [" know", " be"]))
+    assert label.startswith('"not" (5/5 top contexts)'), label
+    assert 'after "do" (4/5)' in label and label.endswith('promotes "know", "be"')
+    numbers = tokens_label(evidence(NUMBERS, []))
+    assert numbers.startswith('numbers: "1" (1/5)') or numbers.startswith("numbers:"), numbers
+    newlines = tokens_label(evidence([example(f"line {i}\nnext", ["\n"]) for i in range(4)], []))
+    assert newlines.startswith("newlines (4/4"), newlines
+    assert tokens_label(evidence([])) == ""
+
+
+def test_rejection_rules():
+    e = evidence(NOT)
+    assert rejection('the word "not"', e) is None
+    assert rejection("the feature of the feature of the feature of", e) == "repeats itself"
+    assert rejection('the word "apple"', e).startswith("copies the worked examples")  # type: ignore[union-attr]
+    assert rejection("names of cities", e).startswith("copies")  # type: ignore[union-attr]
+    assert rejection('the word "baths"', e) == 'names "baths", absent from the top contexts'
+    assert rejection('makes "be" likely', e) is None  # a decoder-promoted token may be named
+    assert rejection("", e) == "empty"
+
+
+def test_llm_candidates_are_filtered_then_the_best_scoring_kept():
+    e = evidence(NOT)
+    answers = ['the word "baths"', "the word know", "the word not"]  # rejected, weak, right
+    (choice,) = choose_labels(KeywordJudge(answers), KeywordJudge(), [e], 3, [QUIET])
+    assert choice.label == "the word not" and choice.candidates == 3 and not choice.fallback
+    assert list(choice.rejected) == ['the word "baths"']
+    (fallback,) = choose_labels(KeywordJudge(["the feature of the feature of"]), KeywordJudge(), [e], 1, [QUIET])
+    assert fallback.fallback and fallback.label == tokens_label(e)
+
+
+def test_tokens_explainer_is_registered_and_delegates_judging(monkeypatch):
+    monkeypatch.setenv("CLT_TEST_KEY", "k")
+    with FakeOpenAIServer(logprobs=True) as server:
+        cfg = ExplainerConfig(kind="tokens", judge="openai", model="fake", base_url=server.base_url)
+        explainer = make_explainer(cfg)
+        assert isinstance(explainer, TokensExplainer)
+        with explainer:
+            assert explainer.describe([evidence(NOT)]) == [[tokens_label(evidence(NOT))]]
+            result = score_with_control(explainer, "the word not", "numbers", NOT, QUIET)
+    assert result.score == 1.0 and result.control == 0.5
+
+
+def test_unknown_explainer_kind_fails_at_start_up(tmp_path):
+    with pytest.raises(CLTError, match="tokens"):
+        make_explainer(ExplainerConfig(kind="typo"))
+    with pytest.raises(CLTError, match="language model"):
+        make_explainer(ExplainerConfig(kind="local", judge="tokens"))
+    done = subprocess.run(
+        [sys.executable, "-m", "clt_forge", "autointerp", "explainer.kind=typo", f"checkpoint={tmp_path}/none"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "explainer.kind" in done.stderr + done.stdout
+    assert "typo" in done.stderr + done.stdout and "checkpoint" not in (done.stderr + done.stdout).split("typo")[0]
+
+
+# ---- the feature database ---------------------------------------------------------------------------
+
+
+def test_version_1_database_is_upgraded_and_scores_keep_their_control(tmp_path):
+    path = tmp_path / "v1.db"
+    with FeatureStore(path) as store:
+        store.write_pass(
+            [{"layer": 0, "feature": 1, "n_active": 1, "frequency": 0.1, "mean_act": 1.0, "max_act": 1.0}
+             | {"histogram": [], "top_tokens": [], "top_logits": [], "bottom_logits": [], "status": "scored"}],
+            [],
+        )  # fmt: skip
+    with sqlite3.connect(path) as db:  # make it what version 1 wrote: no control columns
+        db.execute("ALTER TABLE features DROP COLUMN score_control")
+        db.execute("ALTER TABLE features DROP COLUMN score_difference")
+        db.execute("UPDATE features SET score = 0.75")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
+    with FeatureStore(path, create=False) as store:
+        assert store.meta()["version"] == VERSION == 2 and store.meta()["scorer"] == "balanced_accuracy"
+        assert store.scores() == [0.75] and store.controls() == [None]
+        store.set_score(0, 1, 0.9, 1.0, 0.8, control=0.6)
+        record = store.feature(0, 1)
+    assert record is not None
+    assert (record["score"], record["score_control"]) == (0.9, 0.6)
+    assert record["score_difference"] == pytest.approx(0.3)
+    summary = verdict([0.9], [0.6])
+    assert json.dumps(summary)  # what summary.json holds
