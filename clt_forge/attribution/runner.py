@@ -27,6 +27,7 @@ from circuit_tracer.graph import Graph, compute_graph_scores
 
 from clt_forge.artifacts.checkpoint import check_model_matches, read_info
 from clt_forge.artifacts.graph import graph_json
+from clt_forge.attribution.budget import plan_attribution
 from clt_forge.attribution.convert import to_circuit_tracer
 from clt_forge.attribution.interventions import FeatureEdit, InterventionResult, intervene
 from clt_forge.attribution.replacement import replacement_model
@@ -100,13 +101,14 @@ class AttributionRunner:
     def run(self, prompt: str, slug: str | None = None) -> AttributionResult:
         s = self.settings
         ids = self.tokens(prompt)
+        cost = plan_attribution(self.model, ids, s)
         graph = attribute(
             torch.tensor(ids),
             self.model,
             max_n_logits=s.max_n_logits,
             desired_logit_prob=s.desired_logit_prob,
-            batch_size=s.batch_size,
-            max_feature_nodes=s.max_feature_nodes,
+            batch_size=cost.batch_size,
+            max_feature_nodes=cost.max_feature_nodes,
             offload=s.offload,  # type: ignore[arg-type]
             verbose=s.verbose,
         )
@@ -119,8 +121,9 @@ class AttributionRunner:
             "generation_settings": {
                 "max_n_logits": s.max_n_logits,
                 "desired_logit_prob": s.desired_logit_prob,
-                "batch_size": s.batch_size,
-                "max_feature_nodes": s.max_feature_nodes,
+                "batch_size": cost.batch_size,
+                "max_feature_nodes": cost.max_feature_nodes,
+                "estimate": {"peak_gib": round(cost.peak_bytes / 2**30, 3), "minutes": round(cost.seconds / 60, 2)},
             },
             "info": {"generator": {"name": "clt-forge", "version": _version()}},
             "model": self.model_cfg.name,

@@ -293,6 +293,10 @@ class AttributionSettings:
     node_threshold: float = 0.8  # pruning: keep nodes carrying this share of the influence
     edge_threshold: float = 0.98  # pruning: keep edges carrying this share of the influence
     verbose: bool = True  # progress bar and timings
+    fit_to_machine: bool = True  # lower batch_size / max_feature_nodes to fit memory and max_minutes
+    max_minutes: float | None = 5.0  # on a CPU, attribute this long at most (estimated); null: no cap
+    memory_fraction: float = 0.8  # of the memory available when attribution starts
+    allow_over_memory: bool = False  # run even when the estimate exceeds that memory
 
 
 @dataclass
