@@ -680,3 +680,205 @@ def test_re_pruning_the_raw_graph_at_the_saved_thresholds_gives_the_saved_graph(
     assert pruner.exact
     assert [n["node_id"] for n in view.nodes] == [n["node_id"] for n in document.nodes]
     assert view.links == document.links
+
+
+# ---- readable view, subgraph, proposed clusters (a graph with planted groups) ------------------
+
+PLANTED_LABELS = [
+    ["says Paris", "Paris the city", "Paris (capital)"],
+    ["France the country", "about France", "France nation"],
+    ["capital city words", "capital of a country", "capital letters"],
+]
+
+
+def planted_graph(seed: int = 0) -> dict:
+    """A graph of a 4-layer model: three groups of three features at the last position built to
+    share their effects (one pattern per group, 5% noise), six distractor features with their
+    own effects, ten downstream features and three logits."""
+    import random
+
+    rng = random.Random(seed)
+    tokens = ["<s>", "The", " capital", " is"]
+
+    def node(node_id, kind, layer, pos, clerp="", influence=0.5, **extra):
+        return {
+            "node_id": node_id,
+            "feature": 0,
+            "layer": layer,
+            "ctx_idx": pos,
+            "feature_type": kind,
+            "jsNodeId": node_id,
+            "clerp": clerp,
+            "influence": influence,
+            "activation": 1.0,
+            **extra,
+        }
+
+    nodes = [node(f"E_{10 + p}_{p}", "embedding", "E", p) for p in range(4)]
+    logits = [f"5_{100 + k}_3" for k in range(3)]
+    for k, token in enumerate([" Paris", " Lyon", " the"]):
+        nodes.append(node(logits[k], "logit", "5", 3, f'Output "{token}" (p={0.5 / (k + 1):.3f})', token_prob=0.1))
+    downstream = [f"3_{k}_3" for k in range(10)]
+    nodes += [node(d, "cross layer transcoder", "3", 3, f"downstream {k}", 0.6) for k, d in enumerate(downstream)]
+    targets = downstream + logits
+    groups, links = [], []
+    for g, labels in enumerate(PLANTED_LABELS):
+        pattern = [rng.gauss(0, 1) for _ in targets]
+        members = []
+        for m, label in enumerate(labels):
+            node_id = f"{1 + m % 2}_{10 * g + m}_3"
+            members.append(node_id)
+            nodes.append(node(node_id, "cross layer transcoder", str(1 + m % 2), 3, label, 0.1 + 0.01 * len(links)))
+            scale = rng.uniform(0.5, 2.0)
+            for t, w in zip(targets, pattern, strict=True):
+                links.append({"source": node_id, "target": t, "weight": scale * (w + rng.gauss(0, 0.05))})
+        groups.append(set(members))
+    for k in range(6):
+        node_id = f"{k % 3}_{50 + k}_{3 if k < 4 else 2}"
+        nodes.append(node(node_id, "cross layer transcoder", str(k % 3), 3 if k < 4 else 2, f"distractor {k}", 0.2))
+        links += [{"source": node_id, "target": t, "weight": rng.gauss(0, 1)} for t in targets]
+    for n in nodes:
+        if n["feature_type"] == "cross layer transcoder":
+            links.append({"source": f"E_{10 + n['ctx_idx']}_{n['ctx_idx']}", "target": n["node_id"], "weight": 0.3})
+    metadata = {"slug": "planted", "scan": "x", "prompt": "".join(tokens), "prompt_tokens": tokens}
+    metadata.update(schema_version=2, pruning_settings={"node_threshold": 0.8, "edge_threshold": 0.98})
+    graph = {"metadata": metadata, "qParams": {"pinnedIds": [], "supernodes": []}, "nodes": nodes, "links": links}
+    return graph | {"groups": groups}
+
+
+def test_proposed_clusters_recover_planted_groups_with_names_from_their_labels(tmp_path):
+    from clt_forge.serve.proposals import propose, suggest_name
+
+    for seed in range(5):
+        graph = planted_graph(seed)
+        groups = graph.pop("groups")
+        view = GraphView(graph["nodes"], graph["links"], exact=False)
+        features = [n["node_id"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+        for pinned in ([], features):  # the most influential features, or the pinned ones
+            found = propose(view, pinned, [])
+            assert sorted(sorted(p.members) for p in found) == sorted(sorted(g) for g in groups), seed
+    names = {p.name for p in propose(view, [], [])}
+    assert names == {"paris", "france", "capital"}
+    assert suggest_name(["about cats", "dogs"]) == "about cats"
+    assert propose(view, [], [Cluster("paris", ("x",))])[0].name != "paris", "no name taken twice"
+
+
+def test_the_subgraph_lays_pinned_nodes_out_by_layer_with_clusters_as_one_node():
+    from clt_forge.serve.subgraph import subgraph_drawing
+
+    graph = planted_graph()
+    view = GraphView(graph["nodes"], graph["links"], exact=False)
+    group = sorted(graph["groups"][0])
+    pinned = [*group, "3_0_3", "5_100_3", "missing_1_1"]
+    drawing = subgraph_drawing(view, pinned, [Cluster("paris", tuple(group))], 4, graph["metadata"]["prompt_tokens"])
+    ids = [b["id"] for b in drawing["nodes"]]
+    assert sorted(ids) == ["3_0_3", "5_100_3", "cluster:paris"]
+    assert [b["id"] for b in sorted(drawing["nodes"], key=lambda b: b["y"])] == ["5_100_3", "3_0_3", "cluster:paris"]
+    summed = sum(link["weight"] for link in graph["links"] if link["source"] in group and link["target"] == "3_0_3")
+    drawn = {(link["source"], link["target"]): link["weight"] for link in drawing["links"]}
+    assert drawn[("cluster:paris", "3_0_3")] == pytest.approx(summed)
+    assert set(drawn) == {("cluster:paris", "3_0_3"), ("cluster:paris", "5_100_3")}, "only links among pinned nodes"
+
+
+OVERLAPS = """() => {
+    const boxes = window.cy.nodes().not('.axis').map(n => n.boundingBox({includeLabels: false}));
+    let overlaps = 0;
+    for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+        const a = boxes[i], b = boxes[j];
+        if (a.x1 < b.x2 - 1 && b.x1 < a.x2 - 1 && a.y1 < b.y2 - 1 && b.y1 < a.y2 - 1) overlaps++;
+    }
+    return overlaps;
+}"""
+LABELS_DRAWN = """() => window.cy.nodes('.feature').filter(n => n.data('label') && n.visible()
+    && parseFloat(n.renderedStyle('font-size')) >= parseFloat(n.style('min-zoomed-font-size'))).length"""
+
+
+@pytest.fixture(scope="module")
+def planted_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted")
+    graph = planted_graph()
+    graph.pop("groups")
+    (folder / "planted.json").write_text(json.dumps(graph))
+    with launch_interface(folder / "planted.json", port=0, block=False, cache_dir=folder / "cache", threads=1) as ui:
+        yield ui, folder / "planted.json"
+
+
+@pytest.mark.slow
+def test_main_view_boxes_never_overlap_and_show_their_labels(made, server, web):
+    ready = open_graph(web, server.url)
+    assert web.evaluate(OVERLAPS) == 0
+    assert web.evaluate(LABELS_DRAWN) > 0, "feature labels are drawn at the fitted zoom"
+    axis = web.evaluate("parseFloat(window.cy.getElementById('axis:0').renderedStyle('font-size'))")
+    assert axis >= 10, "axis labels legible at 1400x900"
+    shot(web, "09-main-view")
+    assert ready["nodes"] > 0
+
+
+@pytest.mark.slow
+def test_pins_subgraph_and_an_accepted_proposal_survive_a_reload(planted_server, web):
+    ui, path = planted_server
+    open_graph(web, ui.url)
+    assert web.evaluate(OVERLAPS) == 0
+    assert web.evaluate(LABELS_DRAWN) == 25, "every feature's label is drawn"
+    at = web.evaluate("(id) => window.cltServe.nodePosition(id)", "1_0_3")
+    web.mouse.move(at["x"], at["y"])
+    web.wait_for_function("window.cy.$('.dim').length > 0", timeout=5_000)
+    near = web.evaluate("window.cy.getElementById('1_0_3').closedNeighborhood().filter('.dim').length")
+    assert near == 0, "the hovered node, its links and their ends are not dimmed"
+    web.mouse.move(3, 3)
+    web.wait_for_function("window.cy.$('.dim').length === 0", timeout=5_000)
+    web.fill("#search", "paris")
+    web.wait_for_selector(".search-hit", timeout=5_000)
+    assert web.locator(".search-hit").count() == 4  # three features and the logit " Paris"
+    web.locator(".search-hit[data-node='1_0_3'] .pin-btn").click()
+    web.wait_for_function("window.cltServe.subgraph && window.cltServe.subgraph.nodes === 1", timeout=10_000)
+    features = [n["node_id"] for n in planted_graph()["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    web.evaluate("(ids) => window.cltServe.pin(ids)", [*features, "5_100_3"])
+    web.wait_for_function("window.cltServe.subgraph.nodes === 26", timeout=10_000)
+    web.wait_for_selector("text=26 pinned; saved to planted.json", timeout=10_000)
+    assert json.loads(path.read_text())["qParams"]["pinnedIds"][0] == "1_0_3"
+    web.click("#propose")
+    web.wait_for_selector("[data-proposal='2']", timeout=10_000)
+    names = web.locator("#proposal-list [data-proposal] input").evaluate_all("inputs => inputs.map(i => i.value)")
+    assert sorted(names) == ["capital", "france", "paris"], "named from the members' labels"
+    paris = f"#proposal-list [data-proposal='{names.index('paris')}']"
+    web.fill(f"{paris} input", "says Paris")  # edited before accepting
+    web.click(f"{paris} button:has-text('Accept')")
+    web.wait_for_selector("[data-cluster='says Paris']", timeout=10_000)
+    web.wait_for_function("window.cltServe.subgraph.nodes === 24", timeout=10_000)  # three members: one node
+    saved = json.loads(path.read_text())
+    [[title, *members]] = saved["qParams"]["supernodes"]
+    assert title == "says Paris" and sorted(members) == ["1_0_3", "1_2_3", "2_1_3"]
+    jsonschema.validate(saved, SCHEMA)
+    assert web.locator("#proposal-list [data-proposal]").count() == 2
+    shot(web, "10-accepted-proposal")
+
+    web.reload()
+    web.wait_for_function(
+        "window.cltServe.ready && window.cltServe.subgraph && window.cltServe.subgraph.nodes", timeout=60_000
+    )
+    assert web.evaluate("window.cltServe.subgraph.nodes") == 24, "pins and the cluster survive a reload"
+    boxes = web.locator("#subgraph .sub-node").evaluate_all(
+        "gs => gs.map(g => { const r = g.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })"
+    )
+    assert not [
+        (a, b)
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+        if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    ], "subgraph boxes do not overlap"
+    assert web.locator("#subgraph .sub-label").all_text_contents().count("says Paris (3)") == 1
+    summed = sum(
+        link["weight"]
+        for link in saved["links"]
+        if link["source"] in ("1_0_3", "2_1_3", "1_2_3") and link["target"] == "5_100_3"
+    )
+    drawn = web.evaluate(
+        "() => +document.querySelector(\"#subgraph line[data-source='cluster:says Paris'][data-target='5_100_3']\").dataset.weight"
+    )
+    assert drawn == pytest.approx(summed, rel=1e-6)
+    # steering from the subgraph: clicking the cluster makes it the intervention target
+    web.locator("#subgraph .sub-node[data-node='cluster:says Paris']").click()
+    web.wait_for_selector("#panel [data-node='cluster:says Paris']", timeout=10_000)
+    web.wait_for_function("document.querySelector('#target').innerText.includes('says Paris')", timeout=10_000)
+    shot(web, "11-subgraph")

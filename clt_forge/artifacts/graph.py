@@ -87,6 +87,7 @@ __all__ = [
     "parse_node_id",
     "read_graph",
     "save_clusters",
+    "save_q_params",
     "to_supernodes",
     "upgrade_v1",
 ]
@@ -169,6 +170,12 @@ class GraphDocument:
     @property
     def supernodes(self) -> list[list[str]]:
         return list(self.data.get("qParams", {}).get("supernodes", []))
+
+    @property
+    def pinned(self) -> list[str]:
+        """`qParams.pinnedIds`: the node ids pinned into the subgraph (Neuronpedia's field)."""
+        ids = self.data.get("qParams", {}).get("pinnedIds", [])
+        return [str(x) for x in ids] if isinstance(ids, list) else [x for x in str(ids).split(",") if x]
 
     @property
     def clusters(self) -> list[Cluster]:
@@ -291,15 +298,22 @@ _SAVE_LOCK = threading.Lock()
 
 
 def save_clusters(document: GraphDocument, clusters: list[Cluster]) -> None:
-    """Write `clusters` into the graph file's qParams.supernodes (temporary file + atomic rename).
+    """Write `clusters` into the graph file's qParams.supernodes (see `save_q_params`)."""
+    save_q_params(document, supernodes=to_supernodes(clusters))
 
-    Everything else in the file is written back as it was read (`indent=1`); a file that fails
-    to write leaves the original untouched and the temporary file removed."""
+
+def save_q_params(document: GraphDocument, **values: Any) -> None:
+    """Write `values` into the graph file's qParams (`supernodes`, `pinnedIds`, ...): temporary
+    file + atomic rename.
+
+    Everything else in the file is written back as it was read (`indent=1`; a version-1 file
+    read here was upgraded to version 2 in memory and is saved so); a file that fails to write
+    leaves the original untouched and the temporary file removed."""
     path = document.path
     with _SAVE_LOCK:
         data = document.data
         previous = data.get("qParams")
-        data["qParams"] = dict(previous or {}, supernodes=to_supernodes(clusters))
+        data["qParams"] = dict(previous or {}, **values)
         handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(handle, "w") as out:

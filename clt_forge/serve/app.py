@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dash import Dash
 
-from clt_forge.serve.callbacks import clusters, graph_view, interventions, jobs, node_panel
+from clt_forge.serve.callbacks import clusters, graph_view, interventions, jobs, node_panel, pins, proposals
 from clt_forge.serve.page import page
 from clt_forge.serve.state import ServeState
 
@@ -32,6 +32,6 @@ def build_app(state: ServeState) -> Dash:
         update_title="",
     )
     app.layout = lambda: page(state)
-    for concern in (graph_view, node_panel, clusters, interventions, jobs):
+    for concern in (graph_view, node_panel, clusters, interventions, jobs, pins, proposals):
         concern.register(app, state)
     return app

@@ -1,11 +1,18 @@
-"""Where nodes go and how they look: Cytoscape elements (preset positions) and the stylesheet.
+"""Where nodes go: Cytoscape elements of the main view at preset positions, on a layer x position grid.
 
-Rows are layers, bottom to top: the prompt's token embeddings (row 0), CLT features and MLP
-error nodes of layer L (row L + 1), output logits (row n_layers + 1). Columns are token
-positions, left to right; a column is as wide as its most crowded row, and the nodes of one
-(position, layer) cell sit side by side, centred; a drawing narrower than 1.3 times its
-height gets wider gaps between positions. Positions are computed here once, so the
-browser runs no layout algorithm (the `preset` layout) and re-pruning never moves a node.
+Rows are layers, bottom to top: the prompt's token embeddings, CLT features and MLP error
+nodes of each layer, output logits; a layer with no node gets no row (its neighbours' axis
+labels say which layers are shown). Columns are token positions, left to right. Every node is
+a box of BOX_W x BOX_H (serve/style.py) in a slot of its (position, layer) cell: the slots of
+a cell are filled line by line, `per_line[pos]` boxes to a line, so boxes never overlap. A
+crowded column first gets as many boxes to a line as its most crowded cell holds; then the
+widest column gives one up, and again, until the drawing is no wider than ASPECT times its
+height (a 1400x900 window's graph area); a drawing narrower than that gets wider gaps between
+positions. Positions are computed here once, so the browser runs no layout algorithm (the
+`preset` layout) and re-pruning never moves a node of an unchanged cell.
+
+Axis labels (layers on the left, tokens along the bottom) are sized for the zoom at which the
+drawing fits that area, so they read at about 12 px whatever the graph's size.
 
 Edges carry their width and colour (blue: positive weight, red: negative; paler when weaker)
 in their data, scaled by |weight| / max |weight| over the edges shown, and are listed weakest
@@ -15,18 +22,33 @@ per-edge opacity doubles the time of a frame.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from clt_forge.artifacts.graph import EMBEDDING, ERROR, FEATURE, LOGIT, Cluster, parse_node
+from clt_forge.serve.style import BOX_H, BOX_W, CLUSTER_COLOURS, NEGATIVE, POSITIVE, STYLESHEET
 
-__all__ = ["CLUSTER_COLOURS", "STYLESHEET", "elements", "logit_token", "node_title", "positions", "short_token"]
+__all__ = [
+    "CLUSTER_COLOURS",
+    "STYLESHEET",
+    "Grid",
+    "box_label",
+    "elements",
+    "extent",
+    "grid",
+    "logit_token",
+    "node_title",
+    "positions",
+    "short_token",
+]
 
-ROW = 26  # px between layers
-GAP = 17  # px between nodes of one cell
-COLUMN_PAD = 40  # px between token positions (at least)
-ASPECT = 1.3  # width / height the gaps between positions stretch a narrow drawing to
-POSITIVE, NEGATIVE = "#2563eb", "#dc2626"
-CLUSTER_COLOURS = ["#7c3aed", "#db2777", "#0891b2", "#65a30d", "#ea580c", "#4f46e5", "#0d9488", "#be123c"]
+SLOT_W, SLOT_H = BOX_W + 8, BOX_H + 4  # a box and the gap to its neighbours
+COLUMN_PAD = 30  # px between token positions (at least)
+ROW_PAD = 5  # px between layers
+ASPECT = 1.3  # width / height of the graph area at 1400x900
+VIEW_W, VIEW_H = 960, 740  # that area in px: axis labels are sized for it
+LABEL_CHARS = 15  # characters of a label that fit in a box at its font size
 
 
 def short_token(token: str, limit: int = 14) -> str:
@@ -68,6 +90,24 @@ def logit_token(node: dict[str, Any]) -> str:
     return clerp[first + 1 : last] if 0 <= first < last else clerp
 
 
+def box_label(node: dict[str, Any], prompt_tokens: list[str]) -> str:
+    """The text drawn in a node's box: the explanation (or L#feature), the token, cut to fit."""
+    kind = node["feature_type"]
+    if kind == FEATURE:
+        layer, _, feature = parse_node(node).layer_pos_feature
+        text = str(node.get("clerp") or f"L{layer} #{feature}")
+    elif kind == ERROR:
+        return f"ε{node['layer']}"
+    elif kind == EMBEDDING:
+        pos = node["ctx_idx"]
+        text = short_token(prompt_tokens[pos], LABEL_CHARS) if 0 <= pos < len(prompt_tokens) else "?"
+    elif kind == LOGIT:
+        text = short_token(logit_token(node), LABEL_CHARS)
+    else:
+        text = str(node.get("clerp") or "")
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
+
+
 def _row(node: dict[str, Any], n_layers: int) -> int:
     kind = node["feature_type"]
     if kind == EMBEDDING:
@@ -77,74 +117,146 @@ def _row(node: dict[str, Any], n_layers: int) -> int:
     return int(node["layer"]) + 1
 
 
-def positions(nodes: list[dict[str, Any]], n_layers: int, n_pos: int) -> dict[str, tuple[float, float]]:
-    """node_id -> (x, y) in Cytoscape's model coordinates (y grows downwards)."""
-    cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for node in nodes:
-        cells.setdefault((node["ctx_idx"], _row(node, n_layers)), []).append(node)
-    widths = [1] * max(n_pos, 1 + max((pos for pos, _ in cells), default=0))
-    for (pos, _), members in cells.items():
-        widths[pos] = max(widths[pos], len(members))
-    # widen the gaps between positions until the drawing is about as wide as a screen
-    height = (n_layers + 1) * ROW
-    natural = sum(w * GAP + COLUMN_PAD for w in widths)
-    pad = COLUMN_PAD + max(0.0, ASPECT * height - natural) / len(widths)
-    starts, x = [], 0.0
-    for width in widths:
-        starts.append(x)
-        x += width * GAP + pad
-    out: dict[str, tuple[float, float]] = {}
+@dataclass
+class Grid:
+    """Where each node's box is (`coords`: node_id -> centre), and the axes: the y of each row
+    shown, the x of each position, the drawing's width and height."""
+
+    coords: dict[str, tuple[float, float]] = field(default_factory=dict)
+    row_y: dict[int, float] = field(default_factory=dict)
+    col_x: list[float] = field(default_factory=list)
+    width: float = 0.0
+    height: float = 0.0
+
+    @property
+    def fit_zoom(self) -> float:
+        """The zoom at which the drawing fills the graph area of a 1400x900 window."""
+        return min(VIEW_W / max(self.width + 120, 1), VIEW_H / max(self.height + 80, 1))
+
+
+def _lines(cells: dict[tuple[int, int], list[Any]], per_line: list[int]) -> dict[int, int]:
+    """Lines of boxes each row needs: its most crowded cell's."""
+    out: dict[int, int] = {}
     for (pos, row), members in cells.items():
-        members.sort(key=lambda n: (n["feature_type"] == ERROR, -(n.get("activation") or 0.0), n["node_id"]))
-        left = starts[pos] + (widths[pos] - len(members)) * GAP / 2 + GAP / 2
-        for i, node in enumerate(members):
-            out[node["node_id"]] = (left + i * GAP, (n_layers + 1 - row) * ROW)
+        out[row] = max(out.get(row, 1), math.ceil(len(members) / per_line[pos]))
     return out
 
 
-def _axis(n_layers: int, n_pos: int, coords: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
-    left = min((x for x, _ in coords.values()), default=0.0) - 46
-    labels = {0: "tokens", n_layers + 1: "logits"} | {layer + 1: f"L{layer}" for layer in range(n_layers)}
-    return [
+def _per_line(cells: dict[tuple[int, int], list[Any]], n_cols: int) -> tuple[list[int], dict[int, int]]:
+    """Boxes to a line per position: the widest column gives one up until the drawing is no
+    wider than ASPECT times its height (see the module docstring)."""
+    per_line = [1] * n_cols
+    for (pos, _), members in cells.items():
+        per_line[pos] = max(per_line[pos], len(members))
+    while True:
+        lines = _lines(cells, per_line)
+        width = sum(n * SLOT_W + COLUMN_PAD for n in per_line)
+        height = sum(n * SLOT_H + ROW_PAD for n in lines.values())
+        widest = max(range(n_cols), key=lambda c: per_line[c])
+        if width <= ASPECT * height or per_line[widest] == 1:
+            return per_line, lines
+        per_line[widest] -= 1
+
+
+def grid(nodes: list[dict[str, Any]], n_layers: int, n_pos: int) -> Grid:
+    """The boxes of `nodes` on the layer x position grid (Cytoscape's model coordinates, y down)."""
+    cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for node in nodes:
+        cells.setdefault((node["ctx_idx"], _row(node, n_layers)), []).append(node)
+    n_cols = max(n_pos, 1 + max((pos for pos, _ in cells), default=0))
+    per_line, lines = _per_line(cells, n_cols)
+    lines.setdefault(0, 1)
+    lines.setdefault(n_layers + 1, 1)
+    out = Grid()
+    y = 0.0
+    for row in sorted(lines, reverse=True):  # logits at the top
+        out.row_y[row] = y + (lines[row] * SLOT_H) / 2
+        y += lines[row] * SLOT_H + ROW_PAD
+    out.height = y
+    natural = sum(n * SLOT_W + COLUMN_PAD for n in per_line)
+    pad = COLUMN_PAD + max(0.0, ASPECT * out.height - natural) / n_cols
+    x = 0.0
+    for n in per_line:
+        out.col_x.append(x + n * SLOT_W / 2)
+        x += n * SLOT_W + pad
+    out.width = x
+    for (pos, row), members in cells.items():
+        members.sort(key=lambda n: (n["feature_type"] == ERROR, -(n.get("activation") or 0.0), n["node_id"]))
+        top = out.row_y[row] - (math.ceil(len(members) / per_line[pos]) - 1) * SLOT_H / 2
+        for i, node in enumerate(members):
+            line, slot = divmod(i, per_line[pos])
+            in_line = min(per_line[pos], len(members) - line * per_line[pos])
+            left = out.col_x[pos] - (in_line - 1) * SLOT_W / 2
+            out.coords[node["node_id"]] = (left + slot * SLOT_W, top + line * SLOT_H)
+    return out
+
+
+def positions(nodes: list[dict[str, Any]], n_layers: int, n_pos: int) -> dict[str, tuple[float, float]]:
+    """node_id -> (x, y) in Cytoscape's model coordinates (y grows downwards)."""
+    return grid(nodes, n_layers, n_pos).coords
+
+
+def _axes(n_layers: int, prompt_tokens: list[str], layout: Grid) -> list[dict[str, Any]]:
+    """Layer labels left of the rows shown, token labels below the columns, at ~12 px on screen."""
+    size = round(min(48.0, max(9.0, 12 / layout.fit_zoom)), 1)
+    names = {0: "tokens", n_layers + 1: "logits"} | {layer + 1: f"L{layer}" for layer in range(n_layers)}
+    left = -BOX_W / 2 - 8
+    out = [
         {
-            "data": {"id": f"axis:{row}", "label": label},
-            "position": {"x": left, "y": (n_layers + 1 - row) * ROW},
+            "data": {"id": f"axis:{row}", "label": names.get(row, str(row)), "fs": size},
+            "position": {"x": left, "y": y},
             "classes": "axis",
             "selectable": False,
             "grabbable": False,
         }
-        for row, label in labels.items()
+        for row, y in layout.row_y.items()
     ]
+    bottom = layout.row_y[0] + BOX_H / 2 + 4
+    for pos, x in enumerate(layout.col_x[: len(prompt_tokens)]):
+        out.append(
+            {
+                "data": {"id": f"axis:pos{pos}", "label": short_token(prompt_tokens[pos], 12), "fs": size},
+                "position": {"x": x, "y": bottom},
+                "classes": "axis tokens",
+                "selectable": False,
+                "grabbable": False,
+            }
+        )
+    return out
+
+
+def extent(layout: Grid) -> list[float]:
+    """[x0, y0, x1, y1] of the drawing with its axis labels: what the page fits to its view."""
+    size = min(48.0, max(9.0, 12 / layout.fit_zoom))
+    return [-BOX_W / 2 - 8 - 4 * size, -BOX_H, layout.width, layout.height + 2 * size]
 
 
 def elements(
     nodes: list[dict[str, Any]],
     links: list[dict[str, Any]],
-    base: dict[str, tuple[float, float]],
+    layout: Grid,
     *,
     n_layers: int,
     prompt_tokens: list[str],
     clusters: list[Cluster],
 ) -> list[dict[str, Any]]:
-    """Cytoscape elements of `nodes` and `links` at the positions `base` (cluster nodes: their members' mean)."""
+    """Cytoscape elements of `nodes` and `links` at the positions of `layout` (cluster nodes:
+    their members' mean), with the axes."""
+    base = layout.coords
     colour = {c.name: CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)] for i, c in enumerate(clusters)}
     member_of = {m: c.name for c in clusters for m in c.members}
-    out = _axis(n_layers, len(prompt_tokens), base)
+    out = _axes(n_layers, prompt_tokens, layout)
     for node in nodes:
         node_id, kind = node["node_id"], node["feature_type"]
         classes = {FEATURE: "feature", ERROR: "error", EMBEDDING: "embedding", LOGIT: "logit"}.get(kind, "cluster")
         data: dict[str, Any] = {"id": node_id, "tip": node_title(node, prompt_tokens)}
+        data["label"] = box_label(node, prompt_tokens)
         if kind == "cluster":
             xs, ys = zip(*(base[m] for m in node["members"]), strict=True)
             x, y = sum(xs) / len(xs), sum(ys) / len(ys)
-            data["label"] = node["clerp"]
             data["ccolor"] = colour[node["clerp"]]
         else:
             x, y = base[node_id]
-            if kind == EMBEDDING:
-                data["label"] = short_token(prompt_tokens[node["ctx_idx"]], 10)
-            elif kind == LOGIT:
-                data["label"] = short_token(logit_token(node), 10)
             if node_id in member_of:
                 classes += " member"
                 data["ccolor"] = colour[member_of[node_id]]
@@ -167,106 +279,3 @@ def elements(
             }
         )
     return out
-
-
-STYLESHEET: list[dict[str, Any]] = [
-    {
-        "selector": "node",
-        "style": {
-            "width": 10,
-            "height": 10,
-            "background-color": "#f59e0b",
-            "border-width": 1,
-            "border-color": "#b45309",
-            "min-zoomed-font-size": 7,
-        },
-    },
-    {
-        "selector": ".error",
-        "style": {
-            "shape": "rectangle",
-            "width": 9,
-            "height": 9,
-            "background-color": "#e2e8f0",
-            "border-color": "#64748b",
-            "border-style": "dashed",
-        },
-    },
-    {
-        "selector": ".embedding",
-        "style": {
-            "shape": "round-rectangle",
-            "width": 16,
-            "height": 10,
-            "background-color": "#475569",
-            "border-color": "#1e293b",
-            "label": "data(label)",
-            "text-valign": "bottom",
-            "text-margin-y": 4,
-            "font-size": 10,
-            "color": "#1e293b",
-        },
-    },
-    {
-        "selector": ".logit",
-        "style": {
-            "shape": "round-rectangle",
-            "width": 12,
-            "height": 12,
-            "background-color": "#16a34a",
-            "border-color": "#14532d",
-            "label": "data(label)",
-            "text-valign": "top",
-            "text-halign": "right",
-            "text-rotation": "-0.6rad",
-            "text-margin-y": -2,
-            "font-size": 10,
-            "color": "#14532d",
-        },
-    },
-    {
-        "selector": ".cluster",
-        "style": {
-            "shape": "round-rectangle",
-            "width": 22,
-            "height": 16,
-            "background-color": "data(ccolor)",
-            "border-color": "#1e1b4b",
-            "label": "data(label)",
-            "text-valign": "center",
-            "text-halign": "right",
-            "text-margin-x": 4,
-            "font-size": 11,
-            "font-weight": "bold",
-            "color": "data(ccolor)",
-        },
-    },
-    {"selector": ".member", "style": {"border-width": 3, "border-color": "data(ccolor)"}},
-    {
-        "selector": ".axis",
-        "style": {
-            "width": 1,
-            "height": 1,
-            "background-opacity": 0,
-            "border-width": 0,
-            "label": "data(label)",
-            "font-size": 9,
-            "color": "#94a3b8",
-            "text-valign": "center",
-            "text-halign": "left",
-            "events": "no",
-        },
-    },
-    {
-        "selector": "edge",
-        "style": {
-            "curve-style": "haystack",
-            "haystack-radius": 0,
-            "width": "data(w)",
-            "line-color": "data(c)",
-        },
-    },
-    {"selector": "edge.hl", "style": {"line-color": "data(h)", "z-index": 10}},
-    {"selector": "node:selected", "style": {"border-width": 3, "border-color": "#111827", "border-style": "solid"}},
-    {"selector": "node.clicked", "style": {"border-width": 4, "border-color": "#dc2626", "border-style": "solid"}},
-]

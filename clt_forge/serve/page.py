@@ -49,6 +49,9 @@ def page(state: ServeState) -> html.Div:
             dcc.Store(id="panel-html-shown"),
             dcc.Store(id="selection", data=[]),
             dcc.Store(id="clusters", data=[]),
+            dcc.Store(id="pinned", data=[]),
+            dcc.Store(id="pinned-shown"),
+            dcc.Store(id="proposals", data=[]),
             dcc.Store(id="jobs", data=[]),
             dcc.Download(id="download"),
             html.Header(
@@ -65,7 +68,11 @@ def page(state: ServeState) -> html.Div:
                     html.Section(
                         [
                             controls,
-                            html.Div([graph, html.Div(id="hover-tip", className="hover-tip")], className="graph-wrap"),
+                            html.Div(
+                                [graph, html.Div(id="hover-tip", className="hover-tip"), _search()],
+                                className="graph-wrap",
+                            ),
+                            _subgraph(),
                             legend,
                         ],
                         className="graph-column",
@@ -141,6 +148,38 @@ def _controls() -> html.Div:
     )
 
 
+def _search() -> html.Div:
+    """The search box over the graph (assets/serve.js searches the nodes drawn)."""
+    return html.Div(
+        [
+            dcc.Input(id="search", type="search", placeholder="search: label, id or token", debounce=False),
+            html.Div(id="search-results", className="search-results"),
+        ],
+        className="search-box",
+    )
+
+
+def _subgraph() -> html.Section:
+    """The subgraph: pinned nodes (assets/serve.js draws them as SVG), and the pin buttons."""
+    return html.Section(
+        [
+            html.Div(
+                [
+                    html.Span("Subgraph", className="sub-title"),
+                    html.Button("Pin clicked / selected", id="pin", className="btn small"),
+                    html.Button("Unpin clicked", id="unpin", className="btn small secondary"),
+                    html.Button("Clear", id="unpin-all", className="btn small secondary"),
+                    html.Span(id="pin-status", className="status"),
+                ],
+                className="sub-bar",
+            ),
+            html.Div(id="subgraph", className="subgraph"),
+        ],
+        id="subgraph-card",
+        className="subgraph-card",
+    )
+
+
 def _graph() -> cyto.Cytoscape:
     """The Cytoscape canvas (its elements come from assets/serve.js)."""
     return cyto.Cytoscape(
@@ -172,7 +211,14 @@ def _clusters() -> html.Section:
             html.Div("Shift+click or shift+drag to select nodes.", id="selection-note", className="hint"),
             html.Div(id="cluster-list"),
             html.Div(id="cluster-status", className="status"),
-            html.Button("Export subgraph", id="export", className="btn secondary"),
+            html.Div(
+                [
+                    html.Button("Export subgraph", id="export", className="btn secondary"),
+                    html.Button("Propose clusters", id="propose", className="btn secondary"),
+                ],
+                className="row",
+            ),
+            html.Div(id="proposal-list"),
         ],
         className="card",
     )

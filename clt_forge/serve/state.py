@@ -20,7 +20,7 @@ from clt_forge.serve.clusters import collapse
 from clt_forge.serve.features import FeatureSource, open_features
 from clt_forge.serve.graphs import GraphLibrary
 from clt_forge.serve.jobs import InterventionQueue
-from clt_forge.serve.layout import elements, positions
+from clt_forge.serve.layout import elements, extent, grid
 from clt_forge.serve.panel import empty_panel, node_panel
 from clt_forge.serve.pruning import GraphView, Pruner
 
@@ -94,23 +94,20 @@ def draw(state: ServeState, view: View) -> dict[str, Any]:
     document = state.document(view.name)
     pruned = state.view(view.name, view.node_threshold, view.edge_threshold)
     clusters = view.clusters
-    base = positions(pruned.nodes, document.n_layers, len(document.prompt_tokens))
+    layout = grid(pruned.nodes, document.n_layers, len(document.prompt_tokens))
     nodes, links = collapse(pruned, clusters) if view.collapsed else (pruned.nodes, pruned.links)
     drawn = links
     if view.max_links and len(links) > view.max_links:
         drawn = sorted(links, key=lambda link: -abs(link["weight"]))[: view.max_links]
     shown = elements(
-        nodes, drawn, base, n_layers=document.n_layers, prompt_tokens=document.prompt_tokens, clusters=clusters
+        nodes, drawn, layout, n_layers=document.n_layers, prompt_tokens=document.prompt_tokens, clusters=clusters
     )
-    xs = [e["position"]["x"] for e in shown if "position" in e]
-    ys = [e["position"]["y"] for e in shown if "position" in e]
-    extent = [min(xs) - 30, min(ys) - 34, max(xs) + 60, max(ys) + 30]  # room for the labels around
     how = (
         "re-pruned from the raw graph" if pruned.exact else "pruned from the saved links (no raw graph beside the file)"
     )
     count = f"{len(drawn):,} of {len(links):,} links drawn" if len(drawn) < len(links) else f"{len(links):,} links"
     note = f"{len(nodes):,} nodes · {count} · {how}"
-    return {"elements": shown, "nodes": len(nodes), "edges": len(drawn), "extent": extent, "note": note}
+    return {"elements": shown, "nodes": len(nodes), "edges": len(drawn), "extent": extent(layout), "note": note}
 
 
 def graph_meta(state: ServeState, view: View) -> tuple[dict[str, Any], str]:

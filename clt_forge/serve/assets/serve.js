@@ -41,7 +41,9 @@
     if (window.ResizeObserver) {
       new ResizeObserver(function () {
         cy.resize();
-        if (state.unfitted && cy.width() > 0 && cy.height() > 0) fit(cy, state.unfitted);
+        // hidden when drawn (error page), or the subgraph below opened or closed: fit again
+        var extent = state.unfitted || state.extent;
+        if (extent && cy.width() > 0 && cy.height() > 0) fit(cy, extent);
       }).observe(cy.container());
     }
     var selectionTimer = null;
@@ -67,8 +69,31 @@
       return fetch("_clt/panel", { method: "POST", body: JSON.stringify({ view: state.shown, node: id }) })
         .then(function (response) { return response.text(); });
     }
+    // Hovering a node lights its links and their other ends and dims the rest, after a short
+    // pause: a pointer passing over, or a click, restyles nothing.
+    var hoverTimer = null;
+    function unhover() {
+      clearTimeout(hoverTimer);
+      if (cy.$(".dim").length) cy.batch(function () { cy.$(".dim").removeClass("dim"); cy.$(".near").removeClass("near"); });
+    }
+    cy.on("mouseover", "node", function (event) {
+      var node = event.target;
+      if (node.hasClass("axis")) return;
+      clearTimeout(hoverTimer);
+      hoverTimer = setTimeout(function () {
+        var near = node.closedNeighborhood();
+        cy.batch(function () {
+          cy.elements().not(near).not(".axis").addClass("dim");
+          near.removeClass("dim");
+          near.nodes().not(node).addClass("near");
+        });
+      }, 150);
+    });
+    cy.on("mouseout", "node", unhover);
+    cy.container().addEventListener("mouseleave", unhover); // the pointer left the canvas off a node
     cy.on("tapstart", "node", function (event) {
       if (event.target.hasClass("axis")) return;
+      unhover();
       hold();
       pressed = { id: event.target.id(), view: state.shown, html: fetchPanel(event.target.id()) };
     });
@@ -154,6 +179,7 @@
     });
     if (fresh) {
       state.graphKey = drawing.key;
+      state.extent = drawing.extent;
       cy.resize();
       fit(cy, drawing.extent);
     }
@@ -169,6 +195,8 @@
           at: performance.now(),
         };
         settle();
+        markPinned(pinned());
+        refreshSubgraph();
       });
     });
   }
@@ -199,8 +227,135 @@
     if (drawing) withCy(function (cy) { show(cy, drawing, first); });
   });
 
+  /* The search box: nodes whose label, hover text, id or token holds the text. */
+  function search(text) {
+    var cy = window.cy, list = document.getElementById("search-results");
+    if (!cy || !list) return;
+    var query = (text || "").trim().toLowerCase();
+    cy.batch(function () { cy.nodes(".found").removeClass("found"); });
+    list.innerHTML = "";
+    if (!query) return;
+    var found = cy.nodes().not(".axis").filter(function (n) {
+      return (n.data("tip") || "").toLowerCase().indexOf(query) >= 0 || n.id().toLowerCase() === query ||
+        (n.data("label") || "").toLowerCase().indexOf(query) >= 0;
+    });
+    cy.batch(function () { found.addClass("found"); });
+    found.slice(0, 12).forEach(function (n) {
+      var row = document.createElement("div");
+      row.className = "search-hit";
+      row.dataset.node = n.id();
+      var name = document.createElement("span");
+      name.textContent = n.data("tip") || n.id();
+      name.onclick = function () {
+        cy.animate({ center: { eles: n }, zoom: Math.max(cy.zoom(), 1.2) }, { duration: 0 });
+        n.emit("tapstart");
+        n.emit("tap");
+      };
+      var pin = document.createElement("button");
+      pin.className = "link-btn pin-btn";
+      pin.textContent = "pin";
+      pin.title = "pin into the subgraph";
+      pin.onclick = function () { window.cltServe.pin([n.id()]); };
+      row.appendChild(name);
+      row.appendChild(pin);
+      list.appendChild(row);
+    });
+    var more = document.createElement("div");
+    more.className = "muted";
+    more.textContent = found.length + " found";
+    list.appendChild(more);
+  }
+  document.addEventListener("input", function (event) {
+    if (event.target && event.target.id === "search") search(event.target.value);
+  });
+
+  /* Pins: the ids pinned into the subgraph (the `pinned` store, saved as qParams.pinnedIds). */
+  function pinned() {
+    return state.pinned || [];
+  }
+  function markPinned(ids) {
+    var cy = window.cy;
+    if (!cy) return;
+    cy.batch(function () {
+      cy.nodes(".pinned").removeClass("pinned");
+      ids.forEach(function (id) { cy.getElementById(id).addClass("pinned"); });
+    });
+  }
+
+  /* The subgraph: pinned nodes by layer and position, drawn as SVG from /_clt/subgraph. */
+  var SVG = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs, parent) {
+    var element = document.createElementNS(SVG, tag);
+    Object.keys(attrs).forEach(function (k) { element.setAttribute(k, attrs[k]); });
+    if (parent) parent.appendChild(element);
+    return element;
+  }
+  function drawSubgraph(drawing) {
+    var box = document.getElementById("subgraph");
+    if (!box) return;
+    box.innerHTML = "";
+    var card = document.getElementById("subgraph-card");
+    if (card) card.classList.toggle("has-pins", !!(drawing && drawing.nodes && drawing.nodes.length));
+    if (!drawing || !drawing.nodes || !drawing.nodes.length) {
+      box.innerHTML = '<div class="muted sub-empty">Pin nodes (click a node, then “Pin”, or search) to build a subgraph.</div>';
+      window.cltServe.subgraph = { nodes: 0, edges: 0, at: performance.now() };
+      return;
+    }
+    var root = svg("svg", { viewBox: drawing.viewBox.join(" "), preserveAspectRatio: "xMidYMid meet", class: "sub-svg" }, box);
+    var at = {};
+    drawing.nodes.forEach(function (n) { at[n.id] = n; });
+    drawing.links.forEach(function (l) {
+      var a = at[l.source], b = at[l.target];
+      var line = svg("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y, stroke: l.c, "stroke-width": l.w, "stroke-opacity": l.o, class: "sub-link" }, root);
+      line.dataset.source = l.source;
+      line.dataset.target = l.target;
+      line.dataset.weight = l.weight;
+    });
+    drawing.nodes.forEach(function (n) {
+      var g = svg("g", { class: "sub-node " + n.kind, transform: "translate(" + (n.x - n.w / 2) + "," + (n.y - n.h / 2) + ")" }, root);
+      g.dataset.node = n.id;
+      svg("rect", { width: n.w, height: n.h, rx: 4, fill: n.fill, stroke: n.stroke }, g);
+      var text = svg("text", { x: n.w / 2, y: n.h / 2 + 4, "text-anchor": "middle", fill: n.ink, class: "sub-label" }, g);
+      text.textContent = n.label;
+      svg("title", {}, g).textContent = n.tip;
+      g.addEventListener("click", function () {
+        fetch("_clt/panel", { method: "POST", body: JSON.stringify({ view: state.shown, node: n.id }) })
+          .then(function (r) { return r.text(); })
+          .then(function (html) {
+            document.getElementById("panel").innerHTML = html;
+            root.querySelectorAll(".sub-node.clicked").forEach(function (e) { e.classList.remove("clicked"); });
+            g.classList.add("clicked");
+            setProps("clicked", { data: n.id });
+            if (n.kind === "cluster") setProps("target", { value: n.id });
+          });
+      });
+    });
+    window.cltServe.subgraph = { nodes: drawing.nodes.length, edges: drawing.links.length, at: performance.now() };
+  }
+  function refreshSubgraph() {
+    if (!state.shown) return;
+    fetch("_clt/subgraph", { method: "POST", body: JSON.stringify({ view: state.shown, pinned: pinned() }) })
+      .then(function (r) { return r.json(); })
+      .then(drawSubgraph);
+  }
+
   window.cltServe = {
     ready: null,
+    subgraph: null,
+    search: search,
+    /* Pin `ids` (the store's callback saves them into the graph file). */
+    pin: function (ids) {
+      var now = pinned().slice();
+      ids.forEach(function (id) { if (now.indexOf(id) < 0) now.push(id); });
+      setProps("pinned", { data: now });
+    },
+    /* The pinned store changed (opened, pinned, unpinned): mark and redraw. */
+    onPinned: function (ids, view) {
+      state.pinned = ids || [];
+      markPinned(state.pinned);
+      refreshSubgraph();
+      return state.pinned.length;
+    },
     onGraph: function (meta) {
       if (!meta || !meta.key) {
         state.request++;
