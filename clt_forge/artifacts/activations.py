@@ -165,7 +165,7 @@ def encode_chunk(
     n_tokens, n_layers, d_model = mlp_in.shape
     token_bytes = tokens.to(torch.int32).numpy().astype("<i4").tobytes()
     jobs: dict[str, Callable[[], bytes]] = {
-        kind: functools.partial(encode, x.contiguous(), spec, (observe or {}).get(kind))
+        kind: functools.partial(_encode_kind, kind, x.contiguous(), spec, (observe or {}).get(kind))
         for kind, x in (("mlp_in", mlp_in), ("mlp_out", mlp_out))
     }
     if pool is None:
@@ -182,6 +182,13 @@ def encode_chunk(
         {"version": CHUNK_VERSION, "n_tokens": n_tokens, "n_layers": n_layers, "d_model": d_model, "sections": offsets}
     ).encode()
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *sections.values()])
+
+
+def _encode_kind(kind: str, x: torch.Tensor, spec: QuantSpec, observe: Observer | None) -> bytes:
+    try:
+        return encode(x, spec, observe)
+    except ValueError as err:  # the codec refuses what it cannot store faithfully: name the kind
+        raise CLTError(f"{kind}: {err}") from None
 
 
 @dataclass

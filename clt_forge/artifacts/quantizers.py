@@ -7,6 +7,7 @@ A new scheme is one class: `@register_quantizer("int6") class Int6(IntQuantizer)
 
 from __future__ import annotations
 
+import math
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -107,13 +108,29 @@ class RawQuantizer(Quantizer):
         if observe:
             for layer in range(x.shape[1]):
                 observe(layer, x[:, layer])
-        return self.header(shape3(x.shape), 0), iter([as_bytes(x.to(DTYPES[self.spec.dtype][1]))])
+        stored = x.to(DTYPES[self.spec.dtype][1])
+        if not bool(torch.isfinite(stored).all()):  # NaN/inf in, or float16 overflow (|x| > 65504)
+            raise ValueError(_not_finite(x, stored, self.spec.dtype))
+        return self.header(shape3(x.shape), 0), iter([as_bytes(stored)])
 
     def decode_payload(self, buf: memoryview, h: Header) -> torch.Tensor:
         out = empty(h.tokens, h.n_layers, h.d_model)
         if len(buf):
             out.view(-1).copy_(torch.frombuffer(buf, dtype=DTYPES[self.spec.dtype][1]))
         return out
+
+
+def _not_finite(x: torch.Tensor, stored: torch.Tensor, dtype: str) -> str:
+    """Which layer of `x` did not survive being stored as `dtype`, and what to do instead."""
+    bad = ~torch.isfinite(stored)
+    layer = int(bad.any(dim=2).any(dim=0).nonzero()[0])
+    value = float(x[:, layer][bad[:, layer]][0])
+    if math.isfinite(value):
+        return (
+            f"encode: layer {layer} holds {value:.6g}, beyond {dtype}'s range (max {torch.finfo(stored.dtype).max:.6g}); "
+            "store it as quant.dtype=bfloat16 or float32, or with an int scheme (outliers kept exactly)"
+        )
+    return f"encode: layer {layer} holds {value} (NaN or inf)"
 
 
 class IntQuantizer(Quantizer):
@@ -183,6 +200,10 @@ class IntQuantizer(Quantizer):
 
     def encode_payload(self, x: torch.Tensor, observe: Observer | None = None) -> tuple[Header, Parts]:
         idx, vals = outliers(x, round(self.spec.outlier_fraction * x.numel()))
+        bad = ~torch.isfinite(vals)
+        if bool(bad.any()):  # the largest |x| are inf: they would be stored "exactly"
+            layer = int((idx[bad][0] // x.shape[2]) % x.shape[1])
+            raise ValueError(f"encode: layer {layer} holds {float(vals[bad][0])} (NaN or inf) among the outliers")
         return self.header(shape3(x.shape), idx.numel()), self._encode(x, idx, vals, observe)
 
     def _encode(self, x: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, observe: Observer | None) -> Parts:

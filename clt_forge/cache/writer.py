@@ -239,7 +239,7 @@ class CacheJob:
                 tokens, mlp_in, mlp_out = self._forward(model, windows, buffers[number % len(buffers)])
                 if inline:
                     with torch_threads(threads):
-                        encoded = self._encode(tokens, mlp_in, mlp_out, encoders)
+                        encoded = self._encode(number, tokens, mlp_in, mlp_out, encoders)
                     job = functools.partial(self._store, number, *encoded)
                 else:
                     job = functools.partial(self._commit, number, tokens, mlp_in, mlp_out, encoders)
@@ -272,15 +272,20 @@ class CacheJob:
     def _commit(
         self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, pool: Executor
     ) -> None:
-        self._store(number, *self._encode(tokens, mlp_in, mlp_out, pool))
+        self._store(number, *self._encode(number, tokens, mlp_in, mlp_out, pool))
 
     def _encode(
-        self, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, pool: Executor
+        self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, pool: Executor
     ) -> tuple[int, bytes, bytes]:
         """The chunk file's bytes (the two kinds encoded side by side in `pool`), and the shard's
         running statistics including this chunk (gathered by the encoder as it reads each layer)."""
         observers = {kind: self.stats.observer(kind) for kind in KINDS}
-        data = encode_chunk(tokens, mlp_in, mlp_out, self.spec, observers, pool)
+        try:
+            data = encode_chunk(tokens, mlp_in, mlp_out, self.spec, observers, pool)
+        except CLTError as err:
+            raise CLTError(
+                f"{self.out}: chunk {number} of shard {self.index}: {err}. Chunks written before it are kept."
+            ) from None
         self.stats.count += tokens.numel()
         return tokens.numel(), data, self.stats.to_bytes()
 
