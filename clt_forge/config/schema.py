@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from clt_forge.artifacts.quant_spec import QuantSpec
-from clt_forge.config.schedules import LinearWarmup, SparsityConfig
+from clt_forge.config.schedules import SparsityConfig
 
 
 class DType(StrEnum):
@@ -323,7 +323,7 @@ class ServeConfig(PipelineConfig):
 class DemoConfig(PipelineConfig):
     """`clt demo`: every stage on the embedded default, into one run folder (runs/demo)."""
 
-    sparsity: LinearWarmup = MISSING  # the demo trains with a linear warm-up of lambda0 (its warmup_fraction)
+    sparsity: SparsityConfig = MISSING  # any schedule; the demo's YAML sets the linear warm-up's fields
     explainer: ExplainerConfig = MISSING
     prompt: str = 'The opposite of "large" is "'  # the prompt attributed
     slug: str = "opposite"  # the graph's file name: <out>/graphs/<slug>.json

@@ -60,8 +60,7 @@ def run(cfg: DemoConfig) -> Path:
         "optim.lr": cfg.lr,
         "optim.lr_schedule": "cosine",
         "clt.d_features": cfg.clt.d_features,
-        "sparsity.l0_coefficient": cfg.sparsity.l0_coefficient,
-        "sparsity.warmup_fraction": cfg.sparsity.warmup_fraction,
+        **{f"sparsity.{f.name}": getattr(cfg.sparsity, f.name) for f in dataclasses.fields(cfg.sparsity)},
         "eval_every": max(1, cfg.train_tokens // cfg.batch_size // 8),
         "log_every": 8,
         "checkpoint_every": 64,
@@ -95,8 +94,14 @@ def run(cfg: DemoConfig) -> Path:
     return out
 
 
+# A key the printed command sets through its group option: a sparsity schedule is chosen with
+# sparsity=NAME, whose YAML attaches the schema holding that schedule's own settings.
+GROUP_OPTION_KEYS = {"sparsity.schedule": "sparsity"}
+
+
 def _step(number: int, stage: str, overrides: dict[str, Any], done: bool) -> bool:
-    command = " ".join([clt_command(), stage, *(shell_quote(hydra_override(k, v)) for k, v in overrides.items())])
+    words = [shell_quote(hydra_override(GROUP_OPTION_KEYS.get(k, k), v)) for k, v in overrides.items()]
+    command = " ".join([clt_command(), stage, *words])
     if done:
         print(f"[{number}/{STEPS}] {stage}: already done, skipped ({command})")
     else:
