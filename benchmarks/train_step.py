@@ -16,6 +16,8 @@ Each measurement runs in its own subprocess, so peak RSS (ru_maxrss) is per conf
     .venv/bin/python benchmarks/train_step.py            # full run (~6 minutes on 2 cores)
     .venv/bin/python benchmarks/train_step.py --quick    # smoke run (seconds)
     .venv/bin/python benchmarks/train_step.py --layouts  # also compare decoder layouts
+    .venv/bin/python benchmarks/train_step.py --sparse --threads 1 --sparse-features 576 1152
+                                                        # dense vs sparse decode per activation
 
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
 d_features=1536, batch 512. Inputs are synthetic random activations.
@@ -275,6 +277,62 @@ class _OtherLoad:
         return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
 
+def worker_sparse(threads: int, d_features: int, activation: str, active: float, decode: str, steps: int) -> dict:
+    """One training step (forward, loss, backward, fused Adam) at L=30, D=576, B=256 with about
+    `active` of the features on: topk / batchtopk with k = active * F; jumprelu with b_enc shifted
+    so that share of pre-activations exceeds theta = 0.03 (a trained-like CLT, default bandwidth)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from clt_forge.clt.loss import clt_loss
+    from clt_forge.clt.model import CrossLayerTranscoder
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    n_layers, d_model, batch = 30, 576, 256
+    k = max(1, round(active * d_features))
+    model = CrossLayerTranscoder(n_layers, d_model, d_features, activation=activation, k=k, decode=decode)
+    x, y = torch.randn(batch, n_layers, d_model), torch.randn(batch, n_layers, d_model) * 0.1
+    if activation == "jumprelu":
+        with torch.no_grad():
+            h = model.encode(x)[0].transpose(0, 1).reshape(n_layers, -1)
+            model.b_enc -= (torch.quantile(h[:, :: max(1, h.shape[1] // 100_000)], 1 - active, dim=1) - 0.03)[:, None]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    l0 = 1e-3 if activation == "jumprelu" else 0.0
+    _, activated = model.encode_activated(x)  # what this step's activation keeps, and where grad z is read
+    needed = activated.grad_needed
+    record = {
+        "active": (activated.features != 0).float().mean().item(),
+        "grad_z_needed": needed.float().mean().item() if needed is not None else 1.0,
+    }
+    del activated, needed
+
+    def step() -> float:
+        start = time.perf_counter()
+        out = model(x)
+        loss = clt_loss(out, y, out.decoder_norms, model.jumprelu_threshold(), l0, dead_coefficient=1e-5)
+        loss.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()
+    times = [step() for _ in range(steps)]
+    return {
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "batch": batch,
+        "d_features": d_features,
+        "threads": threads,
+        "activation": activation,
+        "decode": decode,
+        "k": k,
+        **record,
+        "seconds_per_step": statistics.median(times),
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+
+
 def _run_worker(args: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -289,6 +347,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per config (default 5; quick 2)")
     parser.add_argument("--adam", choices=["fused", "foreach"], default="fused", help="Adam implementation of the step")
     parser.add_argument("--layouts", action="store_true", help="also time decode forward + backward per W_dec layout")
+    parser.add_argument("--sparse", action="store_true", help="only dense vs sparse decode steps per activation")
+    parser.add_argument("--sparse-features", type=int, nargs="+", default=[576, 1152], help="d_features for --sparse")
+    parser.add_argument("--active", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="active shares, --sparse")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -298,6 +359,8 @@ def main() -> None:
             out = worker_matmul(int(rest[0]), [int(s) for s in rest[1].split(",")], int(rest[2]))
         elif kind == "step":
             out = worker_step(int(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4])
+        elif kind == "sparse":
+            out = worker_sparse(int(rest[0]), int(rest[1]), rest[2], float(rest[3]), rest[4], int(rest[5]))
         elif kind == "adam":
             out = worker_adam(int(rest[0]), rest[1], int(rest[2]))
         else:
@@ -305,6 +368,9 @@ def main() -> None:
         print(json.dumps(out))
         return
 
+    if args.sparse:
+        print(json.dumps(sparse_report(args), indent=2))
+        return
     configs = args.configs or (["quick"] if args.quick else ["a", "b"])
     steps = args.steps or (2 if args.quick else 5)
     warmup = 1 if args.quick else 2
@@ -338,6 +404,32 @@ def main() -> None:
             for threads in args.threads
         ]
     print(json.dumps(report, indent=2))
+
+
+def sparse_report(args: argparse.Namespace) -> dict:
+    """Dense vs sparse step time and peak RSS per (d_features, activation, active share)."""
+    steps = args.steps or 3
+    rows = []
+    for d_features in args.sparse_features:
+        for activation in ("topk", "batchtopk", "jumprelu"):
+            for active in args.active:
+                pair = {}
+                for decode in ("dense", "sparse"):
+                    cmd = ["sparse", str(args.threads[0]), str(d_features), activation, str(active), decode, str(steps)]
+                    pair[decode] = _run_worker(cmd)
+                row = {**pair["sparse"], "decode": "sparse vs dense"}
+                row["dense_seconds"], row["sparse_seconds"] = (
+                    pair["dense"]["seconds_per_step"],
+                    row.pop("seconds_per_step"),
+                )
+                row["sparse_over_dense"] = row["sparse_seconds"] / row["dense_seconds"]
+                row["dense_peak_rss_mib"], row["sparse_peak_rss_mib"] = (
+                    pair["dense"]["peak_rss_mib"],
+                    row.pop("peak_rss_mib"),
+                )
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    return {"sparse_decode": rows}
 
 
 if __name__ == "__main__":
