@@ -58,8 +58,10 @@ def register_schemas() -> None:
 
 def load_choices() -> None:
     """Import the modules of the layers below the stages that register built-in choices (the
-    quantizers, the model sources, the text sources), so validation knows their names."""
+    quantizers, the CLT activation functions, the model sources, the text sources), so
+    validation knows their names."""
     import clt_forge.artifacts.quant
+    import clt_forge.clt.activations
     import clt_forge.data.text
     import clt_forge.models  # noqa: F401
 
