@@ -383,3 +383,11 @@ def test_merge_waits_for_every_shard(tiny_model, tmp_path):
     write(tiny_model, out, "shard.count=3", "shard.index=2")
     assert not merge_if_complete(out, 3)
     assert Plan.from_config(cache_config(out)).n_windows == 100
+
+
+def test_progress_outside_a_terminal_is_printed_as_lines(tiny_model, tmp_path, capsys):
+    """A SLURM log or `> log 2>&1` sees the caching progress (tqdm hides its bar there)."""
+    assert write(tiny_model, tmp_path / "ds", "quant=int8")  # pytest's captured stderr is not a TTY
+    err = capsys.readouterr().err
+    assert "clt cache train 0/1: 0/1.50k tok (0.0%)" in err
+    assert "clt cache train 0/1: 1.50k/1.50k tok (100.0%)" in err and "ETA" in err

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from clt_forge.artifacts.activations import (
     HELD_OUT,
@@ -44,6 +43,7 @@ from clt_forge.config.schema import CacheConfig, EncodeMode
 from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import hook_names, window_activations
+from clt_forge.progress import progress_bar
 from clt_forge.threads import torch_threads
 
 
@@ -202,12 +202,11 @@ class CacheJob:
         chunks = self.my_windows(model.tokenizer)
         total_chunks = math.ceil(len(range(self.index, self.plan.n_windows, self.count)) / self.plan.windows_per_chunk)
         raw_bytes_per_token = 2 * self.cfg.model.n_layers * self.cfg.model.d_model * 2  # fp16 in + out
-        bar = tqdm(
+        bar = progress_bar(
             total=total_chunks * self.plan.windows_per_chunk * self.plan.tokens_per_window,
             unit="tok",
             unit_scale=True,
             desc=f"clt cache {self.plan.split} {self.index}/{self.count}",
-            disable=None,
         )
         pending: Future[None] | None = None
         started = time.perf_counter()
