@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from clt_forge.artifacts.activations import HELD_OUT, read_manifest
+from clt_forge.artifacts.activations import HELD_OUT, atomic_write, read_manifest
 from clt_forge.artifacts.checkpoint import load_checkpoint
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.artifacts.reader import check_compatible
@@ -39,6 +39,12 @@ def read_run_config(run: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CLTError(f"resume={run}: no {RUN_CONFIG} there; is it a `clt train` run folder?")
     return json.loads(path.read_text())
+
+
+def write_run_config(cfg: TrainConfig, run: Path) -> None:
+    """Record the resolved config, atomically: under torchrun the other ranks read it (resume=)
+    while rank 0 writes it, and a plain write shows them an empty file for a moment."""
+    atomic_write(run / RUN_CONFIG, json.dumps(plain(cfg), indent=1).encode())
 
 
 def check_resume(cfg: TrainConfig, out: Path) -> None:

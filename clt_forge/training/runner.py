@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import gc
 import itertools
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -38,13 +37,13 @@ from clt_forge.models.activations import hook_names
 from clt_forge.progress import progress_bar
 from clt_forge.runs import setup
 from clt_forge.training.build import (
-    RUN_CONFIG,
     HeldOut,
     build_clt,
     check_resume,
     normalization,
     read_run_config,
     training_data,
+    write_run_config,
 )
 from clt_forge.training.metrics import DeadFeatures, MetricsLog, evaluate
 from clt_forge.training.resume import (
@@ -112,7 +111,7 @@ class CLTTrainingRunner:
             setup(dataclasses.replace(cfg, out=str(out)))
             check_resume(cfg, out)
         if parallel.main:
-            (out / RUN_CONFIG).write_text(json.dumps(plain(cfg), indent=1))
+            write_run_config(cfg, out)
         self.out = out
         self.total_steps = max(1, cfg.tokens // cfg.batch_size)
         self.store, held_out = training_data(cfg, parallel)
