@@ -23,6 +23,14 @@ just its own slice.
 
 The CLT works in normalised units: it reads x / in_scale[l] and predicts y / out_scale[l].
 `load_checkpoint` needs no training code.
+
+`read_info` / `load_checkpoint` also read other libraries' CLTs as checkpoints, detected from the
+folder's files (foreign_*.py, one module per format; docs/formats.md): circuit-tracer's on-disk
+CLT (config.yaml with model_kind) and the reference CLT-Forge library's clt_weights.safetensors
+(single file or per rank), and `hf://org/name[@revision]` resolves to the downloaded repo first.
+Their CheckpointInfo has `format` naming the foreign format, the declared hooks in `hooks`,
+what the folder says of the model in `model` ({"hf_name": ...}) and where it came from in
+`train["imported"]`; weights come in our layout with the folder's normalisation (1: raw units).
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clt_forge.artifacts import foreign_circuit_tracer, foreign_reference
+from clt_forge.artifacts.foreign_common import ForeignHeader
+from clt_forge.artifacts.foreign_hub import is_hub, resolve_hub
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.errors import CLTError
@@ -124,12 +135,44 @@ def install(scratch: Path, folder: Path) -> None:
         os.replace(scratch, folder)
 
 
+FOREIGN = (foreign_circuit_tracer, foreign_reference)  # each: detect, read_header, read_weights
+
+
+def locate(checkpoint: str | Path) -> Path:
+    """The local folder of `checkpoint` (hf://org/name[@rev] is downloaded into the HF cache once)."""
+    return resolve_hub(checkpoint) if is_hub(checkpoint) else Path(checkpoint)
+
+
+def foreign_reader(folder: Path) -> Any | None:
+    """The foreign-format module that reads `folder`, or None for ours (config.json with our format)."""
+    if (folder / CONFIG).is_file():
+        return None
+    return next((reader for reader in FOREIGN if reader.detect(folder)), None)
+
+
+def foreign_info(header: ForeignHeader) -> CheckpointInfo:
+    return CheckpointInfo(
+        n_layers=header.n_layers,
+        d_model=header.d_model,
+        d_features=header.d_features,
+        bandwidth=header.bandwidth,
+        model=header.model,
+        hooks=header.hooks,
+        train={"imported": header.imported},
+        format=header.format,
+    )
+
+
 def read_info(folder: str | Path) -> CheckpointInfo:
-    folder = Path(folder)
+    folder = locate(folder)
+    reader = foreign_reader(folder)
+    if reader is not None:
+        return foreign_info(reader.read_header(folder))
     path = folder / CONFIG
     if not path.is_file():
         raise CLTError(
-            f"no CLT checkpoint at {folder} (missing {CONFIG}): run `clt train` first, or pass checkpoint=PATH."
+            f"no CLT checkpoint at {folder} (no {CONFIG}, no circuit-tracer config.yaml + W_enc_0.safetensors, "
+            f"no clt_weights.safetensors): run `clt train` first, or pass checkpoint=PATH or hf://org/name."
         )
     raw = json.loads(path.read_text())
     if raw.get("format") != FORMAT:
@@ -145,9 +188,14 @@ def load_checkpoint(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[CrossLayerTranscoder, Normalization, CheckpointInfo]:
     """The CLT (normalised units), its normalisation factors and its config."""
-    folder = Path(folder)
-    info = read_info(folder)
-    tensors = read_tensors(folder, WEIGHTS_STEM, info, device=device)
+    folder = locate(folder)
+    reader = foreign_reader(folder)
+    if reader is None:
+        info = read_info(folder)
+        tensors = read_tensors(folder, WEIGHTS_STEM, info, device=device)
+    else:
+        header = reader.read_header(folder)
+        info, tensors = foreign_info(header), reader.read_weights(folder, header, device=device)
     clt = CrossLayerTranscoder(
         info.n_layers, info.d_model, info.d_features, bandwidth=info.bandwidth, device=device, init=False
     )

@@ -1,0 +1,151 @@
+"""Read circuit-tracer's on-disk CLT (what published CLTs use) as a clt-forge checkpoint.
+
+The folder (circuit_tracer.transcoder.cross_layer_transcoder: `to_safetensors` / `load_clt`):
+
+    config.yaml             model_kind: cross_layer_transcoder, feature_input_hook,
+                            feature_output_hook, usually model_name (hub id of the model)
+    W_enc_{l}.safetensors   W_enc_{l} [F, D], b_enc_{l} [F], b_dec_{l} [D], optional
+                            threshold_{l} [F] (JumpReLU z = h * (h > threshold); absent: ReLU)
+    W_dec_{l}.safetensors   W_dec_{l} [F, L - l, D] (targets l .. L-1)
+
+for l = 0 .. L-1. The weights are in raw model units, so the normalisation factors are 1.
+Mapping to ours: W_enc[l] = W_enc_{l}^T, log_threshold[l] = log(threshold_{l}) (a ReLU CLT is
+exactly JumpReLU with theta = 0, log_threshold = -inf: h * (h > 0) = ReLU(h)), W_dec's source-l
+block = W_dec_{l}. Skip connections (W_skip) are refused: our CLT has none. Tensors are read
+one layer file at a time and converted to float32.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from clt_forge.artifacts.foreign_common import ForeignHeader, block_hooks, pack_decoders, relu_log_threshold
+from clt_forge.errors import CLTError
+
+__all__ = ["FORMAT", "detect", "read_header", "read_weights"]
+
+FORMAT = "circuit-tracer/clt"
+CONFIG = "config.yaml"
+KIND = "cross_layer_transcoder"
+
+
+def detect(folder: Path) -> bool:
+    return (folder / CONFIG).is_file() and (folder / "W_enc_0.safetensors").is_file()
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CLTError(f"{path}: not valid YAML ({exc}).") from exc
+    kind = config.get("model_kind")
+    if kind != KIND:
+        raise CLTError(
+            f"{path}: model_kind is {kind!r}; clt-forge reads circuit-tracer folders with "
+            f"model_kind: {KIND} (a per-layer transcoder set is not a CLT)."
+        )
+    return config
+
+
+def layer_count(folder: Path) -> int:
+    """L from the W_enc_{l} files, checked contiguous and matched by W_dec_{l} files."""
+    found = sorted(
+        int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"W_enc_(\d+)\.safetensors", p.name))
+    )
+    n_layers = len(found)
+    if found != list(range(n_layers)):
+        missing = sorted(set(range(max(found) + 1)) - set(found))
+        raise CLTError(f"circuit-tracer CLT {folder}: W_enc_{missing[0]}.safetensors is missing.")
+    for layer in range(n_layers):
+        if not (folder / f"W_dec_{layer}.safetensors").is_file():
+            raise CLTError(f"circuit-tracer CLT {folder}: W_dec_{layer}.safetensors is missing.")
+    return n_layers
+
+
+def refuse_skip(folder: Path, keys: dict[int, list[str]]) -> None:
+    skip_files = sorted(p.name for p in folder.glob("W_skip*.safetensors"))
+    skip_keys = [key for layer_keys in keys.values() for key in layer_keys if key.startswith("W_skip")]
+    if skip_files or skip_keys:
+        where = skip_files[0] if skip_files else f"key {skip_keys[0]} in W_enc_*.safetensors"
+        raise CLTError(
+            f"circuit-tracer CLT {folder} has skip connections ({where}): clt-forge's CLT has no "
+            "skip (W_skip) term, so it cannot represent this transcoder; skip connections are not supported."
+        )
+
+
+def read_header(folder: Path) -> ForeignHeader:
+    config = read_config(folder)
+    n_layers = layer_count(folder)
+    keys: dict[int, list[str]] = {}
+    for layer in range(n_layers):
+        with safe_open(folder / f"W_enc_{layer}.safetensors", "pt") as handle:
+            keys[layer] = list(handle.keys())
+            if layer == 0:
+                d_features, d_model = handle.get_slice(f"W_enc_{layer}").get_shape()
+    refuse_skip(folder, keys)
+    with_threshold = [layer for layer in range(n_layers) if f"threshold_{layer}" in keys[layer]]
+    if with_threshold and len(with_threshold) != n_layers:
+        lacking = next(layer for layer in range(n_layers) if layer not in with_threshold)
+        raise CLTError(
+            f"circuit-tracer CLT {folder}: W_enc_{lacking}.safetensors has no threshold_{lacking} while "
+            f"layer {with_threshold[0]} has one; a CLT is JumpReLU (threshold_l in every layer) or ReLU (in none)."
+        )
+    for name in ("feature_input_hook", "feature_output_hook"):
+        if not config.get(name):
+            raise CLTError(f"{folder / CONFIG}: {name} is missing (the hook point the CLT reads / writes).")
+    model = {"hf_name": config["model_name"]} if config.get("model_name") else {}
+    activation = "jumprelu" if with_threshold else "relu (read as jumprelu with threshold 0)"
+    return ForeignHeader(
+        format=FORMAT,
+        n_layers=n_layers,
+        d_model=int(d_model),
+        d_features=int(d_features),
+        bandwidth=1.0,  # the STE kernel width: only a finetune uses it (circuit-tracer's default is 2)
+        model=model,
+        hooks=block_hooks(n_layers, config["feature_input_hook"], config["feature_output_hook"]),
+        imported={"format": FORMAT, "folder": str(folder.resolve()), "activation": activation},
+    )
+
+
+def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Our tensors (see foreign_common) from the per-layer files, float32 on `device`."""
+    L, D, F = header.n_layers, header.d_model, header.d_features
+    W_enc = torch.empty(L, D, F, device=device)
+    b_enc = torch.empty(L, F, device=device)
+    log_threshold = torch.full((L, F), -torch.inf, device=device)
+    b_dec = torch.empty(L, D, device=device)
+    decoders = []
+    for layer in range(L):
+        path = folder / f"W_enc_{layer}.safetensors"
+        with safe_open(path, "pt", device=str(device)) as handle:
+            encoder = handle.get_tensor(f"W_enc_{layer}")
+            if tuple(encoder.shape) != (F, D):
+                raise CLTError(f"{path}: W_enc_{layer} is {list(encoder.shape)}; layer 0's is [{F}, {D}].")
+            W_enc[layer] = encoder.float().t()
+            b_enc[layer] = handle.get_tensor(f"b_enc_{layer}").float()
+            b_dec[layer] = handle.get_tensor(f"b_dec_{layer}").float()
+            if f"threshold_{layer}" in handle.keys():  # noqa: SIM118 (a safetensors handle)
+                log_threshold[layer] = relu_log_threshold(handle.get_tensor(f"threshold_{layer}"), str(path))
+        path = folder / f"W_dec_{layer}.safetensors"
+        with safe_open(path, "pt", device=str(device)) as handle:
+            decoder = handle.get_tensor(f"W_dec_{layer}")
+        if tuple(decoder.shape) != (F, L - layer, D):
+            raise CLTError(f"{path}: W_dec_{layer} is {list(decoder.shape)}; expected [{F}, {L - layer}, {D}].")
+        decoders.append(decoder.float())
+    ones = torch.ones(L, device=device)
+    return {
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "log_threshold": log_threshold,
+        "W_dec": pack_decoders(decoders),
+        "b_dec": b_dec,
+        "norm.in_scale": ones,
+        "norm.out_scale": ones.clone(),
+    }

@@ -1,0 +1,248 @@
+"""Foreign CLT checkpoints read as our own (issue 20): circuit-tracer's on-disk CLT written by
+circuit-tracer's own writer, the reference CLT-Forge library's clt_weights.safetensors (single
+file and per rank, written here following docs/formats.md), hf:// offline, and the round trip
+ours -> circuit-tracer format -> ours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder as CTTranscoder
+from safetensors.torch import save_file
+
+from clt_forge.artifacts.checkpoint import CheckpointInfo, load_checkpoint, read_info, save_checkpoint
+from clt_forge.artifacts.normalization import Normalization
+from clt_forge.attribution.convert import export_circuit_tracer, fold
+from clt_forge.clt.model import CrossLayerTranscoder
+from clt_forge.errors import CLTError
+
+L, D, F = 3, 8, 12
+
+
+def raw_reconstruction(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our loaded CLT on raw inputs x [B, L, D]: (features, raw reconstruction), both [B, L, *]."""
+    clt, norm, _ = load_checkpoint(folder)
+    with torch.no_grad():
+        out = clt(norm.inputs(x))
+    return out.features, out.reconstruction * norm.out_scale[:, None]
+
+
+def circuit_tracer_clt(activation: str = "jump_relu", seed: int = 0) -> CTTranscoder:
+    torch.manual_seed(seed)
+    ct = CTTranscoder(
+        L, F, D, activation_function=activation, lazy_decoder=False, device=torch.device("cpu"), dtype=torch.float32
+    )
+    with torch.no_grad():
+        for param in ct.parameters():
+            param.normal_(0, 0.3)
+        if activation == "jump_relu":
+            ct.activation_function.threshold.uniform_(0.0, 0.4)
+    return ct
+
+
+def write_circuit_tracer(folder: Path, ct: CTTranscoder, input_hook: str = "hook_resid_mid") -> Path:
+    ct.to_safetensors(str(folder))
+    (folder / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\n"
+        "model_name: google/gemma-2-2b\n"
+        f"feature_input_hook: {input_hook}\n"
+        "feature_output_hook: hook_mlp_out\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize("activation", ["jump_relu", "relu"])
+def test_circuit_tracer_folder_loads_with_equal_features_and_reconstruction(tmp_path, activation):
+    ct = circuit_tracer_clt(activation)
+    folder = write_circuit_tracer(tmp_path / "ct", ct)
+    x = torch.randn(16, L, D)
+    with torch.no_grad():
+        want_features = ct.encode(x.transpose(0, 1))  # [L, B, F]
+        want = ct.decode(want_features.to_sparse())  # [L, B, D]
+    features, recon = raw_reconstruction(folder, x)
+    assert (want_features != 0).sum() > 0 and (want_features == 0).sum() > 0, (
+        "the test needs active and inactive features"
+    )
+    torch.testing.assert_close(features.transpose(0, 1), want_features, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(recon.transpose(0, 1), want, rtol=1e-5, atol=1e-5)
+
+    clt, norm, info = load_checkpoint(folder)
+    for layer in range(L):
+        torch.testing.assert_close(clt.decoder(layer), ct.W_dec[layer], rtol=0, atol=0)
+    torch.testing.assert_close(clt.W_enc, ct.W_enc.transpose(1, 2), rtol=0, atol=0)
+    assert torch.equal(norm.in_scale, torch.ones(L)) and torch.equal(norm.out_scale, torch.ones(L))
+    assert info.format == "circuit-tracer/clt" and info.model == {"hf_name": "google/gemma-2-2b"}
+    assert info.hooks["mlp_in"] == [f"blocks.{layer}.hook_resid_mid" for layer in range(L)]
+    assert info.hooks["mlp_out"][2] == "blocks.2.hook_mlp_out"
+    assert read_info(folder).architecture() == {"n_layers": L, "d_model": D, "d_features": F, "bandwidth": 1.0}
+    if activation == "relu":
+        assert torch.isneginf(clt.log_threshold).all(), "ReLU is JumpReLU with threshold exactly 0"
+        assert "relu" in info.train["imported"]["activation"]
+
+
+def test_skip_connections_and_partial_thresholds_are_refused(tmp_path):
+    folder = write_circuit_tracer(tmp_path / "skip", circuit_tracer_clt())
+    save_file({"W_skip_0": torch.zeros(D, D)}, folder / "W_skip_0.safetensors")
+    with pytest.raises(CLTError, match=r"W_skip_0\.safetensors.*skip connections are not supported"):
+        load_checkpoint(folder)
+
+    folder = write_circuit_tracer(tmp_path / "mixed", circuit_tracer_clt())
+    keys = {"W_enc_1": torch.randn(F, D), "b_enc_1": torch.zeros(F), "b_dec_1": torch.zeros(D)}
+    save_file(keys, folder / "W_enc_1.safetensors")  # layer 1 lost its threshold
+    with pytest.raises(CLTError, match=r"W_enc_1\.safetensors has no threshold_1"):
+        read_info(folder)
+
+    folder = write_circuit_tracer(tmp_path / "negative", circuit_tracer_clt())
+    save_file({**keys, "threshold_1": torch.full((F,), -0.5)}, folder / "W_enc_1.safetensors")
+    with pytest.raises(CLTError, match="threshold is negative"):
+        load_checkpoint(folder)
+
+    folder = write_circuit_tracer(tmp_path / "set", circuit_tracer_clt())
+    (folder / "config.yaml").write_text("model_kind: transcoder_set\nfeature_input_hook: a\nfeature_output_hook: b\n")
+    with pytest.raises(CLTError, match="model_kind is 'transcoder_set'"):
+        read_info(folder)
+    (folder / "W_dec_2.safetensors").unlink()
+    (folder / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: a\nfeature_output_hook: b\n"
+    )
+    with pytest.raises(CLTError, match=r"W_dec_2\.safetensors is missing"):
+        read_info(folder)
+
+
+def our_checkpoint(folder: Path, norm: Normalization, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(L, D, F, jumprelu_threshold=0.05)
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.2)
+        clt.b_dec.normal_(0, 0.2)
+        clt.log_threshold.add_(torch.randn_like(clt.log_threshold) * 0.3)
+    hooks = {
+        "mlp_in": [f"blocks.{i}.mlp.hook_in" for i in range(L)],
+        "mlp_out": [f"blocks.{i}.mlp.hook_out" for i in range(L)],
+    }
+    info = CheckpointInfo(n_layers=L, d_model=D, d_features=F, bandwidth=1.0, model={"name": "test"}, hooks=hooks)
+    return save_checkpoint(folder, clt, norm, info)
+
+
+def test_round_trip_through_the_circuit_tracer_export(tmp_path):
+    unit = Normalization(torch.ones(L), torch.ones(L))
+    ours = our_checkpoint(tmp_path / "unit", unit)
+    back = export_circuit_tracer(ours, tmp_path / "unit-ct")
+    original, _, original_info = load_checkpoint(ours)
+    imported, _, info = load_checkpoint(back)
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(imported.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert info.hooks == original_info.hooks, "the export declares the hooks our CLT reads and writes"
+
+    scaled = Normalization(torch.rand(L) * 3 + 0.2, torch.rand(L) * 3 + 0.2)
+    ours = our_checkpoint(tmp_path / "scaled", scaled)
+    back = export_circuit_tracer(ours, tmp_path / "scaled-ct")
+    x = torch.randn(32, L, D) * 2
+    want_features, want = raw_reconstruction(ours, x)
+    features, got = raw_reconstruction(back, x)
+    assert (want_features != 0).sum() > 0
+    assert torch.equal(features != 0, want_features != 0), "the same features fire"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    clt, _, _ = load_checkpoint(back)
+    folded = fold(*load_checkpoint(ours)[:2])
+    torch.testing.assert_close(clt.W_enc, folded.W_enc.transpose(1, 2), rtol=0, atol=0)
+
+
+# ---- the reference CLT-Forge library's checkpoints ---------------------------------------------
+
+
+def reference_tensors(cross_layer: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random checkpoint in the reference library's layout (docs/formats.md)."""
+    torch.manual_seed(seed)
+    rows = L * (L + 1) // 2 if cross_layer else L
+    return {
+        "W_enc": torch.randn(L, D, F) * 0.3,
+        "b_enc": torch.randn(L, F) * 0.2,
+        "log_threshold": torch.randn(L, F) * 0.3 - 2,
+        "W_dec": torch.randn(rows, F, D) * 0.3,
+        "b_dec": torch.randn(rows, D) * 0.2,
+        "estimated_norm_scaling_factor_in": torch.rand(L) + 0.5,
+        "estimated_norm_scaling_factor_out": torch.rand(L) + 0.5,
+        "feature_count": torch.zeros(L, F, dtype=torch.long),
+    }
+
+
+def reference_forward(t: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference library's forward on raw x [B, L, D]: its encode / decode, written out."""
+    x = x * t["estimated_norm_scaling_factor_in"].view(1, -1, 1)
+    h = torch.einsum("bnd,ndk->bnk", x, t["W_enc"]) + t["b_enc"]
+    z = h * (h > t["log_threshold"].exp())
+    if t["W_dec"].shape[0] == L:
+        out = torch.einsum("bnk,nkd->bnd", z, t["W_dec"]) + t["b_dec"]
+    else:
+        sources, targets = torch.triu_indices(L, L)
+        contrib = torch.einsum("bkd,kdf->bkf", z.index_select(1, sources), t["W_dec"]) + t["b_dec"]
+        out = torch.zeros(x.shape[0], L, D).index_add(1, targets, contrib)
+    return z, out / t["estimated_norm_scaling_factor_out"].view(1, -1, 1)
+
+
+def write_reference(folder: Path, tensors: dict[str, torch.Tensor], world: int = 1) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "clt_cfg.json").write_text(
+        json.dumps({"model_name": "gpt2", "d_in": D, "d_latent": F, "jumprelu_bandwidth": 0.5})
+    )
+    if world == 1:
+        save_file(tensors, folder / "clt_weights.safetensors")
+        return folder
+    bounds = torch.linspace(0, F, world + 1).long().tolist()
+    dims = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 1, "feature_count": 1}
+    for rank in range(world):
+        cut = slice(bounds[rank], bounds[rank + 1])
+        part = {k: (v[(slice(None),) * dims[k] + (cut,)] if k in dims else v).contiguous() for k, v in tensors.items()}
+        save_file(part, folder / f"clt_weights_rank{rank}.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize(("cross_layer", "world"), [(True, 1), (True, 3), (False, 1)])
+def test_reference_checkpoint_loads_with_equal_features_and_reconstruction(tmp_path, cross_layer, world):
+    tensors = reference_tensors(cross_layer)
+    folder = write_reference(tmp_path / "ref", tensors, world)
+    x = torch.randn(16, L, D)
+    want_features, want = reference_forward(tensors, x)
+    features, recon = raw_reconstruction(folder, x)
+    assert (want_features != 0).sum() > 0 and (want_features == 0).sum() > 0
+    torch.testing.assert_close(features, want_features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recon, want, rtol=1e-5, atol=1e-5)
+    info = read_info(folder)
+    assert info.format == "clt-forge-reference/clt" and info.d_features == F and info.bandwidth == 0.5
+    assert info.model == {"hf_name": "gpt2"} and info.hooks["mlp_in"][1] == "blocks.1.ln2.hook_normalized"
+    assert len(info.train["imported"]["files"]) == world
+
+
+def test_reference_checkpoint_missing_rank_or_key_is_refused(tmp_path):
+    folder = write_reference(tmp_path / "ranks", reference_tensors(), world=3)
+    (folder / "clt_weights_rank1.safetensors").unlink()
+    with pytest.raises(CLTError, match="rank 1 is missing"):
+        read_info(folder)
+    tensors = reference_tensors()
+    del tensors["estimated_norm_scaling_factor_out"]
+    folder = write_reference(tmp_path / "key", tensors)
+    with pytest.raises(CLTError, match="estimated_norm_scaling_factor_out is missing"):
+        load_checkpoint(folder)
+
+
+# ---- hub and unknown folders -----------------------------------------------------------------
+
+
+def test_hub_checkpoint_offline_names_the_repo_and_the_download_command(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CLTError) as caught:
+        read_info("hf://clt-forge-tests/not-a-published-clt@v2")
+    message = str(caught.value)
+    assert "clt-forge-tests/not-a-published-clt" in message and "offline" in message
+    assert "huggingface-cli download clt-forge-tests/not-a-published-clt --revision v2" in message
+    with pytest.raises(CLTError, match="hf://org/name"):
+        read_info("hf://just-a-name")
+
+
+def test_a_folder_of_no_known_format_says_what_was_looked_for(tmp_path):
+    with pytest.raises(CLTError, match=r"config\.yaml.*clt_weights\.safetensors"):
+        load_checkpoint(tmp_path)
