@@ -1,0 +1,110 @@
+"""Label quality per explainer: mean score, mean control, share beating the control by 0.2, time.
+
+    python benchmarks/autointerp_quality.py checkpoint=runs/demo/checkpoints/final features=16 \\
+        tokens=16384 explainers=tokens,local,openai
+
+One streaming pass (explainer=none) over `tokens` tokens for `features` random live features of the
+checkpoint (seeded), then, for each explainer, a copy of that database explained and scored
+(`clt autointerp` resumes after the pass). openai runs against tests/openai_server.py's rule-based
+stand-in on 127.0.0.1 (its judge is that server too); tokens and local are judged by the embedded
+SmolLM2-135M (PMI judge). Prints one JSON object; docs/quality.md reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import closing
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from clt_forge.artifacts.checkpoint import load_checkpoint
+from clt_forge.artifacts.features import FeatureStore
+from clt_forge.autointerp.runner import AutoInterp
+from clt_forge.config.compose import compose_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def args() -> dict[str, str]:
+    out = {"features": "16", "tokens": "16384", "explainers": "tokens,local,openai", "seed": "0", "checkpoint": ""}
+    out |= dict(a.split("=", 1) for a in sys.argv[1:])
+    return out
+
+
+def graph_of(checkpoint: str, n: int, seed: int, folder: Path) -> Path:
+    clt, _, _ = load_checkpoint(checkpoint)
+    pairs = [(layer, f) for layer in range(clt.n_layers) for f in range(clt.d_features)]
+    chosen = random.Random(seed).sample(pairs, min(4 * n, len(pairs)))  # dead ones dropped after the pass
+    nodes = [{"node_id": f"{la}_{f}_1", "layer": str(la), "feature_type": "cross layer transcoder"} for la, f in chosen]
+    path = folder / "graph.json"
+    path.write_text(json.dumps({"nodes": nodes}))
+    return path
+
+
+def run(overrides: list[str], out: Path) -> None:
+    AutoInterp(OmegaConf.to_object(compose_stage("autointerp", [*overrides, f"out={out}"]))).run()
+
+
+def main() -> None:
+    a = args()
+    n, work = int(a["features"]), Path(tempfile.mkdtemp(prefix="autointerp_quality_"))
+    graph = graph_of(a["checkpoint"], n, int(a["seed"]), work)
+    base = [f"checkpoint={a['checkpoint']}", f"tokens={a['tokens']}", f"features_from={graph}", "threads=2"]
+    start = time.perf_counter()
+    run([*base, "explainer=none"], work / "pass")
+    pass_s = time.perf_counter() - start
+    with closing(FeatureStore(work / "pass" / "features.db", create=False)) as store:
+        live = [k for k in store.features() if store.feature(*k)["status"] == "done"][:n]  # type: ignore[index]
+    results: dict[str, object] = {"checkpoint": a["checkpoint"], "tokens": int(a["tokens"]), "features": len(live)}
+    results["pass_seconds"] = round(pass_s, 1)
+    for kind in a["explainers"].split(","):
+        folder = work / kind
+        shutil.copytree(work / "pass", folder)
+        (folder / "summary.json").unlink(missing_ok=True)
+        with closing(FeatureStore(folder / "features.db", create=False)) as store:
+            keep = ",".join(f"({la},{f})" for la, f in live)
+            with store.db:  # only the chosen live features are explained and scored
+                for table in ("features", "examples"):
+                    store.db.execute(f"DELETE FROM {table} WHERE (layer, feature) NOT IN (VALUES {keep})")
+            store.set_status("collected", "done")
+            store.set_meta(finished=False)
+        extra = [f"explainer={kind}"]
+        server = None
+        if kind == "openai":
+            sys.path.insert(0, str(REPO / "tests"))
+            from openai_server import FakeOpenAIServer
+
+            server = FakeOpenAIServer(logprobs=True).__enter__()
+            extra += ["explainer.model=fake", f"explainer.base_url={server.base_url}"]
+        start = time.perf_counter()
+        try:
+            run([*base, *extra], folder)
+        finally:
+            if server is not None:
+                server.__exit__(None, None, None)
+        seconds = time.perf_counter() - start
+        summary = json.loads((folder / "summary.json").read_text())
+        scorer = summary["scorer"]
+        with closing(FeatureStore(folder / "features.db", create=False)) as store:
+            labels = {f"{la}/{f}": store.feature(la, f)["explanation"] for la, f in live[:5]}  # type: ignore[index]
+        results[kind] = {
+            "mean_score": scorer.get("mean_score"),
+            "mean_control": scorer.get("mean_control"),
+            "share_beats_control_by_0.2": scorer.get("share_beats_control_by_0.2"),
+            "informative": scorer.get("informative"),
+            "scored": scorer.get("pairs"),
+            "seconds_per_feature": round(seconds / max(len(live), 1), 2),
+            "example_labels": labels,
+        }
+    print(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
