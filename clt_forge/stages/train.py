@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from clt_forge.config.schedules import SPARSITY_SCHEDULES
 from clt_forge.config.schema import TrainConfig
 from clt_forge.training.runner import CLTTrainingRunner, read_run_config
 
@@ -28,7 +29,11 @@ def run(cfg: TrainConfig) -> Path:
 def recorded_config(cfg: TrainConfig) -> TrainConfig:
     recorded = read_run_config(Path(cfg.resume or ""))
     given = OmegaConf.from_dotlist(_explicit_overrides())
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded, given, {"out": cfg.resume})
+    base = OmegaConf.structured(TrainConfig)
+    schedule = recorded.get("sparsity", {}).get("schedule")
+    if schedule is not None:  # the recorded schedule's own settings need its own schema
+        base.sparsity = OmegaConf.structured(SPARSITY_SCHEDULES.lookup(schedule))
+    merged = OmegaConf.merge(base, recorded, given, {"out": cfg.resume})
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
