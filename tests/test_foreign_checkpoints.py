@@ -112,6 +112,13 @@ def test_skip_connections_and_partial_thresholds_are_refused(tmp_path):
         read_info(folder)
 
 
+def assert_same_weights(got: CrossLayerTranscoder, want: CrossLayerTranscoder) -> None:
+    """Bit-equal weights; the thresholds to within float32 rounding (the format stores theta, we log theta)."""
+    for name, tensor in want.state_dict().items():
+        tolerance = 1e-6 if name == "log_threshold" else 0.0
+        torch.testing.assert_close(got.state_dict()[name], tensor, rtol=tolerance, atol=tolerance, msg=name)
+
+
 def our_checkpoint(folder: Path, norm: Normalization, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     clt = CrossLayerTranscoder(L, D, F, jumprelu_threshold=0.05)
@@ -133,8 +140,7 @@ def test_round_trip_through_the_circuit_tracer_export(tmp_path):
     back = export_circuit_tracer(ours, tmp_path / "unit-ct")
     original, _, original_info = load_checkpoint(ours)
     imported, _, info = load_checkpoint(back)
-    for name, tensor in original.state_dict().items():
-        torch.testing.assert_close(imported.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert_same_weights(imported, original)
     assert info.hooks == original_info.hooks, "the export declares the hooks our CLT reads and writes"
 
     scaled = Normalization(torch.rand(L) * 3 + 0.2, torch.rand(L) * 3 + 0.2)
@@ -246,3 +252,42 @@ def test_hub_checkpoint_offline_names_the_repo_and_the_download_command(monkeypa
 def test_a_folder_of_no_known_format_says_what_was_looked_for(tmp_path):
     with pytest.raises(CLTError, match=r"config\.yaml.*clt_weights\.safetensors"):
         load_checkpoint(tmp_path)
+
+
+# ---- declared hooks: checked against the model, kept by conversion and export -----------------
+
+
+def test_a_mismatched_model_or_hook_is_refused_naming_both_sides(tmp_path):
+    from types import SimpleNamespace
+
+    from clt_forge.artifacts.checkpoint import check_model_matches
+
+    folder = write_circuit_tracer(tmp_path / "ct", circuit_tracer_clt())
+    info = read_info(folder)
+    gemma = SimpleNamespace(name="gemma2_2b", hf_name="google/gemma-2-2b", d_model=D, n_layers=L)
+    check_model_matches(info, folder, gemma)  # nothing declared by the model: only the shape and name
+    check_model_matches(info, folder, SimpleNamespace(**vars(gemma), hooks={"mlp_in": "hook_resid_mid"}))
+    with pytest.raises(CLTError, match=r"d_model: checkpoint 8, config 16"):
+        check_model_matches(info, folder, SimpleNamespace(**{**vars(gemma), "d_model": 16}))
+    with pytest.raises(CLTError, match=r"hf_name: checkpoint 'google/gemma-2-2b', config 'meta-llama/Llama-3.2-1B'"):
+        check_model_matches(info, folder, SimpleNamespace(**{**vars(gemma), "hf_name": "meta-llama/Llama-3.2-1B"}))
+    with pytest.raises(CLTError, match=r"blocks\.0\.hook_resid_mid .*model gemma2_2b use blocks\.0\.mlp\.hook_in"):
+        check_model_matches(info, folder, SimpleNamespace(**vars(gemma), hooks={"mlp_in": "mlp.hook_in"}))
+    fed = {"mlp_in": [f"blocks.{layer}.mlp.hook_in" for layer in range(L)]}
+    with pytest.raises(CLTError, match=r"the activations fed to it use blocks\.0\.mlp\.hook_in"):
+        check_model_matches(info, folder, gemma, hooks=fed)
+
+
+def test_conversion_and_export_keep_an_imported_clts_declared_hooks(tmp_path):
+    from clt_forge.attribution.convert import to_circuit_tracer
+
+    folder = write_circuit_tracer(tmp_path / "ct", circuit_tracer_clt(), input_hook="hook_resid_mid")
+    converted = to_circuit_tracer(folder)
+    assert (converted.feature_input_hook, converted.feature_output_hook) == ("hook_resid_mid", "hook_mlp_out")
+    again = export_circuit_tracer(folder, tmp_path / "again")
+    config = (again / "config.yaml").read_text()
+    assert "feature_input_hook: hook_resid_mid" in config and "model_name: google/gemma-2-2b" in config
+    first, _, info = load_checkpoint(folder)
+    second, _, info_again = load_checkpoint(again)
+    assert info_again.hooks == info.hooks and info_again.model == info.model
+    assert_same_weights(second, first)

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,10 +253,39 @@ def read_tensors(
     return out
 
 
-def check_model_matches(info: CheckpointInfo, source: Path, model_cfg: Any) -> None:
-    """Refuse a checkpoint trained on another model, naming both."""
-    wanted = {"name": model_cfg.name, "d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers}
-    found = {"name": info.model.get("name"), "d_model": info.d_model, "n_layers": info.n_layers}
+def check_model_matches(
+    info: CheckpointInfo, source: Path | str, model_cfg: Any, hooks: Mapping[str, Sequence[str]] | None = None
+) -> None:
+    """Refuse a checkpoint made for another model, or fed at other hook points, naming both sides.
+
+    The model: d_model, n_layers, and its name (ours record the config name; an imported CLT the
+    hub name, compared with the config's hf_name). The hooks: `hooks` (per-layer names of what
+    will feed the CLT, e.g. a dataset manifest's) or else the model config's own `hooks` when it
+    declares them (block-relative names or per-layer lists), against the CLT's declared hooks."""
+    wanted: dict[str, Any] = {"d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers}
+    found: dict[str, Any] = {"d_model": info.d_model, "n_layers": info.n_layers}
+    if "hf_name" in info.model and "name" not in info.model:
+        if getattr(model_cfg, "hf_name", None):
+            wanted["hf_name"], found["hf_name"] = model_cfg.hf_name, info.model["hf_name"]
+    else:
+        wanted["name"], found["name"] = model_cfg.name, info.model.get("name")
     diffs = [f"{k}: checkpoint {found[k]!r}, config {wanted[k]!r}" for k in wanted if found[k] != wanted[k]]
     if diffs:
         raise CLTError(f"checkpoint {source} was trained for another model ({'; '.join(diffs)}).")
+    fed = hooks if hooks is not None else getattr(model_cfg, "hooks", None)
+    if fed and info.hooks:
+        for kind in ("mlp_in", "mlp_out"):
+            theirs = per_layer_hooks(fed.get(kind), info.n_layers)
+            if theirs is not None and list(theirs) != list(info.hooks[kind]):
+                side = "the activations fed to it" if hooks is not None else f"model {model_cfg.name}"
+                raise CLTError(
+                    f"checkpoint {source} reads / writes {kind} at {info.hooks[kind][0]} ... (its declared hooks); "
+                    f"{side} use {theirs[0]} ...: the CLT would see other activations than it was trained on."
+                )
+
+
+def per_layer_hooks(value: str | Sequence[str] | None, n_layers: int) -> list[str] | None:
+    """Per-layer hook names from a block-relative name (`hook_resid_mid` -> blocks.{l}.hook_resid_mid)."""
+    if value is None or isinstance(value, str):
+        return None if value is None else [f"blocks.{layer}.{value}" for layer in range(n_layers)]
+    return list(value)

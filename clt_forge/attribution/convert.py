@@ -25,6 +25,11 @@ On disk (`export_circuit_tracer`) we write what circuit-tracer's `load_clt` read
 W_enc_{l}.safetensors (W_enc_{l}, b_enc_{l}, b_dec_{l}, threshold_{l}) and
 W_dec_{l}.safetensors (W_dec_{l}), plus the config.yaml its hub loader expects
 (model_kind: cross_layer_transcoder and the hook names).
+
+Hooks: a checkpoint of ours reads `mlp.hook_in` and writes `mlp.hook_out`; an imported one
+(circuit-tracer's format, CLT-Forge's: clt_forge/artifacts/foreign_*.py) keeps the hooks it
+declares (e.g. `hook_resid_mid`), read from CheckpointInfo.hooks, so attribution and export
+hook the points the CLT was trained on.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder as CTTranscoder
 from safetensors.torch import save_file
 
-from clt_forge.artifacts.checkpoint import load_checkpoint
+from clt_forge.artifacts.checkpoint import CheckpointInfo, load_checkpoint
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
 
@@ -56,6 +61,21 @@ __all__ = [
 # (clt_forge.models.activations: the MLP module's input and output).
 FEATURE_INPUT_HOOK = "mlp.hook_in"
 FEATURE_OUTPUT_HOOK = "mlp.hook_out"
+
+
+def declared_hooks(info: CheckpointInfo | None) -> tuple[str, str]:
+    """(feature_input_hook, feature_output_hook), block-relative, from the checkpoint's per-layer hooks."""
+    if info is None or not info.hooks:
+        return FEATURE_INPUT_HOOK, FEATURE_OUTPUT_HOOK
+    found = []
+    for kind in ("mlp_in", "mlp_out"):
+        names = {name.split(".", 2)[2] if name.startswith("blocks.") else name for name in info.hooks[kind]}
+        if len(names) != 1:
+            raise ValueError(
+                f"checkpoint hooks {kind} differ between layers ({sorted(names)}): circuit-tracer needs one."
+            )
+        found.append(names.pop())
+    return found[0], found[1]
 
 
 @dataclass
@@ -93,8 +113,10 @@ def to_circuit_tracer(
     dtype: torch.dtype = torch.float32,
 ) -> CTTranscoder:
     """circuit-tracer's CrossLayerTranscoder with every weight in memory (lazy_decoder=False),
-    reading `blocks.{l}.mlp.hook_in` and writing `blocks.{l}.mlp.hook_out` in raw units."""
-    clt, norm = _load(checkpoint)
+    reading `blocks.{l}.mlp.hook_in` and writing `blocks.{l}.mlp.hook_out` in raw units (an
+    imported checkpoint: the hooks it declares)."""
+    clt, norm, info = _load(checkpoint)
+    input_hook, output_hook = declared_hooks(info)
     weights = fold(clt, norm)
     with torch.device("meta"):  # no zero-filled allocation: the folded tensors are assigned below
         converted = CTTranscoder(
@@ -104,8 +126,8 @@ def to_circuit_tracer(
             activation_function="jump_relu",
             lazy_decoder=False,
             lazy_encoder=False,
-            feature_input_hook=FEATURE_INPUT_HOOK,
-            feature_output_hook=FEATURE_OUTPUT_HOOK,
+            feature_input_hook=input_hook,
+            feature_output_hook=output_hook,
             scan=scan,
             dtype=torch.float32,
         )
@@ -122,7 +144,8 @@ def to_circuit_tracer(
 
 def export_circuit_tracer(checkpoint: str | Path | tuple[CrossLayerTranscoder, Normalization], out: str | Path) -> Path:
     """Write circuit-tracer's on-disk CLT format (see the module docstring) atomically to `out`."""
-    clt, norm = _load(checkpoint)
+    clt, norm, info = _load(checkpoint)
+    input_hook, output_hook = declared_hooks(info)
     weights = fold(clt, norm)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -141,8 +164,9 @@ def export_circuit_tracer(checkpoint: str | Path | tuple[CrossLayerTranscoder, N
             save_file({f"W_dec_{layer}": weights.W_dec[layer]}, scratch / f"W_dec_{layer}.safetensors")
         (scratch / "config.yaml").write_text(
             "model_kind: cross_layer_transcoder\n"
-            f"feature_input_hook: {FEATURE_INPUT_HOOK}\n"
-            f"feature_output_hook: {FEATURE_OUTPUT_HOOK}\n"
+            f"feature_input_hook: {input_hook}\n"
+            f"feature_output_hook: {output_hook}\n"
+            + (f"model_name: {info.model['hf_name']}\n" if info and info.model.get("hf_name") else "")
         )
         if out.exists():
             out.rmdir()
@@ -155,8 +179,7 @@ def export_circuit_tracer(checkpoint: str | Path | tuple[CrossLayerTranscoder, N
 
 def _load(
     checkpoint: str | Path | tuple[CrossLayerTranscoder, Normalization],
-) -> tuple[CrossLayerTranscoder, Normalization]:
+) -> tuple[CrossLayerTranscoder, Normalization, CheckpointInfo | None]:
     if isinstance(checkpoint, tuple):
-        return checkpoint
-    clt, norm, _info = load_checkpoint(checkpoint)
-    return clt, norm
+        return (*checkpoint, None)
+    return load_checkpoint(checkpoint)
