@@ -215,3 +215,17 @@ def test_training_with_a_skipped_chunk_resumes_to_the_same_weights(tiny_model, t
     assert info.step == 30
     for (name, a), (_, b) in zip(final_whole.state_dict().items(), final_cut.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_skip_corrupt_also_covers_the_evaluation_batch_of_a_dataset_without_held_out(tiny_model, tmp_path):
+    from clt_forge.training import CLTTrainingRunner
+
+    acts = tmp_path / "acts"
+    overrides = ["model=tiny", "data.context_size=32", "tokens=1500", "chunk_tokens=310", "held_out_tokens=0"]
+    CacheJob(OmegaConf.to_object(compose_stage("cache", [*overrides, f"out={acts}"])), acts).run(tiny_model)
+    assert not (acts / "held_out").exists()
+    corrupt(acts, read_manifest(acts).chunks[2])
+    extra = [f"activations={acts}", "tokens=256", "eval_tokens=1400", "reader.skip_corrupt=true"]
+    cfg = OmegaConf.to_object(compose_stage("train", [*TRAIN, *extra, f"out={tmp_path / 'run'}"]))
+    with pytest.warns(UserWarning, match="skipping"):  # the evaluation batch spans every chunk
+        assert (CLTTrainingRunner(cfg).run() / "checkpoints" / "final").is_dir()

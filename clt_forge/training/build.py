@@ -98,10 +98,14 @@ def training_data(cfg: TrainConfig, parallel: Parallel) -> tuple[ActivationsStor
     if (folder / HELD_OUT / "manifest.json").is_file():
         held_manifest = read_manifest(folder / HELD_OUT)
         n = min(cfg.eval_tokens, held_manifest.n_tokens)
-        batch = next(iter(ActivationsStore.from_cache(folder / HELD_OUT, n, seed=cfg.seed)))
+        held = ActivationsStore.from_cache(folder / HELD_OUT, n, seed=cfg.seed, skip_corrupt=cfg.reader.skip_corrupt)
+        batch = next(iter(held))
         return store, HeldOut(batch.mlp_in, batch.mlp_out, str(folder / HELD_OUT))
     print(f"note: {folder} has no held_out/ dataset; evaluating on a fixed batch of training tokens.")
-    batch = next(iter(ActivationsStore.from_cache(folder, cfg.eval_tokens, seed=cfg.seed + 1)))
+    fixed = ActivationsStore.from_cache(
+        folder, cfg.eval_tokens, seed=cfg.seed + 1, skip_corrupt=cfg.reader.skip_corrupt
+    )
+    batch = next(iter(fixed))
     return store, HeldOut(batch.mlp_in, batch.mlp_out, "training tokens (no held-out dataset)")
 
 
