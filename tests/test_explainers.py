@@ -296,9 +296,7 @@ def test_openai_failures_name_the_base_url(monkeypatch):
         explainer.judge([detection_question("x", KING[0])])
 
     monkeypatch.delenv("CLT_TEST_KEY", raising=False)
-    remote = ExplainerConfig(
-        kind="openai", base_url="https://api.example.com/v1", api_key_env="CLT_TEST_KEY"
-    )
+    remote = ExplainerConfig(kind="openai", base_url="https://api.example.com/v1", api_key_env="CLT_TEST_KEY")
     with pytest.raises(CLTError, match="CLT_TEST_KEY"):
         make_explainer(remote)
 
