@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -291,3 +292,50 @@ def test_conversion_and_export_keep_an_imported_clts_declared_hooks(tmp_path):
     second, _, info_again = load_checkpoint(again)
     assert info_again.hooks == info.hooks and info_again.model == info.model
     assert_same_weights(second, first)
+
+
+def test_attributing_an_imported_clt_equals_circuit_tracers_own_loader(tmp_path):
+    """`clt attribute` on a circuit-tracer folder (reading hook_resid_mid) gives the graph
+    circuit-tracer gives with its own load_clt on the same model: equal adjacency."""
+    from circuit_tracer import attribute
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    from clt_forge.attribution.replacement import replacement_model
+    from clt_forge.attribution.runner import AttributionRunner, AttributionSettings
+    from clt_forge.models.loading import load_model, model_config
+
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    ct = CTTranscoder(cfg.n_layers, 96, cfg.d_model, "jump_relu", lazy_decoder=False, device=cpu, dtype=torch.float32)
+    with torch.no_grad():
+        ct.W_enc.normal_(0, cfg.d_model**-0.5)
+        ct.b_enc.normal_(0, 0.2)
+        ct.b_dec.normal_(0, 0.05)
+        for decoder in ct.W_dec:
+            decoder.normal_(0, 0.05)
+        ct.activation_function.threshold.uniform_(0.0, 0.2)
+    ct.to_safetensors(str(tmp_path / "ct"))
+    (tmp_path / "ct" / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+    )
+    runner = AttributionRunner(tmp_path / "ct", model_name="tiny", settings=AttributionSettings(verbose=False))
+    ids = torch.tensor(runner.tokens('The opposite of "large" is "'))
+    settings: dict[str, Any] = {
+        "max_n_logits": 5,
+        "desired_logit_prob": 0.9,
+        "batch_size": 64,
+        "max_feature_nodes": 128,
+    }
+    ours = attribute(ids, runner.model, verbose=False, **settings)
+    own = load_clt(
+        str(tmp_path / "ct"), "hook_resid_mid", "hook_mlp_out", lazy_decoder=False, device=cpu, dtype=torch.float32
+    )
+    theirs = attribute(ids, replacement_model(load_model("tiny"), own), verbose=False, **settings)
+    assert runner.model.feature_input_hook == "hook_resid_mid", "the CLT's declared hook, not mlp.hook_in"
+    assert len(ours.active_features) > 0, "the test needs active features"
+    n_features = len(ours.selected_features)
+    assert ours.adjacency_matrix[:n_features, :n_features].abs().sum() > 0, "feature-to-feature edges exist"
+    assert torch.equal(ours.active_features, theirs.active_features)
+    assert torch.equal(ours.selected_features, theirs.selected_features)
+    torch.testing.assert_close(ours.adjacency_matrix, theirs.adjacency_matrix, rtol=1e-5, atol=1e-6)

@@ -258,17 +258,16 @@ def check_model_matches(
 ) -> None:
     """Refuse a checkpoint made for another model, or fed at other hook points, naming both sides.
 
-    The model: d_model, n_layers, and its name (ours record the config name; an imported CLT the
-    hub name, compared with the config's hf_name). The hooks: `hooks` (per-layer names of what
+    The model: d_model, n_layers, and its name where the checkpoint records one (ours: the config
+    name; an imported CLT: the hub name, compared with the config's hf_name). The hooks: `hooks` (per-layer names of what
     will feed the CLT, e.g. a dataset manifest's) or else the model config's own `hooks` when it
     declares them (block-relative names or per-layer lists), against the CLT's declared hooks."""
     wanted: dict[str, Any] = {"d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers}
     found: dict[str, Any] = {"d_model": info.d_model, "n_layers": info.n_layers}
-    if "hf_name" in info.model and "name" not in info.model:
-        if getattr(model_cfg, "hf_name", None):
-            wanted["hf_name"], found["hf_name"] = model_cfg.hf_name, info.model["hf_name"]
-    else:
-        wanted["name"], found["name"] = model_cfg.name, info.model.get("name")
+    if info.model.get("name"):
+        wanted["name"], found["name"] = model_cfg.name, info.model["name"]
+    elif info.model.get("hf_name") and getattr(model_cfg, "hf_name", None):  # an imported CLT naming its model
+        wanted["hf_name"], found["hf_name"] = model_cfg.hf_name, info.model["hf_name"]
     diffs = [f"{k}: checkpoint {found[k]!r}, config {wanted[k]!r}" for k in wanted if found[k] != wanted[k]]
     if diffs:
         raise CLTError(f"checkpoint {source} was trained for another model ({'; '.join(diffs)}).")
