@@ -339,3 +339,13 @@ def test_attributing_an_imported_clt_equals_circuit_tracers_own_loader(tmp_path)
     assert torch.equal(ours.active_features, theirs.active_features)
     assert torch.equal(ours.selected_features, theirs.selected_features)
     torch.testing.assert_close(ours.adjacency_matrix, theirs.adjacency_matrix, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bfloat16_circuit_tracer_clt_is_read_as_float32(tmp_path):
+    ct = circuit_tracer_clt().to(torch.bfloat16)
+    folder = write_circuit_tracer(tmp_path / "bf16", ct)
+    clt, _, _ = load_checkpoint(folder)
+    assert clt.W_dec.dtype == torch.float32
+    torch.testing.assert_close(clt.W_enc, ct.W_enc.float().transpose(1, 2), rtol=0, atol=0)
+    for layer in range(L):
+        torch.testing.assert_close(clt.decoder(layer), ct.W_dec[layer].float(), rtol=0, atol=0)

@@ -12,7 +12,8 @@ for l = 0 .. L-1. The weights are in raw model units, so the normalisation facto
 Mapping to ours: W_enc[l] = W_enc_{l}^T, log_threshold[l] = log(threshold_{l}) (a ReLU CLT is
 exactly JumpReLU with theta = 0, log_threshold = -inf: h * (h > 0) = ReLU(h)), W_dec's source-l
 block = W_dec_{l}. Skip connections (W_skip) are refused: our CLT has none. Tensors are read
-one layer file at a time and converted to float32.
+one layer file at a time and cast to float32 as they are copied into place (peak memory: the
+float32 CLT plus one layer's file).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from clt_forge.artifacts.foreign_common import ForeignHeader, block_hooks, pack_decoders, relu_log_threshold
+from clt_forge.artifacts.foreign_common import ForeignHeader, block_hooks, relu_log_threshold
+from clt_forge.clt.model import pair_offsets
 from clt_forge.errors import CLTError
 
 __all__ = ["FORMAT", "detect", "read_header", "read_weights"]
@@ -121,14 +123,15 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
     b_enc = torch.empty(L, F, device=device)
     log_threshold = torch.full((L, F), -torch.inf, device=device)
     b_dec = torch.empty(L, D, device=device)
-    decoders = []
+    offsets = pair_offsets(L)
+    W_dec = torch.empty(F, offsets[-1], D, device=device)  # each file is copied into its slot, cast on the way
     for layer in range(L):
         path = folder / f"W_enc_{layer}.safetensors"
         with safe_open(path, "pt", device=str(device)) as handle:
             encoder = handle.get_tensor(f"W_enc_{layer}")
             if tuple(encoder.shape) != (F, D):
                 raise CLTError(f"{path}: W_enc_{layer} is {list(encoder.shape)}; layer 0's is [{F}, {D}].")
-            W_enc[layer] = encoder.float().t()
+            W_enc[layer] = encoder.t()
             b_enc[layer] = handle.get_tensor(f"b_enc_{layer}").float()
             b_dec[layer] = handle.get_tensor(f"b_dec_{layer}").float()
             if f"threshold_{layer}" in handle.keys():  # noqa: SIM118 (a safetensors handle)
@@ -138,13 +141,14 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
             decoder = handle.get_tensor(f"W_dec_{layer}")
         if tuple(decoder.shape) != (F, L - layer, D):
             raise CLTError(f"{path}: W_dec_{layer} is {list(decoder.shape)}; expected [{F}, {L - layer}, {D}].")
-        decoders.append(decoder.float())
+        W_dec[:, offsets[layer] : offsets[layer + 1]] = decoder
+        del decoder
     ones = torch.ones(L, device=device)
     return {
         "W_enc": W_enc,
         "b_enc": b_enc,
         "log_threshold": log_threshold,
-        "W_dec": pack_decoders(decoders),
+        "W_dec": W_dec,
         "b_dec": b_dec,
         "norm.in_scale": ones,
         "norm.out_scale": ones.clone(),

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
 
 from clt_forge.errors import CLTError
 
-__all__ = ["ForeignHeader", "block_hooks", "pack_decoders", "relu_log_threshold"]
+__all__ = ["ForeignHeader", "block_hooks", "relu_log_threshold"]
 
 
 @dataclass
@@ -41,11 +40,6 @@ def block_hooks(n_layers: int, feature_input_hook: str, feature_output_hook: str
         "mlp_in": [f"blocks.{layer}.{feature_input_hook}" for layer in range(n_layers)],
         "mlp_out": [f"blocks.{layer}.{feature_output_hook}" for layer in range(n_layers)],
     }
-
-
-def pack_decoders(decoders: list[torch.Tensor]) -> Float[torch.Tensor, "d_features n_pairs d_model"]:
-    """Our packed W_dec [F, P, D] from per-source decoders decoders[l]: [F, L - l, D] (targets l..L-1)."""
-    return torch.cat([d.float() for d in decoders], dim=1).contiguous()
 
 
 def relu_log_threshold(threshold: torch.Tensor, where: str) -> torch.Tensor:
