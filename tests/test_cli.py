@@ -46,7 +46,7 @@ def test_every_design_group_option_exists():
     assert set(group_options("sharding")) == {"single", "ddp", "fsdp", "feature"}
     assert {"constant", "linear_warmup", "delayed_linear"} <= set(group_options("sparsity"))
     assert {"none", "wandb"} <= set(group_options("logger"))
-    assert set(group_options("explainer")) == {"local", "openai", "none"}
+    assert set(group_options("explainer")) == {"local", "openai", "none", "tokens"}  # tokens: issue 19
     assert {"basic", "slurm"} <= set(group_options("hydra/launcher"))
 
 

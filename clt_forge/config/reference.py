@@ -20,7 +20,14 @@ from clt_forge.registry import CHOICES
 
 # Registry-valued keys whose allowed values the reference lists: the registries of the layers
 # below the stages (always loaded here). explainer.kind's registry lives in a stage package.
-DOCUMENTED_CHOICES = ("model.source", "quant.scheme", "sparsity.schedule", "optim.lr_schedule")
+DOCUMENTED_CHOICES = (
+    "model.source",
+    "data.source",
+    "quant.scheme",
+    "sparsity.schedule",
+    "optim.lr_schedule",
+    "clt.activation",
+)
 
 _FIELD = re.compile(r"^    (\w+): [^=]+?(?:= .*?)?(?:  # (.*))?$")
 
@@ -36,7 +43,9 @@ def field_comments(cls: typing.Any) -> dict[str, str]:
 
 def type_name(tp: object, key: str = "") -> str:
     if key in DOCUMENTED_CHOICES:  # in registration order, built-ins only (a test may add more)
-        return " \\| ".join(name for name, entry in CHOICES[key].items() if entry.__module__.startswith("clt_forge."))
+        registry = CHOICES[key]
+        built_in = [name for name, entry in registry.items() if entry.__module__.startswith("clt_forge.")]
+        return " \\| ".join([*built_in, *registry.extra])
     if isinstance(tp, type) and issubclass(tp, Enum):
         return " \\| ".join(member.value for member in tp)
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null").replace("|", "\\|")

