@@ -53,7 +53,7 @@ from torch import nn
 
 from clt_forge.clt.activations import Activated, Gather, make_activation
 from clt_forge.clt.init import init_clt
-from clt_forge.clt.sparse_decode import DECODE, SparseDecodeWithNorms
+from clt_forge.clt.sparse_decode import DECODE, SparseDecodeWithNorms, decoder_weight_grad
 from clt_forge.clt.sparse_decode import decoder_norms_packed as _decoder_norms_packed
 from clt_forge.clt.sparse_decode import source_block as _source_block
 
@@ -178,22 +178,9 @@ class _DecodeWithNorms(torch.autograd.Function):
                     torch.mm(grad_recon[:, source:].view(batch, -1), block.t(), out=grad_z_lbf[source])
                 grad_z = grad_z_lbf.permute(1, 0, 2)
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.grad_buffer.take(W_dec) if ctx.grad_buffer is not None else torch.empty_like(W_dec)
-            if grad_norms is not None:
-                # d||w|| / dw = w / ||w|| (0 at w = 0), written in the pass that starts each block's
-                # gradient; the GEMM then accumulates onto it.
-                coef = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))  # [L, F]
-            for source in range(n_layers):
-                block = _source_block(W_dec, offsets, source)
-                dest = _source_block(grad_w, offsets, source)
-                if grad_norms is not None:
-                    torch.mul(block, coef[source, :, None], out=dest)
-                    if grad_recon is not None:
-                        dest.addmm_(z[:, source].t(), grad_recon[:, source:].view(batch, -1))
-                elif grad_recon is not None:
-                    torch.mm(z[:, source].t(), grad_recon[:, source:].view(batch, -1), out=dest)
-                else:
-                    dest.zero_()
+            grad_w = decoder_weight_grad(
+                W_dec, offsets, lambda source: z[:, source].t(), grad_recon, norms, grad_norms, ctx.grad_buffer
+            )
         return grad_z, grad_w, None, None, None
 
 

@@ -39,7 +39,14 @@ from clt_forge.registry import Registry
 if TYPE_CHECKING:
     from clt_forge.clt.model import GradBuffer
 
-__all__ = ["AUTO_MAX_ACTIVE", "DECODE", "SDDMM_MAX_FRACTION", "SparseDecodeWithNorms", "decoder_norms_packed"]
+__all__ = [
+    "AUTO_MAX_ACTIVE",
+    "DECODE",
+    "SDDMM_MAX_FRACTION",
+    "SparseDecodeWithNorms",
+    "decoder_norms_packed",
+    "decoder_weight_grad",
+]
 
 AUTO_MAX_ACTIVE = 0.05  # measured crossover (docs/performance.md, "Sparse decode")
 SDDMM_MAX_FRACTION = 0.02  # above it grad z of a layer is one dense GEMM (benchmarks/train_step.py --sparse)
@@ -69,6 +76,33 @@ def _auto(z: torch.Tensor) -> bool:
 def source_block(W_dec: torch.Tensor, offsets: list[int], source: int) -> torch.Tensor:
     """Source `source`'s decoders as a strided [F, (L - source) D] matrix view of W_dec."""
     return W_dec[:, offsets[source] : offsets[source + 1]].view(W_dec.shape[0], -1)
+
+
+def decoder_weight_grad(
+    W_dec: torch.Tensor,
+    offsets: list[int],
+    z_t: Callable[[int], torch.Tensor],
+    grad_recon: torch.Tensor | None,
+    norms: torch.Tensor,
+    grad_norms: torch.Tensor | None,
+    grad_buffer: GradBuffer | None,
+) -> torch.Tensor:
+    """grad W_dec [F, P, D] of the decode, block by source layer: the norms' part first, then
+    z_t(source) [F, B] (dense, or sparse rows of the active features) @ grad of its targets."""
+    grad_w = grad_buffer.take(W_dec) if grad_buffer is not None else torch.empty_like(W_dec)
+    if grad_norms is not None:
+        # d||w|| / dw = w / ||w|| (0 at w = 0), written in the pass that starts each block's
+        # gradient; the GEMM then accumulates onto it.
+        coef = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))  # [L, F]
+    for source in range(len(offsets) - 1):  # offsets has n_layers + 1 entries
+        dest = source_block(grad_w, offsets, source)
+        if grad_norms is not None:
+            torch.mul(source_block(W_dec, offsets, source), coef[source, :, None], out=dest)
+        else:
+            dest.zero_()
+        if grad_recon is not None:
+            dest.addmm_(z_t(source), grad_recon[:, source:].flatten(1))
+    return grad_w
 
 
 def decoder_norms_packed(W_dec: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -134,17 +168,14 @@ class SparseDecodeWithNorms(torch.autograd.Function):
                     block = source_block(W_dec, offsets, source)
                     _grad_z_layer(grad_recon[:, source:].view(batch, -1), block, needed, grad_z_lbf[source])
             grad_z = grad_z_lbf.permute(1, 0, 2)
-        if ctx.needs_input_grad[1]:
-            grad_w = ctx.grad_buffer.take(W_dec) if ctx.grad_buffer is not None else torch.empty_like(W_dec)
-            if grad_norms is not None:
-                coef = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))  # [L, F]
-            for source in range(n_layers):
-                dest = source_block(grad_w, offsets, source)
-                if grad_norms is not None:
-                    torch.mul(source_block(W_dec, offsets, source), coef[source, :, None], out=dest)
-                else:
-                    dest.zero_()
-                if grad_recon is not None:
-                    active_t = z[:, source].t().to_sparse_csr()  # [F, B]: rows of active features only
-                    dest.addmm_(active_t, grad_recon[:, source:].view(batch, -1))
+        if ctx.needs_input_grad[1]:  # the rows of active features only: z as [F, B] CSR per source
+            grad_w = decoder_weight_grad(
+                W_dec,
+                offsets,
+                lambda source: z[:, source].t().to_sparse_csr(),
+                grad_recon,
+                norms,
+                grad_norms,
+                ctx.grad_buffer,
+            )
         return grad_z, grad_w, None, None, None, None
