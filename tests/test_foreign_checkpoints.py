@@ -63,6 +63,7 @@ def test_circuit_tracer_folder_loads_with_equal_features_and_reconstruction(tmp_
     with torch.no_grad():
         want_features = ct.encode(x.transpose(0, 1))  # [L, B, F]
         want = ct.decode(want_features.to_sparse())  # [L, B, D]
+    (folder / "config.json").write_text('{"architectures": ["Gemma2ForCausalLM"]}')  # a hub repo's own, not ours
     features, recon = raw_reconstruction(folder, x)
     assert (want_features != 0).sum() > 0 and (want_features == 0).sum() > 0, (
         "the test needs active and inactive features"

@@ -145,10 +145,19 @@ def locate(checkpoint: str | Path) -> Path:
 
 
 def foreign_reader(folder: Path) -> Any | None:
-    """The foreign-format module that reads `folder`, or None for ours (config.json with our format)."""
-    if (folder / CONFIG).is_file():
+    """The foreign-format module that reads `folder`, or None for ours (config.json with our format;
+    a hub repo may carry some other config.json beside a foreign CLT)."""
+    if (folder / CONFIG).is_file() and is_ours(folder / CONFIG):
         return None
     return next((reader for reader in FOREIGN if reader.detect(folder)), None)
+
+
+def is_ours(path: Path) -> bool:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
 
 
 def foreign_info(header: ForeignHeader) -> CheckpointInfo:
