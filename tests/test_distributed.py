@@ -145,14 +145,14 @@ def test_device_follows_the_local_rank_and_backend_the_device():
 STEPS, GLOBAL_BATCH = 4, 64
 
 
-def runner_config(mode: str, out: str):
+def runner_config(mode: str, out: str, *extra: str):
     from omegaconf import OmegaConf
 
     from clt_forge.config.compose import compose_stage
 
     overrides = ["model=tiny", "clt.d_features=40", f"batch_size={GLOBAL_BATCH}", f"sharding={mode}", f"out={out}"]
     overrides += ["sparsity.l0_coefficient=0.5", "sparsity.dead_coefficient=0.01", "optim.grad_clip=0.5", "threads=1"]
-    return OmegaConf.to_object(compose_stage("train", overrides))
+    return OmegaConf.to_object(compose_stage("train", [*overrides, *extra]))
 
 
 def global_batches(n_layers: int, d_model: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -166,13 +166,17 @@ def global_batches(n_layers: int, d_model: int) -> list[tuple[torch.Tensor, torc
     ]
 
 
-def stepped_runner(mode: str, out: str, rank: int, world: int, parallel=None):
+SILENCED = {(0, 3), (1, 17), (1, 30), (2, 39)}  # (layer, global feature) that can never fire
+
+
+def stepped_runner(mode: str, out: str, rank: int, world: int, parallel=None, extra=(), silence=False):
     """A runner built like `run` does, then STEPS training steps on this rank's share of the batches.
-    Returns (runner, per-step logged results, per-step full gradients on rank-held features)."""
+    Returns (runner, per-step logged results, per-step full gradients on rank-held features).
+    `silence`: the SILENCED features get an encoder bias no input overcomes."""
     from clt_forge.distributed.parallel import start_parallel
     from clt_forge.training.runner import CLTTrainingRunner
 
-    runner = CLTTrainingRunner(runner_config(mode, out))
+    runner = CLTTrainingRunner(runner_config(mode, out, *extra))
     runner.parallel = parallel or start_parallel(runner.cfg)
     runner.total_steps = STEPS
     runner.build_model()
@@ -180,6 +184,11 @@ def stepped_runner(mode: str, out: str, rank: int, world: int, parallel=None):
     share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     local = (lambda t: t) if mode in ("single", "feature") else (lambda t: t[share])
     runner.init_encoder_bias(local(batches[0][0]))
+    if silence:
+        with torch.no_grad():
+            for layer, feature in SILENCED:
+                if runner.features.start <= feature < runner.features.stop:
+                    runner.clt.b_enc[layer, feature - runner.features.start] = -1e6
     runner.prepare()
     results, grads = [], []
     for step, (x, y) in enumerate(batches):
@@ -239,6 +248,38 @@ def test_each_sharding_mode_trains_like_one_process(mode, tmp_path):
     norm, every parameter's gradient (after clipping by the global norm) and the final weights
     match the single-process runner."""
     mp.spawn(mode_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+
+
+def dead_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+    from clt_forge.distributed.parallel import Parallel
+    from clt_forge.distributed.setup import dist_env
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    window = [f"dead_window_tokens={GLOBAL_BATCH * (STEPS - 1)}"]  # shorter than the run: counts are due
+    single = Parallel(dist_env({}, cuda=False))
+    reference, _, _ = stepped_runner("single", out, 0, 1, parallel=single, extra=window, silence=True)
+    runner, _, _ = stepped_runner(mode, out, rank, world, extra=window, silence=True)
+    try:
+        expected = reference.dead.per_layer()
+        dead = reference.dead.last_fired == 0  # never fired in the whole run
+        assert {(int(layer), int(feature)) for layer, feature in dead.nonzero()} >= SILENCED
+        assert expected == dead.sum(1).tolist()  # what never fired is exactly what is counted dead
+        got = runner.parallel.sum_features(torch.tensor(runner.dead.per_layer())).tolist()
+        assert got == expected, (mode, rank, got, expected)
+        assert runner.dead.tokens == reference.dead.tokens == GLOBAL_BATCH * STEPS  # global tokens on every rank
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("mode", ["feature", "ddp", "fsdp"])
+def test_dead_features_are_counted_alike_in_every_sharding_mode(mode, tmp_path):
+    """A feature silent for the whole window is dead; the per-layer counts of ddp/fsdp (fired
+    reduced across data ranks) and feature sharding (counts summed over feature slices) equal one
+    process's."""
+    mp.spawn(dead_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)
 
 
 # -- checkpoints: 2 ranks -> 1 -> 2 is lossless --------------------------------------------------
