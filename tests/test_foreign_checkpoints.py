@@ -350,3 +350,12 @@ def test_a_bfloat16_circuit_tracer_clt_is_read_as_float32(tmp_path):
     torch.testing.assert_close(clt.W_enc, ct.W_enc.float().transpose(1, 2), rtol=0, atol=0)
     for layer in range(L):
         torch.testing.assert_close(clt.decoder(layer), ct.W_dec[layer].float(), rtol=0, atol=0)
+
+
+def test_an_imported_clts_model_is_the_configured_model_with_its_hub_name():
+    from clt_forge.models.loading import recorded_model_config
+
+    assert recorded_model_config({"hf_name": "meta-llama/Llama-3.2-1B"}).name == "llama1b"
+    assert recorded_model_config({"hf_name": "google/gemma-2-2b"}).name == "gemma2_2b"
+    with pytest.raises(CLTError, match=r"'org/unknown'.*Pass model=NAME"):
+        recorded_model_config({"hf_name": "org/unknown"})

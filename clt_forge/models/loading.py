@@ -43,11 +43,29 @@ def model_config(name: str, **overrides: object) -> ModelConfig:
 
 
 def recorded_model_config(recorded: Mapping[str, Any]) -> ModelConfig:
-    """The ModelConfig an artifact recorded (a checkpoint's `model`, a manifest's plan)."""
+    """The ModelConfig an artifact recorded (a checkpoint's `model`, a manifest's plan). An
+    imported CLT records only the hub name of its model: the configured model with that
+    `hf_name` stands in for it."""
     from omegaconf import OmegaConf
 
+    if "name" not in recorded and "hf_name" in recorded:
+        return _configured_for(str(recorded["hf_name"]))
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(recorded))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _configured_for(hf_name: str) -> ModelConfig:
+    from clt_forge.config.files import conf_dir, group_options
+
+    configs = [model_config(name) for name in group_options("model")]
+    found = [cfg for cfg in configs if cfg.hf_name == hf_name]
+    if not found:
+        raise CLTError(
+            f"the checkpoint was made for the model {hf_name!r}, and no model config has that hf_name "
+            f"(configured: {', '.join(f'{c.name} ({c.hf_name})' for c in configs)}). Pass model=NAME, "
+            f"or add conf/model/<name>.yaml for it (in {conf_dir() / 'model'})."
+        )
+    return found[0]
 
 
 def load_model(model: str | ModelConfig = "smollm2_135m", **overrides: object) -> HookedTransformer:
