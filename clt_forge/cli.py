@@ -7,13 +7,13 @@ wrong key or value exits with status 2 and one paragraph naming it.
 
 from __future__ import annotations
 
-import re
 import sys
 from typing import Annotated
 
 import typer
 
 from clt_forge.config import compose
+from clt_forge.config.overrides import hydra_quote, quote_text_values
 from clt_forge.errors import CLTError
 from clt_forge.stages import STAGES, run_stage_task
 
@@ -33,9 +33,6 @@ OVERRIDE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 ALIASES = {"finetune.from": "finetune.source"}
 # Flags that stand for an override (`clt autointerp --dry-run` = `dry_run=true`).
 FLAGS = {"--dry-run": "dry_run=true"}
-# Free-text keys: their values are taken as written (commas, quotes, `=`, brackets), not as
-# Hydra grammar; a value already in Hydra quotes ('...' or "...") is left for Hydra to unquote.
-TEXT_KEYS = {"prompt"}
 
 
 def apply_aliases(overrides: list[str]) -> list[str]:
@@ -48,39 +45,6 @@ def apply_aliases(overrides: list[str]) -> list[str]:
         prefix = key[: len(key) - len(key.lstrip("+~"))]
         bare = key[len(prefix) :]
         out.append(f"{prefix}{ALIASES.get(bare, bare)}{sep}{value}" if sep else override)
-    return out
-
-
-def hydra_quote(text: str) -> str:
-    """`text` as a Hydra override value that parses back to exactly the string `text` (always
-    quoted: unquoted, `true` or `12` would become a bool or an int)."""
-    # inside quotes Hydra reads a backslash literally, except in a run before a quote or the end
-    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
-    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text) + "'"
-
-
-def _hydra_quoted(value: str) -> bool:
-    """Whether `value` is one quoted string in Hydra's grammar (`prompt='a, b'` as typed)."""
-    if len(value) < 2 or value[0] not in "'\"" or value[-1] != value[0]:
-        return False
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_override(f"key={value}")
-    except HydraException:
-        return False
-    return isinstance(parsed.value(), str)
-
-
-def quote_text_values(overrides: list[str]) -> list[str]:
-    """`prompt=Romeo, Romeo` -> `prompt='Romeo, Romeo'`: free text reaches the config as typed."""
-    out = []
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep and key.lstrip("+~") in TEXT_KEYS and value != "null" and not _hydra_quoted(value):
-            override = f"{key}={hydra_quote(value)}"
-        out.append(override)
     return out
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from clt_forge.cli import hydra_quote, quote_text_values
+from clt_forge.config.overrides import hydra_quote, quote_text_values
 
 PROMPTS = [
     "Romeo, Romeo, wherefore art thou",

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from clt_forge.config.overrides import hydra_value
 from clt_forge.config.schema import (
     AttributeConfig,
     AutointerpConfig,
@@ -100,13 +101,18 @@ GROUP_OPTION_KEYS = {"sparsity.schedule": "sparsity"}
 
 
 def _step(number: int, stage: str, overrides: dict[str, Any], done: bool) -> bool:
-    words = [shell_quote(hydra_override(GROUP_OPTION_KEYS.get(k, k), v)) for k, v in overrides.items()]
+    words = [shell_quote(step_override(k, v)) for k, v in overrides.items()]
     command = " ".join([clt_command(), stage, *words])
     if done:
         print(f"[{number}/{STEPS}] {stage}: already done, skipped ({command})")
     else:
         print(f"[{number}/{STEPS}] {stage}: {command}", flush=True)
     return not done
+
+
+def step_override(key: str, value: Any) -> str:
+    """One word of a printed step command: KEY=VALUE that Hydra parses back to `value` exactly."""
+    return f"{GROUP_OPTION_KEYS.get(key, key)}={hydra_value(value)}"
 
 
 def clt_command() -> str:
@@ -122,14 +128,6 @@ def shell_quote(word: str) -> str:
     if "'" in word and not any(c in word for c in "$`\\!"):
         return '"' + word.replace('"', '\\"') + '"'
     return shlex.quote(word)
-
-
-def hydra_override(key: str, value: Any) -> str:
-    """KEY=VALUE as Hydra parses it (values with spaces or quotes single-quoted)."""
-    text = str(value)
-    if any(c in text for c in " \"'=,[]{}()"):
-        text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return f"{key}={text}"
 
 
 def stage_config(schema: type[Any], cfg: DemoConfig, overrides: dict[str, Any]) -> Any:
