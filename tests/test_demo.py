@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from clt_forge.artifacts.graph import parse_node
+from clt_forge.config.compose import compose_stage, validate
+from clt_forge.config.overrides import quote_text_values
+from clt_forge.stages.demo import shell_quote, step_override
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -72,3 +79,54 @@ def test_demo_runs_every_stage_labels_the_graph_and_skips_finished_stages(tmp_pa
     assert "graph written to" in alone.stdout
     relabelled = json.loads((tmp_path / "graphs" / "the-cat-sat.json").read_text())
     assert relabelled["metadata"]["features"] == graph["metadata"]["features"]
+
+
+# values the demo prints in its step commands: paths, numbers, and prompts with backslashes and quotes
+STEP_VALUES = [
+    'The opposite of "large" is "',
+    "back\\slash \\' and \\\" quotes\\",
+    "It's a\\b, c=[d] \\",
+    "\\\\server\\share's",
+    "true",
+    "12",
+    Path("/tmp/run dir/activations"),
+    65_536,
+    2e-3,
+    True,
+]
+
+
+@pytest.mark.parametrize("value", STEP_VALUES, ids=repr)
+def test_printed_step_overrides_round_trip_exactly(value):
+    """A word of a printed step command is, after the shell, an override Hydra parses back to the value."""
+    (word,) = shlex.split(shell_quote(step_override("prompt", value)))
+    parsed = OverridesParser.create().parse_override(word).value()
+    meant = str(value) if isinstance(value, Path) else value
+    assert parsed == meant and type(parsed) is type(meant)
+    if isinstance(value, str):  # what `clt attribute <word>` composes
+        (override,) = quote_text_values([word])
+        assert compose_stage("attribute", [override]).prompt == value
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear_warmup", "delayed_linear"])
+def test_the_demo_takes_every_sparsity_schedule(schedule):
+    validate("demo", [f"sparsity={schedule}"])
+    sparsity = compose_stage("demo", [f"sparsity={schedule}"]).sparsity
+    assert sparsity.schedule == schedule and sparsity.l0_coefficient == 1.0
+    assert ("warmup_fraction" in sparsity) == (schedule == "linear_warmup")
+
+
+def test_the_demo_default_warms_up_over_half_the_run_unless_told_otherwise():
+    assert compose_stage("demo", []).sparsity.warmup_fraction == 0.5
+    assert compose_stage("demo", ["sparsity.warmup_fraction=1.0"]).sparsity.warmup_fraction == 1.0
+
+
+def test_clt_demo_with_constant_sparsity_prints_its_config():
+    done = subprocess.run(
+        [sys.executable, "-m", "clt_forge", "demo", "sparsity=constant", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "schedule: constant" in done.stdout and "warmup_fraction" not in done.stdout
