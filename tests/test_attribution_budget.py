@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 from test_attribute import PROMPT, QUICK, random_checkpoint
 
+from clt_forge.attribution import budget
 from clt_forge.attribution.budget import AttributionShape, Rates, choose, estimate, prompt_shape
 from clt_forge.attribution.runner import AttributionRunner
 from clt_forge.config.schema import AttributionSettings
@@ -82,6 +83,22 @@ def test_settings_over_the_memory_are_refused_naming_the_fix(runner):
         assert runner.run(PROMPT).graph is not None
     finally:
         runner.settings = QUICK
+
+
+def test_the_device_is_measured_once_per_runner_not_once_per_prompt(runner, monkeypatch):
+    """`clt attribute prompts=FILE` runs every prompt through one runner: the ~0.4 s measurement of
+    the device's rates happens at its first prompt only."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return RATES
+
+    monkeypatch.setattr(budget, "measure_rates", counted)
+    fresh = AttributionRunner(runner.clt_path, settings=dataclasses.replace(QUICK, max_feature_nodes=8, batch_size=8))
+    for prompt in (PROMPT, "The cat sat", "Once upon a time"):
+        assert fresh.run(prompt).graph is not None
+    assert len(calls) == 1
 
 
 def test_defaults_fit_a_two_core_machine():

@@ -198,13 +198,22 @@ def prompt_shape(model: Any, ids: list[int]) -> AttributionShape:
     return AttributionShape(tuple(per_layer), len(ids), cfg.d_model, cfg.d_mlp, cfg.n_heads, blocks)
 
 
-def plan_attribution(model: Any, ids: list[int], settings: AttributionSettings) -> AttributionCost:
+def model_rates(model: Any) -> Rates:
+    """The rates of the device a circuit-tracer ReplacementModel runs on, at its sizes (~0.4 s):
+    measure once per model and pass them to every plan_attribution."""
+    return measure_rates(torch.device(model.cfg.device), model.cfg.d_model, model.cfg.d_mlp)
+
+
+def plan_attribution(
+    model: Any, ids: list[int], settings: AttributionSettings, rates: Rates | None = None
+) -> AttributionCost:
     """The batch size and feature count to attribute `ids` with, said on stdout; a CLTError when
-    even the smallest settings (or, without fit_to_machine, the given ones) exceed the memory."""
+    even the smallest settings (or, without fit_to_machine, the given ones) exceed the memory.
+    `rates`: the device's (model_rates), measured here when not given."""
     s = settings
     shape = prompt_shape(model, ids)
     device = torch.device(model.cfg.device)
-    rate = measure_rates(device, shape.d_model, shape.d_mlp)
+    rate = rates if rates is not None else model_rates(model)
     memory = available_memory(device) * s.memory_fraction
     minutes = s.max_minutes if device.type == "cpu" else None
     asked = estimate(shape, s.batch_size, s.max_feature_nodes, s.max_n_logits, rate)

@@ -27,7 +27,7 @@ from circuit_tracer.graph import Graph, compute_graph_scores
 
 from clt_forge.artifacts.checkpoint import check_model_matches, read_info
 from clt_forge.artifacts.graph import graph_json
-from clt_forge.attribution.budget import plan_attribution
+from clt_forge.attribution.budget import Rates, model_rates, plan_attribution
 from clt_forge.attribution.convert import to_circuit_tracer
 from clt_forge.attribution.interventions import FeatureEdit, InterventionResult, intervene
 from clt_forge.attribution.replacement import replacement_model
@@ -82,6 +82,14 @@ class AttributionRunner:
         model = load_model(model_cfg)
         transcoder = to_circuit_tracer(self.clt_path, device=model_cfg.device, dtype=model.cfg.dtype)
         self.model = replacement_model(model, transcoder)
+        self._rates: Rates | None = None  # the device's speed, measured at the first run
+
+    def rates(self) -> Rates:
+        """The device's measured rates for the attribution budget: measured once per runner (~0.4 s),
+        not once per prompt."""
+        if self._rates is None:
+            self._rates = model_rates(self.model)
+        return self._rates
 
     # ---- tokens ----------------------------------------------------------------------------
 
@@ -101,7 +109,7 @@ class AttributionRunner:
     def run(self, prompt: str, slug: str | None = None) -> AttributionResult:
         s = self.settings
         ids = self.tokens(prompt)
-        cost = plan_attribution(self.model, ids, s)
+        cost = plan_attribution(self.model, ids, s, self.rates())
         graph = attribute(
             torch.tensor(ids),
             self.model,
