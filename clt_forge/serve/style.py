@@ -1,9 +1,11 @@
 """How the graph looks: the Cytoscape stylesheet of the main view and the colours it shares.
 
-Nodes are boxes (serve/layout.py gives their size and place) with their label inside: a
-feature's explanation, cut to fit, a token for embeddings and logits. Labels are drawn only
-where they are legible (`min-zoomed-font-size`): at the fitted zoom of a large graph they
-are skipped, which also keeps its frames cheap; zooming in shows them. Hovering a node dims
+Nodes are boxes (serve/grid.py gives their size and place, in their data: `w`, `h`) with
+their label inside: a feature's explanation, a token for embeddings and logits, at a font
+size (`fs`) and cut to a length that fit the box (serve/layout.py). Labels are drawn only
+where they are legible (`min-zoomed-font-size`, LEGIBLE px): at the fitted zoom of a large
+graph the labels of crowded cells are skipped, which also keeps its frames cheap; zooming in
+shows them. Each layer's row is a band, every other one shaded. Hovering a node dims
 every element but the node, its links and their other ends (classes `dim`, `hl`, `near`;
 assets/serve.js sets them).
 """
@@ -12,17 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BOX_H", "BOX_W", "CLUSTER_COLOURS", "NEGATIVE", "POSITIVE", "STYLESHEET"]
+__all__ = ["BOX_H", "BOX_W", "CLUSTER_COLOURS", "LEGIBLE", "NEGATIVE", "POSITIVE", "STYLESHEET"]
 
-BOX_W, BOX_H = 78, 20  # a node's box in model px (errors are narrower)
+BOX_W, BOX_H = 96, 17  # the largest box of a node, in model px (crowded cells get smaller ones)
+LEGIBLE = 10.1  # px: smaller labels are not drawn (Cytoscape compares it with the font size times
+# the zoom rounded up to a power of two: at the fitted zoom, just under 1, the font size itself)
 POSITIVE, NEGATIVE = "#2563eb", "#dc2626"
 CLUSTER_COLOURS = ["#7c3aed", "#db2777", "#0891b2", "#65a30d", "#ea580c", "#4f46e5", "#0d9488", "#be123c"]
 LABEL = {
     "label": "data(label)",
     "text-valign": "center",
     "text-halign": "center",
-    "font-size": 11,
-    "min-zoomed-font-size": 5,
+    "font-size": "data(fs)",
+    "min-zoomed-font-size": LEGIBLE,
     "text-wrap": "none",
 }
 
@@ -31,8 +35,8 @@ STYLESHEET: list[dict[str, Any]] = [
         "selector": "node",
         "style": {
             "shape": "round-rectangle",
-            "width": BOX_W,
-            "height": BOX_H,
+            "width": "data(w)",
+            "height": "data(h)",
             "background-color": "#fde68a",
             "border-width": 1,
             "border-color": "#b45309",
@@ -44,12 +48,10 @@ STYLESHEET: list[dict[str, Any]] = [
         "selector": ".error",
         "style": {
             "shape": "rectangle",
-            "width": BOX_H,
             "background-color": "#e2e8f0",
             "border-color": "#64748b",
             "border-style": "dashed",
             "color": "#334155",
-            "font-size": 7,
         },
     },
     {"selector": ".embedding", "style": {"background-color": "#475569", "border-color": "#1e293b", "color": "#f8fafc"}},
@@ -57,7 +59,6 @@ STYLESHEET: list[dict[str, Any]] = [
     {
         "selector": ".cluster",
         "style": {
-            "height": BOX_H + 6,
             "background-color": "data(ccolor)",
             "border-color": "#1e1b4b",
             "border-width": 2,
@@ -81,6 +82,19 @@ STYLESHEET: list[dict[str, Any]] = [
             "text-valign": "center",
             "text-halign": "left",
             "events": "no",
+        },
+    },
+    {
+        "selector": ".band",
+        "style": {
+            "shape": "rectangle",
+            "width": "data(w)",
+            "height": "data(h)",
+            "background-color": "#eef2f7",
+            "background-opacity": 1,
+            "border-width": 0,
+            "label": "",
+            "z-compound-depth": "bottom",
         },
     },
     {"selector": ".axis.tokens", "style": {"text-halign": "center", "text-valign": "bottom", "font-weight": "bold"}},

@@ -3,9 +3,12 @@
 Pinned ids are the graph file's `qParams.pinnedIds` (Neuronpedia's field). Pinned members of
 a cluster (`qParams.supernodes`) are drawn as one node, and the links into and out of it carry
 the summed weights of the links they replace (serve/clusters.py `collapse`). Rows are layers
-(embeddings at the bottom, logits at the top; a cluster sits in its members' mean row), boxes
-in a row are ordered by token position and never overlap: each row is one line of boxes
-SLOT apart. The page's script (assets/serve.js) draws the result as SVG.
+(embeddings at the bottom, logits at the top; a cluster sits in its members' mean row, a row
+of its own when that falls between layers), boxes in a row are ordered by token position and
+never overlap: a row is lines of at most PER_LINE boxes, GAP_X apart, and rows are LINE_H
+apart, so no box, a cluster's included, shares another's place. Labels are cut to CHARS, which
+fit a box at the page's font; the page's script (assets/serve.js) draws the result as SVG
+and shortens any label that is still wider than its box.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from clt_forge.serve.style import CLUSTER_COLOURS, NEGATIVE, POSITIVE
 __all__ = ["SUB_H", "SUB_W", "subgraph_drawing"]
 
 SUB_W, SUB_H = 150, 26  # a box of the subgraph view
-GAP_X, ROW_H = 18, 70  # between boxes of a row; between rows
-CHARS = 24
+GAP_X, LINE_H, ROW_GAP = 18, 44, 26  # between boxes of a line; line to line; extra between rows
+PER_LINE = 8  # boxes to a line; a fuller row wraps
+CHARS = 20  # characters that fit a box at the page's 12 px
 FILL = {
     "cross layer transcoder": ("#fde68a", "#b45309", "#451a03"),
     ERROR: ("#e2e8f0", "#64748b", "#334155"),
@@ -49,6 +53,32 @@ def _row(node: dict[str, Any], n_layers: int) -> float:
     return 0 if kind == EMBEDDING else n_layers + 1 if kind == LOGIT else int(node["layer"]) + 1
 
 
+def _box(node: dict[str, Any], x: float, y: float, colour: dict[str, str], prompt_tokens: list[str]) -> dict[str, Any]:
+    kind = node["feature_type"]
+    if kind == "cluster":
+        fill, stroke, ink = colour.get(node["clerp"], CLUSTER_COLOURS[0]), "#1e1b4b", "#ffffff"
+        size = f" ({len(node['members'])})"
+        name = str(node["clerp"])
+        cut = CHARS - len(size)
+        label = (name if len(name) <= cut else name[: cut - 1] + "…") + size
+    else:
+        fill, stroke, ink = FILL[kind]
+        label = _label(node, prompt_tokens)
+    return {
+        "id": node["node_id"],
+        "kind": "cluster" if kind == "cluster" else kind.split()[0],
+        "label": label,
+        "tip": node_title(node, prompt_tokens),
+        "x": x,
+        "y": y,
+        "w": SUB_W,
+        "h": SUB_H,
+        "fill": fill,
+        "stroke": stroke,
+        "ink": ink,
+    }
+
+
 def subgraph_drawing(
     view: GraphView, pinned: list[str], clusters: list[Cluster], n_layers: int, prompt_tokens: list[str]
 ) -> dict[str, Any]:
@@ -70,30 +100,15 @@ def subgraph_drawing(
         else:
             rows.setdefault(_row(node, n_layers), []).append((node["ctx_idx"], node))
     boxes = []
-    for y_index, row in enumerate(sorted(rows, reverse=True)):
-        for x_index, (_, node) in enumerate(sorted(rows[row], key=lambda item: (item[0], item[1]["node_id"]))):
-            kind = node["feature_type"]
-            if kind == "cluster":
-                fill, stroke, ink = colour.get(node["clerp"], CLUSTER_COLOURS[0]), "#1e1b4b", "#ffffff"
-                label, tip = f"{node['clerp']} ({len(node['members'])})"[:CHARS], node_title(node, prompt_tokens)
-            else:
-                fill, stroke, ink = FILL[kind]
-                label, tip = _label(node, prompt_tokens), node_title(node, prompt_tokens)
+    y = 0.0
+    for row in sorted(rows, reverse=True):
+        ordered = sorted(rows[row], key=lambda item: (item[0], item[1]["node_id"]))
+        for index, (_, node) in enumerate(ordered):
+            line, slot = divmod(index, PER_LINE)
             boxes.append(
-                {
-                    "id": node["node_id"],
-                    "kind": "cluster" if kind == "cluster" else kind.split()[0],
-                    "label": label,
-                    "tip": tip,
-                    "x": x_index * (SUB_W + GAP_X) + SUB_W / 2,
-                    "y": y_index * ROW_H + SUB_H / 2,
-                    "w": SUB_W,
-                    "h": SUB_H,
-                    "fill": fill,
-                    "stroke": stroke,
-                    "ink": ink,
-                }
+                _box(node, slot * (SUB_W + GAP_X) + SUB_W / 2, y + line * LINE_H + SUB_H / 2, colour, prompt_tokens)
             )
+        y += ((len(ordered) - 1) // PER_LINE + 1) * LINE_H + ROW_GAP
     width = max((b["x"] + SUB_W / 2 for b in boxes), default=SUB_W)
     height = max((b["y"] + SUB_H / 2 for b in boxes), default=SUB_H)
     top = max((abs(link["weight"]) for link in links), default=1.0) or 1.0

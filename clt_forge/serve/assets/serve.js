@@ -317,6 +317,12 @@
       svg("rect", { width: n.w, height: n.h, rx: 4, fill: n.fill, stroke: n.stroke }, g);
       var text = svg("text", { x: n.w / 2, y: n.h / 2 + 4, "text-anchor": "middle", fill: n.ink, class: "sub-label" }, g);
       text.textContent = n.label;
+      // a label wider than its box (a wide font) is shortened until it fits: it never reaches a neighbour
+      var shown = n.label;
+      while (shown.length > 1 && text.getComputedTextLength() > n.w - 8) {
+        shown = shown.slice(0, -2) + "…";
+        text.textContent = shown;
+      }
       svg("title", {}, g).textContent = n.tip;
       g.addEventListener("click", function () {
         fetch("_clt/panel", { method: "POST", body: JSON.stringify({ view: state.shown, node: n.id }) })
