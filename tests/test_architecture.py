@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clt_forge"
 LOWER = {"clt", "config", "artifacts", "models", "data", "errors", "registry", "paths", "threads", "runs"}
-STAGES = {"cache", "training", "distributed", "autointerp", "attribution", "serve", "stages", "cli"}
+STAGES = {"cache", "training", "distributed", "autointerp", "attribution", "serve", "stages", "cli", "evaluation"}
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 120
 
 
@@ -85,6 +85,7 @@ ALLOWED = {
     ("stages", "*"),
     ("training", "distributed"),
     ("serve", "attribution"),
+    ("evaluation", "training"),  # held-out metrics use the evaluator training logs with
 }
 
 

@@ -16,8 +16,9 @@ import torch
 from omegaconf import OmegaConf
 
 from clt_forge.artifacts.activations import FORMAT_VERSION, MANIFEST, STATS, encode_chunk, read_chunk, read_manifest
+from clt_forge.artifacts.normalization import Normalization
 from clt_forge.artifacts.reader import ActivationReader, check_compatible
-from clt_forge.artifacts.stats import load_stats
+from clt_forge.artifacts.stats import RunningStats, load_stats
 from clt_forge.cache import writer
 from clt_forge.cache.writer import CacheJob, Part, Plan, merge_if_complete
 from clt_forge.config.compose import compose_stage
@@ -102,7 +103,43 @@ def test_statistics_are_those_of_the_exact_activations(tiny_model, tmp_path, qua
         stats = manifest.stats[kind]
         close(torch.tensor(stats["std"]), x.var(0, unbiased=False).mean(1).sqrt())
         close(torch.tensor(stats["mean_sq_norm"]), x.square().sum(2).mean(0))
+        close(torch.tensor(stats["mean_norm"]), x.norm(dim=2).mean(0))
         assert stats["max_abs"] == x.abs().amax(dim=(0, 2)).float().tolist()
+
+
+@pytest.mark.parametrize("method", ["mean_norm", "rms"])
+def test_normalisation_from_the_manifest_equals_one_estimated_from_every_token(tiny_model, tmp_path, method):
+    """mean_norm makes the mean token norm sqrt(d_model); rms the mean squared norm d_model."""
+    out = tmp_path / "ds"
+    write(tiny_model, out, "quant=none")
+    manifest = read_manifest(out)
+    from_stats = Normalization.from_manifest(manifest, method)
+    batches = [next(iter(ActivationsStore.from_cache(out, manifest.n_tokens, seed=0)))]  # every token
+    estimated = Normalization.estimate(batches, method)
+    torch.testing.assert_close(from_stats.in_scale, estimated.in_scale, rtol=1e-4, atol=0)
+    torch.testing.assert_close(from_stats.out_scale, estimated.out_scale, rtol=1e-4, atol=0)
+    y = from_stats.outputs(torch.cat([b.mlp_out for b in batches]).float())
+    d = manifest.d_model
+    measured = y.norm(dim=-1).mean(0) if method == "mean_norm" else y.square().sum(-1).mean(0)
+    expected = d**0.5 if method == "mean_norm" else d
+    torch.testing.assert_close(measured, torch.full_like(measured, expected), rtol=1e-3, atol=0)
+
+
+def test_a_dataset_without_mean_norms_says_so_and_still_gives_rms(tiny_model, tmp_path):
+    out = tmp_path / "ds"
+    write(tiny_model, out, "quant=none")
+    manifest = read_manifest(out)
+    for kind in ("mlp_in", "mlp_out"):
+        del manifest.stats[kind]["mean_norm"]  # as cached before mean norms were kept
+    with pytest.raises(CLTError, match="no mean token norm"):
+        Normalization.from_manifest(manifest, "mean_norm")
+    assert Normalization.from_manifest(manifest, "rms").in_scale.shape == (manifest.n_layers,)
+    with pytest.raises(CLTError, match="normalization='l2'"):
+        Normalization.from_manifest(manifest, "l2")
+    old, new = RunningStats(2, 3, norms=None), RunningStats(2, 3)
+    new.merge(old)  # a shard without norms makes the merged sum unknowable: none is written
+    assert new.norms is None and "mean_norm" not in new.summary()["mlp_in"]
+    assert RunningStats.from_bytes(old.to_bytes()).norms is None
 
 
 def test_background_encoding_writes_the_same_bytes_as_inline(tiny_model, tmp_path, monkeypatch):
@@ -134,7 +171,7 @@ def test_two_shards_merge_into_the_single_job_dataset(tiny_model, tmp_path):
     tokens_two = torch.cat([c.tokens for c in all_chunks(tmp_path / "two")])
     assert sorted(tokens_one.tolist()) == sorted(tokens_two.tolist())
     for kind in ("mlp_in", "mlp_out"):
-        for key in ("std", "mean_sq_norm", "max_abs"):
+        for key in ("std", "mean_sq_norm", "mean_norm", "max_abs"):
             torch.testing.assert_close(
                 torch.tensor(one.stats[kind][key]), torch.tensor(two.stats[kind][key]), rtol=1e-5, atol=1e-6
             )

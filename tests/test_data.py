@@ -34,7 +34,8 @@ def test_bundled_corpus_has_shakespeare_and_the_bible(bundled):
     text = " ".join(doc.text for doc in train + held_out)
     assert "To be, or not to be" in text
     assert "In the beginning God created the heaven and the earth." in text
-    assert "**" not in text  # markdown emphasis stripped
+    plays = " ".join(doc.text for doc in train + held_out if doc.id.startswith("shakespeare/"))
+    assert "**" not in plays  # markdown emphasis stripped
 
 
 def test_split_is_deterministic_and_disjoint(bundled):
@@ -88,3 +89,35 @@ def test_bad_data_paths_name_the_problem(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(CLTError, match=r"text_column='text'.*columns: body"):
         load_documents(data_config(source="files", path=str(tmp_path / "rows.jsonl")))
+
+
+def test_bundled_corpus_has_modern_english_interleaved_from_the_start(bundled):
+    """Python's own documentation (reference topics, stdlib docstrings) beside Shakespeare and
+    the KJV; every short prefix of a split mixes the three families."""
+    _, train, held_out = bundled
+    modern = [doc for doc in train + held_out if doc.id.startswith("python3.")]
+    assert {doc.id.split("/")[1] for doc in modern} == {"topics", "stdlib"}
+    text = " ".join(doc.text for doc in modern)
+    assert "Assignment statements are used to (re)bind names to values" in text
+    assert len(text) > 1_000_000
+    for split in (train, held_out):
+        families = [doc.id.split("/")[0] for doc in split[:3]]
+        assert sorted(f.split(".")[0] for f in families) == ["kjv", "python3", "shakespeare"]
+    python_docs = load_documents(data_config(source="python_docs"), "held_out")
+    assert {d.id for d in python_docs} == {d.id for d in held_out if d.id.startswith("python3.")}
+    classic = load_documents(data_config(source="classic"), "train")
+    assert not any(d.id.startswith("python3.") for d in classic)
+
+
+def test_one_family_is_ordered_exactly_as_a_plain_shuffle():
+    import random
+
+    from clt_forge.data.text import Document, interleave_families
+
+    docs = [Document(f"files/{i}", str(i)) for i in range(50)]
+    expected = list(docs)
+    random.Random("0:train").shuffle(expected)
+    assert interleave_families(list(docs), random.Random("0:train")) == expected
+    mixed = [Document(f"a/{i}", "") for i in range(3)] + [Document(f"b/{i}", "") for i in range(1)]
+    order = [d.id.split("/")[0] for d in interleave_families(mixed, random.Random(0))]
+    assert order == ["a", "b", "a", "a"]

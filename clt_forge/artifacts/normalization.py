@@ -1,10 +1,16 @@
 """Per-layer normalisation of MLP inputs and outputs (float32 factors, stored in checkpoints).
 
-The CLT sees x / in_scale[l] and predicts y / out_scale[l], with scale = sqrt(E||v_l||^2 / d_model)
-so every layer's vectors have mean squared norm d_model. Scalars per layer (no mean shift) fold
-exactly into the weights for export: W_enc' = W_enc / in_scale, W_dec' = W_dec * out_scale[target],
-b_dec' = b_dec * out_scale. Factors come from the dataset manifest (exact float64 sums over
-every cached token) or are estimated from the first batches in float32.
+The CLT sees x / in_scale[l] and predicts y / out_scale[l], one scalar per layer and kind:
+- `mean_norm` (the paper's): scale = E||v_l|| / sqrt(d_model), so the mean token norm is
+  sqrt(d_model). A layer whose few massive tokens (e.g. values of ~25,000 at BOS-like
+  positions) dominate its squared norm keeps them large, so the loss weighs that layer by how
+  much of its variance they hold;
+- `rms`: scale = sqrt(E||v_l||^2 / d_model), so the mean squared norm is d_model: every
+  layer weighs the same in the loss, and massive tokens shrink the ordinary ones.
+Scalars per layer (no mean shift) fold exactly into the weights for export: W_enc' = W_enc /
+in_scale, W_dec' = W_dec * out_scale[target], b_dec' = b_dec * out_scale. Factors come from
+the dataset manifest (exact float64 sums over every cached token) or are estimated from the
+first batches in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import torch
 
 from clt_forge.artifacts.activations import Manifest
 from clt_forge.artifacts.reader import ActivationBatch
+from clt_forge.errors import CLTError
+
+METHODS = ("mean_norm", "rms")
 
 
 @dataclass
@@ -24,26 +33,41 @@ class Normalization:
     out_scale: torch.Tensor  # float32 [n_layers]
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> Normalization:
-        d_model = manifest.d_model
-        scales = [
-            (torch.tensor(manifest.stats[kind]["mean_sq_norm"], dtype=torch.float64) / d_model).sqrt().float()
-            for kind in ("mlp_in", "mlp_out")
-        ]
+    def from_manifest(cls, manifest: Manifest, method: str) -> Normalization:
+        """CLTError when the dataset's statistics lack what `method` needs (mean_norm: cached
+        before mean token norms were kept)."""
+        check_method(method)
+        d = torch.tensor(float(manifest.d_model), dtype=torch.float64)
+        scales = []
+        for kind in ("mlp_in", "mlp_out"):
+            stats = manifest.stats[kind]
+            if method == "rms":
+                scales.append((torch.tensor(stats["mean_sq_norm"], dtype=torch.float64) / d).sqrt().float())
+            elif "mean_norm" in stats:
+                scales.append((torch.tensor(stats["mean_norm"], dtype=torch.float64) / d.sqrt()).float())
+            else:
+                raise CLTError("the dataset's statistics have no mean token norm (cached by an older clt-forge)")
         return cls(*scales)
 
     @classmethod
-    def estimate(cls, batches: Iterable[ActivationBatch]) -> Normalization:
+    def estimate(cls, batches: Iterable[ActivationBatch], method: str) -> Normalization:
+        check_method(method)
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        tokens = 0
+        d_model = 0
         for batch in batches:
             for kind, x in (("in", batch.mlp_in), ("out", batch.mlp_out)):
-                total = x.float().square().sum(dim=(0, 2))
+                squares = x.float().square().sum(-1)  # [batch, n_layers]
+                total = (squares if method == "rms" else squares.sqrt()).sum(0)
                 sums[kind] = sums[kind] + total if kind in sums else total
-            count += batch.mlp_in.shape[0] * batch.mlp_in.shape[-1]
+            tokens += batch.mlp_in.shape[0]
+            d_model = batch.mlp_in.shape[-1]
         if not sums:
             raise ValueError("no batches to estimate the normalisation from")
-        return cls((sums["in"] / count).sqrt(), (sums["out"] / count).sqrt())
+        if method == "rms":
+            return cls((sums["in"] / (tokens * d_model)).sqrt(), (sums["out"] / (tokens * d_model)).sqrt())
+        root_d = d_model**0.5
+        return cls(sums["in"] / tokens / root_d, sums["out"] / tokens / root_d)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.in_scale.to(x.device)[:, None]
@@ -57,3 +81,8 @@ class Normalization:
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> Normalization:
         return cls(tensors["norm.in_scale"].float(), tensors["norm.out_scale"].float())
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise CLTError(f"normalization={method!r} is not one of {', '.join(METHODS)}")

