@@ -58,10 +58,11 @@ class Box:
 
 @dataclass
 class Grid:
-    """The boxes of the nodes (`boxes`: node_id -> Box), and the axes: each row's band
+    """The boxes of the nodes (`boxes`: node_id -> Box) and their rows, and the axes: each row's band
     (`bands`: row -> (top, bottom)), the x of each position, the drawing's width and height."""
 
     boxes: dict[str, Box] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
     bands: dict[int, tuple[float, float]] = field(default_factory=dict)
     col_x: list[float] = field(default_factory=list)
     width: float = 0.0
@@ -105,14 +106,15 @@ def _fit(room: float, count: int, gap: float, most: float) -> tuple[float, float
 @lru_cache(maxsize=65536)
 def _arrange(n: int, width: float, height: float) -> tuple[bool, int, float, float]:
     """n boxes in a width x height cell: (labels legible, lines, box w, box h), the best of
-    every number of lines: legible labels first, then the biggest boxes."""
-    best: tuple[tuple[bool, float], int, float, float] | None = None
+    every number of lines: legible labels first, then MIN_GAP between boxes, then the biggest boxes."""
+    best: tuple[tuple[bool, bool, float], int, float, float] | None = None
     for lines in range(1, n + 1):
         if lines > 1 and height / lines < 2:
             break
         per_line = math.ceil(n / lines)
-        w, h = _fit(width, per_line, GAP_X, BOX_W)[0], _fit(height, lines, GAP_Y, BOX_H)[0]
-        key = (font_size(w, h) >= LEGIBLE, min(w / BOX_W, h / BOX_H))
+        (w, gap_x), (h, gap_y) = _fit(width, per_line, GAP_X, BOX_W), _fit(height, lines, GAP_Y, BOX_H)
+        apart = (per_line == 1 or gap_x >= MIN_GAP) and (lines == 1 or gap_y >= MIN_GAP)
+        key = (font_size(w, h) >= LEGIBLE, apart, min(w / BOX_W, h / BOX_H))
         if best is None or key > best[0]:
             best = (key, lines, w, h)
     assert best is not None
@@ -203,5 +205,6 @@ def grid(nodes: list[dict[str, Any]], n_layers: int, n_pos: int) -> Grid:
             bx = out.col_x[pos] + (slot - (in_line - 1) / 2) * (w + gap_x)
             by = centre_y + (line - (lines - 1) / 2) * (h + gap_y)
             bw = min(w, max(h * 1.4, 12.0)) if node["feature_type"] == ERROR else w
+            out.rows[node["node_id"]] = row
             out.boxes[node["node_id"]] = Box(round(bx, 2), round(by, 2), round(bw, 2), round(h, 2))
     return out

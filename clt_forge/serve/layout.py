@@ -157,6 +157,10 @@ def _cluster_box(members: list[str], boxes: dict[str, Box]) -> Box:
     return min((boxes[m] for m in members), key=lambda b: ((b.x - x) ** 2 + (b.y - y) ** 2, b.y, b.x))
 
 
+def _distance(a: Box, b: Box) -> float:
+    return abs(a.x - b.x) + abs(a.y - b.y)
+
+
 def elements(
     nodes: list[dict[str, Any]],
     links: list[dict[str, Any]],
@@ -177,9 +181,11 @@ def elements(
         data: dict[str, Any] = {"id": node_id, "tip": node_title(node, prompt_tokens)}
         if kind == "cluster":
             box = _cluster_box(node["members"], layout.boxes)
+            data["row"] = layout.rows[min(node["members"], key=lambda m: _distance(layout.boxes[m], box))]
             data["ccolor"] = colour[node["clerp"]]
         else:
             box = layout.boxes[node_id]
+            data["row"] = layout.rows[node_id]
             if node_id in member_of:
                 classes += " member"
                 data["ccolor"] = colour[member_of[node_id]]
