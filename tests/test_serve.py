@@ -284,6 +284,7 @@ def test_a_cluster_is_saved_into_the_graph_and_shown_after_a_reload(made, server
     cluster_id = "cluster:says a capital"
     assert web.evaluate(f"window.cy.getElementById('{cluster_id}').length") == 1
     assert web.evaluate(f"window.cy.getElementById('{first}').length") == 0
+    assert web.evaluate(OVERLAPS) == 0, "the collapsed cluster takes a member's box: it overlaps no other box"
     # aggregated links: one per neighbour, carrying the summed weight of the links it replaces
     into = {}
     for link in saved["links"]:
@@ -370,6 +371,47 @@ def test_queued_interventions_run_in_the_background_and_update_the_logit_chart(m
     )
     assert chart_three != chart_one  # scaling by -20 is not setting to 400
     shot(web, "06-queued-interventions")
+
+
+@pytest.mark.slow
+def test_an_intervention_started_from_the_subgraph_shows_the_top_tokens_before_and_after(made, server, web):
+    document = graph_json(made)
+    target = next(n for n in document["nodes"] if n["feature_type"] == "logit" and n["is_target_logit"])
+    open_graph(web, server.url)
+    third, fourth, lone = (feature_ids(document)[i] for i in (2, 3, 4))  # in no other test's cluster
+    click_node(web, third)
+    click_node(web, fourth, shift=True)
+    web.wait_for_selector("text=2 nodes selected", timeout=10_000)
+    web.fill("#cluster-name", "steered pair")
+    web.click("#cluster-create")
+    web.wait_for_selector("[data-cluster='steered pair']", timeout=10_000)
+    web.evaluate("(ids) => window.cltServe.pin(ids)", [lone, third, fourth])
+    web.wait_for_function("window.cltServe.subgraph && window.cltServe.subgraph.nodes === 2", timeout=10_000)
+    # a feature of the subgraph, then the cluster, become the target when clicked there
+    web.locator(f"#subgraph .sub-node[data-node='{lone}']").click()
+    web.wait_for_selector(f"#panel [data-node='{lone}']", timeout=10_000)
+    web.wait_for_function("document.querySelector('#target').innerText.includes('feature L')", timeout=10_000)
+    web.locator("#subgraph .sub-node[data-node='cluster:steered pair']").click()
+    web.wait_for_function("document.querySelector('#target').innerText.includes('steered pair')", timeout=10_000)
+    web.click("label:has-text('set to')")
+    web.fill("#amount", "400")
+    web.click("#queue")
+    web.wait_for_selector("#queue-status:has-text('queued job #')", timeout=10_000)
+    number = web.inner_text("#queue-status").rsplit("#", 1)[1].strip()
+    web.wait_for_selector(f"[data-job='{number}']", timeout=300_000)
+    assert "“steered pair” = 400" in web.inner_text(f"[data-job='{number}'] .chart-title")
+    rows = web.locator(f"[data-job='{number}'] .chart-row")
+    assert rows.count() >= 10, "the top next tokens, before and after"
+    bars = rows.evaluate_all("rs => rs.map(r => r.querySelector('.bars').getAttribute('title'))")
+    before_after = [[float(part.split()[1]) for part in bar.split(", ")] for bar in bars]
+    assert any(abs(before - after) > 1e-3 for before, after in before_after), "setting both features moved the output"
+    token = target["clerp"][target["clerp"].index('"') + 1 : target["clerp"].rindex('"')]
+    title = web.locator(f"[data-job='{number}'] .chart-row[data-token='{token}'] .bars").get_attribute("title") or ""
+    assert float(title.split(",")[0].removeprefix("before ")) == pytest.approx(target["token_prob"], abs=2e-3)
+    web.locator("#subgraph").scroll_into_view_if_needed()
+    shot(web, "14-intervention-from-subgraph")
+    web.click("#unpin-all")  # the other tests see the graph unpinned
+    web.wait_for_function("window.cltServe.subgraph.nodes === 0", timeout=10_000)
 
 
 @pytest.mark.slow

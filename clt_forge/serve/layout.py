@@ -1,9 +1,9 @@
 """The main view's Cytoscape elements: node boxes at preset positions, links, axes and bands.
 
 Where each box goes and how big it is comes from serve/grid.py (a layer x position grid sized
-for a 1400x900 window, fitted at a zoom of about 1); positions are computed here once, so the
-browser runs no layout algorithm (the `preset` layout) and re-pruning never moves a node of
-an unchanged cell. Each node's data carries its box (`w`, `h`), its label's font size (`fs`)
+for a 1400x900 window, fitted at a zoom of about 1); positions are computed here, so the
+browser runs no layout algorithm (the `preset` layout). Re-pruning lays the grid out again
+for the nodes kept (the page updates the boxes in place, and the drawing keeps its size). Each node's data carries its box (`w`, `h`), its label's font size (`fs`)
 and its label, cut to the characters that fit the box at that size. A collapsed cluster takes
 the box of its member nearest the members' centre.
 

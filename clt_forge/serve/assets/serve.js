@@ -145,7 +145,31 @@
     });
     cy.on("viewport", function () {
       if (tip) tip.style.display = "none";
+      clearTimeout(legibleTimer);
+      legibleTimer = setTimeout(function () { legible(cy); }, 150);
     });
+    legible(cy);
+  }
+
+  /* Labels are drawn only when they are at least LEGIBLE px on screen. Cytoscape compares a
+   * label's font size times the zoom *rounded up to a power of two* with min-zoomed-font-size,
+   * so that threshold is set, once the zoom settles, to what makes the comparison exact
+   * (a restyle: only when it changes by more than 3%). */
+  var LEGIBLE = 10.1, legibleTimer = null, legibleMin = LEGIBLE;
+  function legible(cy) {
+    var zoom = cy.zoom();
+    if (!(zoom > 0)) return;
+    var ratio = window.devicePixelRatio || 1;
+    var rounded = Math.pow(2, Math.ceil(Math.log(zoom * ratio) / Math.LN2));
+    var wanted = (LEGIBLE * rounded) / zoom;
+    if (Math.abs(wanted / legibleMin - 1) < 0.03) return;
+    legibleMin = wanted;
+    var sheet = cy.style().json().map(function (rule) {
+      if (rule.selector !== "node" || !("min-zoomed-font-size" in rule.style)) return rule;
+      var style = Object.assign({}, rule.style, { "min-zoomed-font-size": wanted });
+      return { selector: rule.selector, style: style };
+    });
+    cy.style().fromJson(sheet).update();
   }
 
   /* Zoom and pan so the model extent [x0, y0, x1, y1] fills the view: the server knows
@@ -302,6 +326,10 @@
       return;
     }
     var root = svg("svg", { viewBox: drawing.viewBox.join(" "), preserveAspectRatio: "xMidYMid meet", class: "sub-svg" }, box);
+    // a small subgraph is drawn at most 1.25 times its size, not blown up to the whole card
+    root.style.maxWidth = 1.25 * drawing.viewBox[2] + "px";
+    root.style.maxHeight = 1.25 * drawing.viewBox[3] + "px";
+    root.style.margin = "0 auto";
     var at = {};
     drawing.nodes.forEach(function (n) { at[n.id] = n; });
     drawing.links.forEach(function (l) {
