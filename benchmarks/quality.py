@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="sparsity x quant grid")
     parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,... (repeatable)")
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the graph scores")
+    parser.add_argument("--prompts", type=int, default=0, help="only the first N graph prompts (0: all)")
     parser.add_argument("--per-layer-windows", type=int, default=4, help="windows for one-layer-replaced")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows for the replacement model")
     parser.add_argument("--threads", type=int, default=2)
@@ -226,12 +227,12 @@ def evaluate(checkpoint: Path, dataset: Path, modern: Path, config: Any, args: a
     del model
     gc.collect()
     if args.graphs:
-        result["graphs"] = graph_scores(checkpoint)
+        result["graphs"] = graph_scores(checkpoint, args.prompts)
     result["eval_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def graph_scores(checkpoint: Path) -> dict[str, Any]:
+def graph_scores(checkpoint: Path, limit: int = 0) -> dict[str, Any]:
     from clt_forge.attribution.runner import AttributionRunner
     from clt_forge.config.compose import load_config
 
@@ -239,7 +240,7 @@ def graph_scores(checkpoint: Path) -> dict[str, Any]:
         "attribute", f"checkpoint={checkpoint}", f"max_feature_nodes={load_config('demo').max_feature_nodes}"
     )
     runner = AttributionRunner(checkpoint, settings=settings)
-    prompts = [line for line in PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = [line for line in PROMPTS.read_text().splitlines() if line.strip()][: limit or None]
     per_prompt: list[dict[str, Any]] = []
     for prompt in prompts:
         result = runner.run(prompt)

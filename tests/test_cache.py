@@ -107,7 +107,7 @@ def test_statistics_are_those_of_the_exact_activations(tiny_model, tmp_path, qua
         assert stats["max_abs"] == x.abs().amax(dim=(0, 2)).float().tolist()
 
 
-@pytest.mark.parametrize("method", ["mean_norm", "rms"])
+@pytest.mark.parametrize("method", ["mean_norm", "rms", "mixed"])
 def test_normalisation_from_the_manifest_equals_one_estimated_from_every_token(tiny_model, tmp_path, method):
     """mean_norm makes the mean token norm sqrt(d_model); rms the mean squared norm d_model."""
     out = tmp_path / "ds"
@@ -118,11 +118,20 @@ def test_normalisation_from_the_manifest_equals_one_estimated_from_every_token(t
     estimated = Normalization.estimate(batches, method)
     torch.testing.assert_close(from_stats.in_scale, estimated.in_scale, rtol=1e-4, atol=0)
     torch.testing.assert_close(from_stats.out_scale, estimated.out_scale, rtol=1e-4, atol=0)
-    y = from_stats.outputs(torch.cat([b.mlp_out for b in batches]).float())
     d = manifest.d_model
-    measured = y.norm(dim=-1).mean(0) if method == "mean_norm" else y.square().sum(-1).mean(0)
-    expected = d**0.5 if method == "mean_norm" else d
-    torch.testing.assert_close(measured, torch.full_like(measured, expected), rtol=1e-3, atol=0)
+    normalised = {
+        "mean_norm": [from_stats.inputs(batches[0].mlp_in.float()), from_stats.outputs(batches[0].mlp_out.float())],
+        "rms": [],
+    }
+    if method == "rms":
+        normalised = {"mean_norm": [], "rms": normalised["mean_norm"]}
+    elif method == "mixed":  # inputs by mean norm, outputs by rms
+        normalised = {"mean_norm": normalised["mean_norm"][:1], "rms": normalised["mean_norm"][1:]}
+    for kind_method, tensors in normalised.items():
+        for v in tensors:
+            measured = v.norm(dim=-1).mean(0) if kind_method == "mean_norm" else v.square().sum(-1).mean(0)
+            expected = d**0.5 if kind_method == "mean_norm" else d
+            torch.testing.assert_close(measured, torch.full_like(measured, expected), rtol=1e-3, atol=0)
 
 
 def test_a_dataset_without_mean_norms_says_so_and_still_gives_rms(tiny_model, tmp_path):

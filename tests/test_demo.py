@@ -30,6 +30,7 @@ SMALL = [
     "clt.d_features=32",
     "explainer.max_new_tokens=12",
     "threads=2",
+    "eval_windows=4",
 ]
 
 
@@ -45,7 +46,7 @@ def test_demo_runs_every_stage_labels_the_graph_and_skips_finished_stages(tmp_pa
     out = tmp_path / "demo"
     first = clt("demo", *SMALL, f"out={out}", cwd=tmp_path)
     for n, stage in enumerate(["cache", "train", "attribute", "autointerp"], start=1):
-        assert f"[{n}/5] {stage}: " in first.stdout and "already done" not in first.stdout
+        assert f"[{n}/6] {stage}: " in first.stdout and "already done" not in first.stdout
     assert (out / "activations" / "manifest.json").is_file()
     assert (out / "activations" / "held_out" / "manifest.json").is_file()
     assert (out / "clt" / "checkpoints" / "final" / "config.json").is_file()
@@ -59,13 +60,19 @@ def test_demo_runs_every_stage_labels_the_graph_and_skips_finished_stages(tmp_pa
     summary = json.loads((out / "features" / "summary.json").read_text())
     assert summary["features"] == len({parse_node(n).layer_pos_feature[::2] for n in features})
     assert f"serve {out / 'graphs' / 'opposite.json'}" in first.stdout
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["graphs"]["opposite"]["replacement"] == graph["metadata"]["replacement_score"]
+    assert 0 <= quality["replacement"]["top1"] <= 1 and quality["replacement"]["kl"] >= 0
+    assert quality["replacement"]["positions"] == 4 * (128 - 1)  # eval_windows=4 of context 128
+    assert quality["held_out"]["ev_mean"] <= 1 and quality["held_out"]["l0_mean"] > 0
+    assert "replacement model (every MLP replaced): KL" in first.stdout
 
     again = clt("demo", *SMALL, f"out={out}", cwd=tmp_path)
     assert again.stdout.count("already done, skipped") == 4
     assert f"{len(labelled)} feature nodes" in again.stdout
 
     # each stage alone, from the artifacts of the stages before (the commands the demo printed)
-    lines = [line for line in first.stdout.splitlines() if line.startswith("[3/5] attribute: ")]
+    lines = [line for line in first.stdout.splitlines() if line.startswith("[3/6] attribute: ")]
     assert lines and "checkpoint=" in lines[0] and "prompt=" in lines[0]
     alone = clt(
         "attribute",

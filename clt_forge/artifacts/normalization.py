@@ -6,7 +6,9 @@ The CLT sees x / in_scale[l] and predicts y / out_scale[l], one scalar per layer
   positions) dominate its squared norm keeps them large, so the loss weighs that layer by how
   much of its variance they hold;
 - `rms`: scale = sqrt(E||v_l||^2 / d_model), so the mean squared norm is d_model: every
-  layer weighs the same in the loss, and massive tokens shrink the ordinary ones.
+  layer weighs the same in the loss, and massive tokens shrink the ordinary ones;
+- `mixed`: inputs by their mean norm (the encoder sees ordinary tokens at norm ~sqrt(d_model)
+  even where massive ones exist), outputs by RMS (every layer weighs the same in the loss).
 Scalars per layer (no mean shift) fold exactly into the weights for export: W_enc' = W_enc /
 in_scale, W_dec' = W_dec * out_scale[target], b_dec' = b_dec * out_scale. Factors come from
 the dataset manifest (exact float64 sums over every cached token) or are estimated from the
@@ -24,7 +26,8 @@ from clt_forge.artifacts.activations import Manifest
 from clt_forge.artifacts.reader import ActivationBatch
 from clt_forge.errors import CLTError
 
-METHODS = ("mean_norm", "rms")
+METHODS = ("mean_norm", "rms", "mixed")
+PER_KIND = {"mean_norm": ("mean_norm", "mean_norm"), "rms": ("rms", "rms"), "mixed": ("mean_norm", "rms")}
 
 
 @dataclass
@@ -39,9 +42,9 @@ class Normalization:
         check_method(method)
         d = torch.tensor(float(manifest.d_model), dtype=torch.float64)
         scales = []
-        for kind in ("mlp_in", "mlp_out"):
+        for kind, kind_method in zip(("mlp_in", "mlp_out"), PER_KIND[method], strict=True):
             stats = manifest.stats[kind]
-            if method == "rms":
+            if kind_method == "rms":
                 scales.append((torch.tensor(stats["mean_sq_norm"], dtype=torch.float64) / d).sqrt().float())
             elif "mean_norm" in stats:
                 scales.append((torch.tensor(stats["mean_norm"], dtype=torch.float64) / d.sqrt()).float())
@@ -52,22 +55,24 @@ class Normalization:
     @classmethod
     def estimate(cls, batches: Iterable[ActivationBatch], method: str) -> Normalization:
         check_method(method)
-        sums: dict[str, torch.Tensor] = {}
+        squares: dict[str, torch.Tensor] = {}
+        norms: dict[str, torch.Tensor] = {}
         tokens = 0
         d_model = 0
         for batch in batches:
             for kind, x in (("in", batch.mlp_in), ("out", batch.mlp_out)):
-                squares = x.float().square().sum(-1)  # [batch, n_layers]
-                total = (squares if method == "rms" else squares.sqrt()).sum(0)
-                sums[kind] = sums[kind] + total if kind in sums else total
+                token_squares = x.float().square().sum(-1)  # [batch, n_layers]
+                for sums, total in ((squares, token_squares.sum(0)), (norms, token_squares.sqrt().sum(0))):
+                    sums[kind] = sums[kind] + total if kind in sums else total
             tokens += batch.mlp_in.shape[0]
             d_model = batch.mlp_in.shape[-1]
-        if not sums:
+        if not squares:
             raise ValueError("no batches to estimate the normalisation from")
-        if method == "rms":
-            return cls((sums["in"] / (tokens * d_model)).sqrt(), (sums["out"] / (tokens * d_model)).sqrt())
-        root_d = d_model**0.5
-        return cls(sums["in"] / tokens / root_d, sums["out"] / tokens / root_d)
+        scales = [
+            (squares[kind] / (tokens * d_model)).sqrt() if kind_method == "rms" else norms[kind] / tokens / d_model**0.5
+            for kind, kind_method in zip(("in", "out"), PER_KIND[method], strict=True)
+        ]
+        return cls(*scales)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.in_scale.to(x.device)[:, None]

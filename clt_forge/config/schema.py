@@ -47,6 +47,7 @@ class Precision(StrEnum):
 class NormalizationMethod(StrEnum):  # clt_forge/artifacts/normalization.py
     mean_norm = "mean_norm"  # the paper's: sqrt(d) / E||x||
     rms = "rms"  # sqrt(d / E||x||^2)
+    mixed = "mixed"  # inputs by mean_norm, outputs by rms
 
 
 class LoggerKind(StrEnum):
@@ -335,6 +336,7 @@ class DemoConfig(PipelineConfig):
     lr: float = 2e-3  # training learning rate (cosine schedule)
     autointerp_tokens: int = 65_536  # tokens scanned for feature examples
     max_feature_nodes: int = 256  # features attributed (most influential first)
+    eval_windows: int = 16  # held-out windows the replacement model is scored on (quality.json)
 
 
 STAGE_SCHEMAS: dict[str, type[Any]] = {

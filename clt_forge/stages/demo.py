@@ -5,6 +5,7 @@
       clt/                  clt train: metrics, plots, checkpoints/final (the CLT)
       graphs/<slug>.{json,pt}  clt attribute: the prompt's attribution graph
       features/             clt autointerp on the graph's features: features.db, summary.json
+      quality.json          held-out EV / L0, the replacement model's KL / top-1, the graph's scores
 
 The graph comes before autointerp so that the explainer spends its time on exactly the
 features the graph shows; the graph's nodes are then labelled with their explanations. Each
@@ -16,6 +17,7 @@ that does it alone, from the artifacts of the steps before.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -37,7 +39,7 @@ from clt_forge.config.schema import (
 )
 from clt_forge.runs import setup
 
-STEPS = 5
+STEPS = 6
 
 
 def run(cfg: DemoConfig) -> Path:
@@ -90,7 +92,15 @@ def run(cfg: DemoConfig) -> Path:
 
     print(f"[5/{STEPS}] label the graph's features with their explanations")
     labelled = label_graph(graph, features / "features.db")
-    print(f"{labelled} feature nodes of {graph} labelled ({(time.perf_counter() - started) / 60:.1f} min).")
+    print(f"{labelled} feature nodes of {graph} labelled.")
+
+    from clt_forge.evaluation.summary import format_summary, quality_summary
+
+    print(f"[6/{STEPS}] quality of the CLT (clt_forge/evaluation; benchmarks/quality.py measures more)")
+    quality = quality_summary(final, acts / "held_out", cfg.data, [graph], windows=cfg.eval_windows)
+    (out / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
+    print(format_summary(quality))
+    print(f"({(time.perf_counter() - started) / 60:.1f} min; figures in {out / 'quality.json'})")
     print(f"\nOpen it:\n  {clt_command()} serve {graph}")
     return out
 
