@@ -255,6 +255,7 @@ def test_clicking_a_feature_shows_its_examples_and_other_nodes_their_facts(made,
     web.wait_for_function("window.cltServe.ready.view.includes(', 0.8, ')", timeout=30_000)
     fewer = web.evaluate("window.cltServe.ready")
     assert 0 < fewer["nodes"] < ready["nodes"]
+    assert web.evaluate(OVERLAPS) == 0, "the boxes of the re-pruned graph are laid out again, apart"
     shot(web, "02-pruned-at-0.8")
 
 

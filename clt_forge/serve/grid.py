@@ -9,14 +9,16 @@ screen px there):
 - columns: each wants room for its most crowded cell on one line of full-size boxes; when
   they do not all fit, the sparse ones get what they want and the crowded ones share the
   rest equally (water-filling);
-- rows (bands): each gets one line's height (less when there are too many rows for that);
-  the height left over goes, a line at a time, to the row where one more line of boxes lets
-  the most labels be drawn legibly, and what is left after that is spread over all rows.
+- rows (bands): each gets one line's height (a layer with only error nodes a thinner band;
+  all of them less when there are too many rows for that); the height left over goes, a
+  line at a time, to the row where one to six more lines of boxes let the most labels be
+  drawn legibly (per line added), and what is left after that is spread over all rows.
 
 The nodes of a (layer, position) cell are laid out inside that cell, lines of boxes centred
 in it, with as many lines as give the most legible labels (then the biggest boxes): a crowded
 cell gets smaller boxes, never more room than its cell. Cells do not overlap, so neither do
-boxes, and every box stays inside its layer's band.
+boxes (MIN_GAP px apart or more, unless a cell is too crowded for that), and every box stays
+inside its layer's band.
 
 A box's label is drawn at a font size that fits its box, at least MIN_CHARS characters wide
 (cut to fit, in layout.py); the stylesheet hides labels smaller than LEGIBLE px on screen, so
