@@ -13,6 +13,7 @@ opened in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright). 
   context fetches the JavaScript bundles; the others ("warm") hit the browser's cache, as a
   researcher reopening a graph does. The server is warm. `load_s_warm` draws the default 2,000
   strongest links, `load_s_warm_all_links` every link (`?links=0`).
+- labels_drawn: node labels drawn at the fitted zoom of a 1400x900 window (at least 10 px).
 - click_to_panel_ms: a real mouse click on a feature node (from `mousedown`) until its panel
   (explanation, histogram, examples) is in the page, median of 7 different nodes, each
   first centred at zoom 1.2 (at "fit" zoom a 5,000-node graph's nodes are pixels apart).
@@ -42,6 +43,11 @@ ARGS = [
     "--disable-sync",
 ]
 N_LAYERS, N_POS, N_LOGITS = 30, 12, 10
+# Cytoscape draws a label when its font size times the zoom rounded up to a power of two
+# reaches min-zoomed-font-size (assets/serve.js sets that so the label is >= 10 px on screen)
+LABELS_DRAWN = """() => { const cy = window.cy, scale = Math.pow(2, Math.ceil(Math.log2(cy.zoom())));
+    return cy.nodes().not('.axis').filter(n => n.data('label')
+        && parseFloat(n.style('font-size')) * scale >= parseFloat(n.style('min-zoomed-font-size'))).length; }"""
 
 
 def synthetic_graph(n_nodes: int, seed: int = 0) -> dict[str, Any]:
@@ -203,6 +209,7 @@ def measure(page: Any, url: str, name: str, repeats: int) -> dict[str, Any]:
     page.goto(f"{url}?graph={name}")
     page.wait_for_function("window.cltServe && window.cltServe.ready && window.cltServe.ready.view", timeout=120_000)
     ids = page.evaluate("window.cy.nodes('.feature').map(n => n.id()).slice(0, 7)")
+    labels = page.evaluate(LABELS_DRAWN)
     page.evaluate(
         """() => {
             window.__down = null; window.__shown = {};
@@ -235,6 +242,7 @@ def measure(page: Any, url: str, name: str, repeats: int) -> dict[str, Any]:
         "load_s_warm": round(statistics.median(capped[1:]), 3),  # default: the 2,000 strongest links
         "edges_all": ready_all["edges"],
         "load_s_warm_all_links": round(statistics.median(every), 3),  # links=0: every link drawn
+        "labels_drawn": labels,  # node labels drawn at the fitted zoom (each >= 10 px on screen)
         "click_to_panel_ms": round(statistics.median(clicks), 1),
         "click_to_panel_ms_max": round(max(clicks), 1),
     }

@@ -173,14 +173,17 @@ IN_BANDS = """() => window.cy.nodes().not('.axis').filter(n => {
     const box = n.boundingBox({includeLabels: false}), band = window.cy.getElementById('axis:' + n.data('row'));
     return !(band.data('y0') <= box.y1 + 1.5 && box.y2 - 1.5 <= band.data('y1'));
 }).map(n => n.id())"""
-# labels Cytoscape draws: font size x the zoom rounded up to a power of two >= min-zoomed-font-size
+# labels Cytoscape draws (font size x the zoom rounded up to a power of two >= min-zoomed-font-size),
+# their size on screen, and their width measured in the node's font against the box's
 LABELS = """() => {
     const cy = window.cy, scale = Math.pow(2, Math.ceil(Math.log2(cy.zoom())));
+    const pen = document.createElement('canvas').getContext('2d');
     return cy.nodes().not('.axis').filter(n => n.data('label')).map(n => {
-        const drawn = parseFloat(n.style('font-size')) * scale >= parseFloat(n.style('min-zoomed-font-size'));
-        const box = n.boundingBox({includeLabels: false}), text = n.boundingBox({includeNodes: false, includeLabels: true});
-        return {id: n.id(), drawn: drawn, px: parseFloat(n.renderedStyle('font-size')),
-                inside: text.x1 >= box.x1 - 0.5 && text.x2 <= box.x2 + 0.5};
+        const size = parseFloat(n.style('font-size'));
+        pen.font = `${n.style('font-weight')} ${size}px ${n.style('font-family')}`;
+        return {id: n.id(), drawn: size * scale >= parseFloat(n.style('min-zoomed-font-size')),
+                px: parseFloat(n.renderedStyle('font-size')), width: pen.measureText(n.data('label')).width,
+                box: n.data('w')};
     });
 }"""
 
@@ -205,7 +208,8 @@ def test_a_dense_graph_keeps_boxes_apart_in_their_bands_with_legible_labels(dens
     drawn = [label for label in labels if label["drawn"]]
     assert len(drawn) >= 100, f"{len(drawn)} of {len(labels)} labels drawn at the fitted zoom"
     assert min(label["px"] for label in drawn) >= 10, "labels drawn are legible"
-    assert all(label["inside"] for label in labels), "labels never leave their box"
+    assert all(label["width"] <= label["box"] - 2 for label in labels), "labels never leave their box"
+    assert sum(label["width"] > label["box"] / 2 for label in labels) > 100, "and fill it"
     axis = web.evaluate("window.cy.nodes('.axis').not('.band').map(n => parseFloat(n.renderedStyle('font-size')))")
     assert min(axis) >= 10, "axis labels legible at 1400x900"
     shot(web, "12-dense-main-view")
