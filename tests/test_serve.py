@@ -835,6 +835,20 @@ OVERLAPS = """() => {
 LABELS_DRAWN = """() => window.cy.nodes('.feature').filter(n => n.data('label') && n.visible()
     && parseFloat(n.renderedStyle('font-size')) >= parseFloat(n.style('min-zoomed-font-size'))).length"""
 
+# labels Cytoscape draws (font size x the zoom rounded up to a power of two >= min-zoomed-font-size),
+# their size on screen, and their width measured in the node's font against the box's
+LABELS = """() => {
+    const cy = window.cy, scale = Math.pow(2, Math.ceil(Math.log2(cy.zoom())));
+    const pen = document.createElement('canvas').getContext('2d');
+    return cy.nodes().not('.axis').filter(n => n.data('label')).map(n => {
+        const size = parseFloat(n.style('font-size'));
+        pen.font = `${n.style('font-weight')} ${size}px ${n.style('font-family')}`;
+        return {id: n.id(), drawn: size * scale >= parseFloat(n.style('min-zoomed-font-size')),
+                px: parseFloat(n.renderedStyle('font-size')), width: pen.measureText(n.data('label')).width,
+                box: n.data('w')};
+    });
+}"""
+
 
 @pytest.fixture(scope="module")
 def planted_server(tmp_path_factory):
@@ -851,6 +865,11 @@ def test_main_view_boxes_never_overlap_and_show_their_labels(made, server, web):
     ready = open_graph(web, server.url)
     assert web.evaluate(OVERLAPS) == 0
     assert web.evaluate(LABELS_DRAWN) > 0, "feature labels are drawn at the fitted zoom"
+    labels = web.evaluate(LABELS)
+    drawn = [label for label in labels if label["drawn"]]
+    assert len(drawn) >= 0.8 * len([label for label in labels if not label["id"].count("_-1_")]), "most are drawn"
+    assert min(label["px"] for label in drawn) >= 10, "at a legible size"
+    assert all(label["width"] <= label["box"] - 2 for label in labels), "inside their boxes"
     axis = web.evaluate("parseFloat(window.cy.getElementById('axis:0').renderedStyle('font-size'))")
     assert axis >= 10, "axis labels legible at 1400x900"
     shot(web, "09-main-view")

@@ -18,7 +18,7 @@ import math
 
 import pytest
 import test_serve
-from test_serve import OVERLAPS, REPO, open_graph, planted_graph, shot
+from test_serve import LABELS, OVERLAPS, REPO, open_graph, planted_graph, shot
 
 from clt_forge.artifacts.graph import ERROR, Cluster
 from clt_forge.serve import launch_interface
@@ -173,19 +173,6 @@ IN_BANDS = """() => window.cy.nodes().not('.axis').filter(n => {
     const box = n.boundingBox({includeLabels: false}), band = window.cy.getElementById('axis:' + n.data('row'));
     return !(band.data('y0') <= box.y1 + 1.5 && box.y2 - 1.5 <= band.data('y1'));
 }).map(n => n.id())"""
-# labels Cytoscape draws (font size x the zoom rounded up to a power of two >= min-zoomed-font-size),
-# their size on screen, and their width measured in the node's font against the box's
-LABELS = """() => {
-    const cy = window.cy, scale = Math.pow(2, Math.ceil(Math.log2(cy.zoom())));
-    const pen = document.createElement('canvas').getContext('2d');
-    return cy.nodes().not('.axis').filter(n => n.data('label')).map(n => {
-        const size = parseFloat(n.style('font-size'));
-        pen.font = `${n.style('font-weight')} ${size}px ${n.style('font-family')}`;
-        return {id: n.id(), drawn: size * scale >= parseFloat(n.style('min-zoomed-font-size')),
-                px: parseFloat(n.renderedStyle('font-size')), width: pen.measureText(n.data('label')).width,
-                box: n.data('w')};
-    });
-}"""
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def fitted_label(text: str, box: Box) -> tuple[str, float]:
     """`text` cut to what fits `box` and its font size: at least MIN_CHARS characters (or all of
     a shorter text) at the largest size that fits, at most 11 px."""
     size = font_size(box.w, box.h, max(1, min(len(text), MIN_CHARS)))
-    fits = max(1, int((box.w - 4) / (CHAR_W * size)))
+    fits = max(1, int((box.w - 4) / (CHAR_W * size) + 1e-6))
     return (text if len(text) <= fits else text[: fits - 1] + "…"), round(size, 2)
 
 
