@@ -45,7 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "benchmarks" / "quality_prompts.txt"
 SWEEP_L0 = ("0.5", "1", "3")  # sparsity.l0_coefficient: ~25, ~18, ~10 active features per layer today
 SWEEP_QUANTS = ("none", "int8", "int4")
-BUDGETS: dict[str, dict[str, Any]] = {"demo": {"cache": 65_536, "steps": 256}, "long": {"cache": 196_608, "minutes": 60.0}}
+BUDGETS: dict[str, dict[str, Any]] = {
+    "demo": {"cache": 65_536, "steps": 256},
+    "long": {"cache": 196_608, "minutes": 60.0},
+}
 
 
 def main() -> None:

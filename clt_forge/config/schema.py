@@ -222,7 +222,9 @@ class TrainConfig(PipelineConfig):
     checkpoint_l0: list[float] = field(default_factory=list)  # save when mean L0 first falls below each
     optimal_l0: float | None = None  # stop (and save) when mean L0 falls below this
     dead_window_tokens: int = 100_000  # a feature not active for this many tokens is dead
-    normalization: NormalizationMethod = NormalizationMethod.rms  # per-layer scale: mean_norm (paper: E||x|| / sqrt(d)) or rms (sqrt(E||x||^2 / d))
+    normalization: NormalizationMethod = (
+        NormalizationMethod.rms
+    )  # per-layer scale: mean_norm (paper: E||x|| / sqrt(d)) or rms (sqrt(E||x||^2 / d))
     norm_batches: int = 8  # batches to estimate normalisation when the dataset has no statistics
     windows_per_forward: int = 8  # data.source=model: context windows per model forward
     resume: str | None = None  # a `clt train` run folder to continue exactly
@@ -326,7 +328,7 @@ class ServeConfig(PipelineConfig):
 class DemoConfig(PipelineConfig):
     """`clt demo`: every stage on the embedded default, into one run folder (runs/demo)."""
 
-    sparsity: SparsityConfig = MISSING  # any schedule; the demo's YAML sets the linear warm-up's fields
+    sparsity: SparsityConfig = MISSING  # any schedule; conf/demo_sparsity/<name>.yaml sets the demo's own values for it
     explainer: ExplainerConfig = MISSING
     prompt: str = 'The opposite of "large" is "'  # the prompt attributed
     slug: str = "opposite"  # the graph's file name: <out>/graphs/<slug>.json
