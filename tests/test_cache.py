@@ -437,3 +437,19 @@ def test_progress_outside_a_terminal_is_printed_as_lines(tiny_model, tmp_path, c
     err = capsys.readouterr().err
     assert "clt cache train 0/1: 0/1.50k tok (0.0%)" in err
     assert "clt cache train 0/1: 1.50k/1.50k tok (100.0%)" in err and "ETA" in err
+
+
+def test_layer_weights_fold_into_the_output_scales_and_weigh_that_layers_error():
+    from clt_forge.config.compose import load_config
+
+    norm = Normalization(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0]))
+    weighted = norm.with_layer_weights({0: 4.0, 2: 0.25})
+    assert weighted.out_scale.tolist() == [2.0, 5.0, 12.0] and weighted.in_scale is norm.in_scale
+    error = torch.ones(1, 3, 2)  # an error of 1 in model units on every layer
+    per_layer = weighted.outputs(error).square().sum(-1)[0] / norm.outputs(error).square().sum(-1)[0]
+    torch.testing.assert_close(per_layer, torch.tensor([4.0, 1.0, 0.25]))
+    with pytest.raises(CLTError, match="layer_weights: layer 3 is not one of the 3 layers"):
+        norm.with_layer_weights({3: 2.0})
+    with pytest.raises(CLTError, match="weight of layer 1 must be positive"):
+        norm.with_layer_weights({1: 0.0})
+    assert load_config("train", "layer_weights=[10]").layer_weights == [10.0]  # layer 0 x 10, the rest 1

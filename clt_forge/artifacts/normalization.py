@@ -17,7 +17,7 @@ first batches in float32.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +73,18 @@ class Normalization:
             for kind, kind_method in zip(("in", "out"), PER_KIND[method], strict=True)
         ]
         return cls(*scales)
+
+    def with_layer_weights(self, weights: Mapping[int, float], key: str = "layer_weights") -> Normalization:
+        """out_scale[l] / sqrt(w_l): layer l's squared error weighs w_l in a loss on normalised
+        outputs; inputs and the outputs in model units are unchanged."""
+        out_scale = self.out_scale.clone()
+        for layer, weight in weights.items():
+            if not 0 <= int(layer) < out_scale.shape[0]:
+                raise CLTError(f"{key}: layer {layer} is not one of the {out_scale.shape[0]} layers")
+            if not weight > 0:
+                raise CLTError(f"{key}: the weight of layer {layer} must be positive, got {weight}")
+            out_scale[int(layer)] /= float(weight) ** 0.5
+        return Normalization(self.in_scale, out_scale)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.in_scale.to(x.device)[:, None]

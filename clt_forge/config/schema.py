@@ -222,9 +222,8 @@ class TrainConfig(PipelineConfig):
     checkpoint_l0: list[float] = field(default_factory=list)  # save when mean L0 first falls below each
     optimal_l0: float | None = None  # stop (and save) when mean L0 falls below this
     dead_window_tokens: int = 100_000  # a feature not active for this many tokens is dead
-    normalization: NormalizationMethod = (
-        NormalizationMethod.rms
-    )  # per-layer scale: mean_norm (paper: E||x|| / sqrt(d)) or rms (sqrt(E||x||^2 / d))
+    normalization: NormalizationMethod = NormalizationMethod.rms  # per-layer scale (docs/quality.md)
+    layer_weights: list[float] = field(default_factory=list)  # loss weight of target layer 0, 1, ... (rest: 1)
     norm_batches: int = 8  # batches to estimate normalisation when the dataset has no statistics
     windows_per_forward: int = 8  # data.source=model: context windows per model forward
     resume: str | None = None  # a `clt train` run folder to continue exactly

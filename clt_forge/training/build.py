@@ -110,6 +110,14 @@ def training_data(cfg: TrainConfig, parallel: Parallel) -> tuple[ActivationsStor
 
 
 def normalization(cfg: TrainConfig, parallel: Parallel, store: ActivationsStore) -> Normalization:
+    """The dataset's normalisation (`normalization=`), with `layer_weights` folded into the
+    output scales: out_scale[l] / sqrt(w_l) weighs layer l's squared error by w_l in the loss
+    while the CLT's outputs in model units stay what they were (the checkpoint stores the scales)."""
+    weights = dict(enumerate(cfg.layer_weights))
+    return dataset_normalization(cfg, parallel, store).with_layer_weights(weights, "layer_weights")
+
+
+def dataset_normalization(cfg: TrainConfig, parallel: Parallel, store: ActivationsStore) -> Normalization:
     """From the dataset's statistics, else estimated from the first `norm_batches` batches.
 
     Estimating reads those batches ahead of training, which starts again at the reader's start
