@@ -268,13 +268,18 @@ def test_a_mismatched_model_or_hook_is_refused_naming_both_sides(tmp_path):
     info = read_info(folder)
     gemma = SimpleNamespace(name="gemma2_2b", hf_name="google/gemma-2-2b", d_model=D, n_layers=L)
     check_model_matches(info, folder, gemma)  # nothing declared by the model: only the shape and name
-    check_model_matches(info, folder, SimpleNamespace(**vars(gemma), hooks={"mlp_in": "hook_resid_mid"}))
+    check_model_matches(info, folder, SimpleNamespace(**vars(gemma), hook_in="hook_resid_mid", hook_out=None))
     with pytest.raises(CLTError, match=r"d_model: checkpoint 8, config 16"):
         check_model_matches(info, folder, SimpleNamespace(**{**vars(gemma), "d_model": 16}))
     with pytest.raises(CLTError, match=r"hf_name: checkpoint 'google/gemma-2-2b', config 'meta-llama/Llama-3.2-1B'"):
         check_model_matches(info, folder, SimpleNamespace(**{**vars(gemma), "hf_name": "meta-llama/Llama-3.2-1B"}))
-    with pytest.raises(CLTError, match=r"blocks\.0\.hook_resid_mid .*model gemma2_2b use blocks\.0\.mlp\.hook_in"):
-        check_model_matches(info, folder, SimpleNamespace(**vars(gemma), hooks={"mlp_in": "mlp.hook_in"}))
+    with pytest.raises(
+        CLTError,
+        match=r"blocks\.0\.hook_resid_mid .*model gemma2_2b declares blocks\.0\.mlp\.hook_in .*model\.hook_in=hook_resid_mid",
+    ):
+        check_model_matches(info, folder, SimpleNamespace(**vars(gemma), hook_in="mlp.hook_in"))
+    with pytest.raises(CLTError, match=r"mlp_out at blocks\.0\.hook_mlp_out .*model\.hook_out=hook_mlp_out"):
+        check_model_matches(info, folder, SimpleNamespace(**vars(gemma), hook_out="mlp.hook_out"))
     fed = {"mlp_in": [f"blocks.{layer}.mlp.hook_in" for layer in range(L)]}
     with pytest.raises(CLTError, match=r"the activations fed to it use blocks\.0\.mlp\.hook_in"):
         check_model_matches(info, folder, gemma, hooks=fed)

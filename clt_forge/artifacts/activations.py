@@ -1,4 +1,4 @@
-"""The activation dataset format (version 1): the ONE module its writer and reader import.
+"""The activation dataset format (version 3): the ONE module its writer and reader import.
 
 A dataset is a folder:
 
@@ -20,6 +20,14 @@ Tokens are whole context windows minus their BOS position, in window order: wind
 chunk is tokens[w * (context_size - 1) : (w + 1) * (context_size - 1)] (see
 clt_forge/data/windows.py). The manifest records each chunk's byte size and BLAKE2b-128
 checksum; readers verify both before decoding.
+
+Hooks: the manifest's `hooks` names, per layer, where "mlp_in" and "mlp_out" were read (the
+sections keep those names whatever the hooks: the CLT's input and target). Version 3 is version
+2 whose hooks may be other than the MLP's own input and output (blocks.{l}.mlp.hook_in /
+hook_out, all that versions 1 and 2 were written with), e.g. hook_resid_mid: an older clt-forge
+refuses it instead of taking it for MLP activations. Versions 1 and 2 are still read, and a
+manifest without `hooks` reads as the default hooks. `check_dataset_hooks` refuses a dataset
+whose hooks differ from the CLT's (docs/hooks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +53,10 @@ from clt_forge.artifacts.quant import Observer, QuantSpec, decode, encode
 from clt_forge.errors import CLTError
 
 FORMAT = "clt-forge/activations"
-FORMAT_VERSION = 2  # the manifest's; version 1 also held the constants dtype "float32" and bos_stored false
+FORMAT_VERSION = 3  # the manifest's; version 3: hooks other than the MLP's own (see above)
+READ_VERSIONS = (1, 2, 3)  # version 1 also held the constants dtype "float32" and bos_stored false
+DEFAULT_HOOK_IN = "mlp.hook_in"  # block-relative: the MLP module's own input ...
+DEFAULT_HOOK_OUT = "mlp.hook_out"  # ... and output (clt_forge/models/activations.py reads them)
 CHUNK_VERSION = 1  # the chunk files' (unchanged since version 1 datasets)
 MAGIC = b"CLTCHUNK"
 MANIFEST = "manifest.json"
@@ -65,7 +76,7 @@ class ChunkEntry:
 class Manifest:
     model: str  # model config name (conf/model/<name>.yaml)
     model_id: str  # what was loaded: hub name or GGUF file
-    hooks: dict[str, list[str]]  # {"mlp_in": [...per layer], "mlp_out": [...]}
+    hooks: dict[str, list[str]]  # {"mlp_in": [...per layer], "mlp_out": [...]}: where each was read
     n_layers: int
     d_model: int
     quant: dict[str, Any]  # the QuantSpec fields
@@ -83,6 +94,11 @@ class Manifest:
     version: int = FORMAT_VERSION
 
     @property
+    def block_hooks(self) -> tuple[str, str]:
+        """The block-relative (input, output) hooks the activations were read at."""
+        return block_relative(self.hooks)
+
+    @property
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(**self.quant)
 
@@ -95,16 +111,19 @@ class Manifest:
             raise CLTError(f"{source}: not a clt-forge activation dataset manifest (format={raw.get('format')!r}).")
         if raw.get("version") == 1:
             raw = _from_version_1(raw, source)
-        if raw.get("version") != FORMAT_VERSION:
+        if raw.get("version") not in READ_VERSIONS:
             raise CLTError(
                 f"{source}: activation dataset format version {raw.get('version')}, but this clt-forge reads "
-                f"version {FORMAT_VERSION}. Upgrade clt-forge (or re-run clt cache with this version)."
+                f"version {FORMAT_VERSION} and older. Upgrade clt-forge (or re-run clt cache with this version)."
             )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names
         if unknown:
-            raise CLTError(f"{source}: unknown manifest keys {sorted(unknown)} for version {FORMAT_VERSION}.")
-        raw = dict(raw, chunks=[ChunkEntry(**c) for c in raw["chunks"]])
+            raise CLTError(f"{source}: unknown manifest keys {sorted(unknown)} for version {raw['version']}.")
+        if not raw.get("hooks") and "n_layers" in raw:  # written before hooks were recorded: the MLP's own
+            raw = dict(raw, hooks=hook_names(raw["n_layers"]))
+        # read as the current version: older ones hold the same fields
+        raw = dict(raw, chunks=[ChunkEntry(**c) for c in raw["chunks"]], version=FORMAT_VERSION)
         return cls(**raw)
 
 
@@ -115,7 +134,45 @@ def _from_version_1(raw: dict[str, Any], source: Path) -> dict[str, Any]:
             f"{source}: version 1 manifest with dtype={raw.get('dtype')!r}, bos_stored={raw.get('bos_stored')!r}; "
             "clt-forge only ever wrote float32 without BOS. Re-run clt cache."
         )
-    return {**{k: v for k, v in raw.items() if k not in ("dtype", "bos_stored")}, "version": FORMAT_VERSION}
+    return {**{k: v for k, v in raw.items() if k not in ("dtype", "bos_stored")}, "version": 2}
+
+
+def hook_names(n_layers: int, hook_in: str | None = None, hook_out: str | None = None) -> dict[str, list[str]]:
+    """Per-layer hook names ({"mlp_in": [...], "mlp_out": [...]}, the form artifacts record) of the
+    block-relative `hook_in` / `hook_out` (None: the MLP's own input / output)."""
+    return {
+        "mlp_in": [f"blocks.{layer}.{hook_in or DEFAULT_HOOK_IN}" for layer in range(n_layers)],
+        "mlp_out": [f"blocks.{layer}.{hook_out or DEFAULT_HOOK_OUT}" for layer in range(n_layers)],
+    }
+
+
+def block_relative(per_layer: Mapping[str, Sequence[str]] | None) -> tuple[str, str]:
+    """The block-relative (input, output) hooks of per-layer names; refuses names that differ by
+    layer. Empty (an artifact that recorded none): the MLP's own input and output."""
+    if not per_layer:
+        return DEFAULT_HOOK_IN, DEFAULT_HOOK_OUT
+    found = []
+    for kind in ("mlp_in", "mlp_out"):
+        names = {name.split(".", 2)[2] if name.startswith("blocks.") else name for name in per_layer[kind]}
+        if len(names) != 1:
+            raise CLTError(f"the {kind} hooks differ between layers ({sorted(names)}): clt-forge reads one per block.")
+        found.append(names.pop())
+    return found[0], found[1]
+
+
+def check_dataset_hooks(manifest: Manifest, folder: Path, declared: tuple[str, str], whose: str, model: str) -> None:
+    """Refuse a dataset read at other hooks than the CLT's `declared` (block-relative input, output)
+    ones, naming both sides and the `clt cache` that writes a matching dataset. `whose`: the CLT
+    (e.g. "checkpoint X", "model gemma2_2b's hook_in / hook_out")."""
+    cached = manifest.block_hooks
+    if cached == tuple(declared):
+        return
+    raise CLTError(
+        f"activations={folder} were cached at hook_in={cached[0]}, hook_out={cached[1]} (its manifest's hooks), "
+        f"but the CLT ({whose}) reads hook_in={declared[0]} and writes hook_out={declared[1]}: it would see other "
+        f"activations than it reads. Cache a dataset at its hooks: `clt cache model={model} "
+        f"model.hook_in={declared[0]} model.hook_out={declared[1]} out=NEW_FOLDER`, and pass that."
+    )
 
 
 def read_manifest(folder: str | Path) -> Manifest:

@@ -49,6 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from clt_forge.artifacts import foreign_circuit_tracer, foreign_reference
+from clt_forge.artifacts.activations import block_relative
 from clt_forge.artifacts.foreign_common import ForeignHeader
 from clt_forge.artifacts.foreign_hub import is_hub, resolve_hub
 from clt_forge.artifacts.normalization import Normalization
@@ -269,8 +270,9 @@ def check_model_matches(
 
     The model: d_model, n_layers, and its name where the checkpoint records one (ours: the config
     name; an imported CLT: the hub name, compared with the config's hf_name). The hooks: `hooks` (per-layer names of what
-    will feed the CLT, e.g. a dataset manifest's) or else the model config's own `hooks` when it
-    declares them (block-relative names or per-layer lists), against the CLT's declared hooks."""
+    will feed the CLT, e.g. a dataset manifest's) or else the model config's `hook_in` / `hook_out`
+    where it declares them (block-relative, e.g. hook_resid_mid; null: not declared), against the
+    CLT's declared hooks."""
     wanted: dict[str, Any] = {"d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers}
     found: dict[str, Any] = {"d_model": info.d_model, "n_layers": info.n_layers}
     if info.model.get("name"):
@@ -280,16 +282,23 @@ def check_model_matches(
     diffs = [f"{k}: checkpoint {found[k]!r}, config {wanted[k]!r}" for k in wanted if found[k] != wanted[k]]
     if diffs:
         raise CLTError(f"checkpoint {source} was trained for another model ({'; '.join(diffs)}).")
-    fed = hooks if hooks is not None else getattr(model_cfg, "hooks", None)
-    if fed and info.hooks:
-        for kind in ("mlp_in", "mlp_out"):
-            theirs = per_layer_hooks(fed.get(kind), info.n_layers)
-            if theirs is not None and list(theirs) != list(info.hooks[kind]):
-                side = "the activations fed to it" if hooks is not None else f"model {model_cfg.name}"
-                raise CLTError(
-                    f"checkpoint {source} reads / writes {kind} at {info.hooks[kind][0]} ... (its declared hooks); "
-                    f"{side} use {theirs[0]} ...: the CLT would see other activations than it was trained on."
+    if not info.hooks:
+        return
+    declared = {"mlp_in": getattr(model_cfg, "hook_in", None), "mlp_out": getattr(model_cfg, "hook_out", None)}
+    for kind, key in (("mlp_in", "hook_in"), ("mlp_out", "hook_out")):
+        fed = per_layer_hooks(hooks.get(kind) if hooks is not None else declared[kind], info.n_layers)
+        if fed is not None and list(fed) != list(info.hooks[kind]):
+            if hooks is not None:
+                side = f"the activations fed to it use {fed[0]} ..."
+            else:
+                side = (
+                    f"model {model_cfg.name} declares {fed[0]} ... (model.{key}); pass "
+                    f"model.{key}={block_relative(info.hooks)[kind == 'mlp_out']} or a model config declaring it"
                 )
+            raise CLTError(
+                f"checkpoint {source} reads / writes {kind} at {info.hooks[kind][0]} ... (its declared hooks); "
+                f"{side}: the CLT would see other activations than it was trained on."
+            )
 
 
 def per_layer_hooks(value: str | Sequence[str] | None, n_layers: int) -> list[str] | None:

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from tqdm import tqdm
 
-from clt_forge.artifacts.checkpoint import load_checkpoint
+from clt_forge.artifacts.checkpoint import load_checkpoint, read_info
 from clt_forge.artifacts.feature_json import export_feature_files
 from clt_forge.artifacts.features import FeatureStore, merge_stores
 from clt_forge.artifacts.graph import NodeKind, parse_node
@@ -33,7 +33,7 @@ from clt_forge.artifacts.normalization import Normalization
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
 from clt_forge.autointerp.explainers import NO_EXPLAINER, Explainer, make_explainer, validate_kinds
 from clt_forge.autointerp.labels import SELECT_SILENT
-from clt_forge.autointerp.source import dataset_windows, grouped, model_windows
+from clt_forge.autointerp.source import check_sources, dataset_windows, grouped, model_windows
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.config.schema import AutointerpConfig
 from clt_forge.errors import CLTError
@@ -86,8 +86,10 @@ class AutoInterp:
         checkpoint = checkpoint or cfg.checkpoint
         if not checkpoint:
             raise CLTError("clt autointerp needs checkpoint=PATH (a CLT checkpoint folder written by `clt train`).")
-        clt, norm, info = load_checkpoint(checkpoint)
+        info = read_info(checkpoint)
         model_cfg = recorded_model_config(info.model)
+        hooks = check_sources(cfg.activations, info, checkpoint, model_cfg)  # before loading anything heavy
+        clt, norm, _ = load_checkpoint(checkpoint)
         model = load_model(model_cfg)
         index, count = cfg.worker.index, cfg.worker.count
         db_path = out / worker_db_name(index, count)
@@ -95,7 +97,7 @@ class AutoInterp:
         with closing(FeatureStore(db_path)) as store:
             if not store.meta().get("pass_done"):
                 chosen = select_features(clt.n_layers, clt.d_features, cfg.features_from, index, count)
-                self._pass(store, clt, norm, model, model_cfg, chosen, str(checkpoint))
+                self._pass(store, clt, norm, model, model_cfg, chosen, str(checkpoint), hooks)
             if cfg.dry_run:
                 self._dry_run(store)
                 return db_path
@@ -120,6 +122,7 @@ class AutoInterp:
         model_cfg: Any,
         chosen: list[tuple[int, int]],
         checkpoint: str,
+        hooks: tuple[str, str],
     ) -> None:
         cfg = self.cfg
         if not chosen:
@@ -140,7 +143,7 @@ class AutoInterp:
             _, batches = dataset_windows(cfg.activations, model_cfg)
             source = str(cfg.activations)
         else:
-            _, batches = model_windows(model, cfg.data)
+            _, batches = model_windows(model, cfg.data, hooks=hooks)  # at the CLT's declared hooks
             source = f"model {model_cfg.name} on the fly ({cfg.data.name})"
         start = time.perf_counter()
         with tqdm(total=cfg.tokens, desc="autointerp pass", unit="tok", unit_scale=True) as bar:

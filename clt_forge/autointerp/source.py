@@ -2,8 +2,10 @@
 
 From an activation dataset: chunks in manifest order (each chunk holds whole windows of the
 stored tokens: BOS dropped), read, verified and decoded ahead by background threads; no model
-forward. On the fly: the model runs over the text's windows. Both yield
-(tokens [W, S], mlp_in [W, S, L, D]) with S = the tokens a window stores.
+forward. On the fly: the model runs over the text's windows, read at the CLT's declared input
+hook. Both yield (tokens [W, S], mlp_in [W, S, L, D]) with S = the tokens a window stores.
+`check_sources` refuses, before any weights or model are loaded, a CLT made for another model and
+a dataset cached at other hooks than the CLT's (docs/hooks.md).
 """
 
 from __future__ import annotations
@@ -16,16 +18,32 @@ from typing import Any
 
 import torch
 
-from clt_forge.artifacts.activations import read_chunk, read_manifest
+from clt_forge.artifacts.activations import block_relative, check_dataset_hooks, read_chunk, read_manifest
+from clt_forge.artifacts.checkpoint import CheckpointInfo, check_model_matches
 from clt_forge.artifacts.reader import check_compatible
 from clt_forge.config.schema import DataConfig, ModelConfig
 from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError
 from clt_forge.models.activations import window_activations
 
-__all__ = ["WindowBatch", "dataset_windows", "grouped", "model_windows"]
+__all__ = ["WindowBatch", "check_sources", "dataset_windows", "grouped", "model_windows"]
 
 WindowBatch = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_sources(
+    activations: str | Path | None, info: CheckpointInfo, checkpoint: str | Path, model: ModelConfig
+) -> tuple[str, str]:
+    """The CLT's block-relative (input, output) hooks, where the pass reads, after refusing a CLT
+    made for another model (d_model, n_layers, name) and a dataset cached at other hooks."""
+    hooks = block_relative(info.hooks)
+    check_model_matches(info, checkpoint, model, hooks=info.hooks)  # on the fly: read at its own hooks
+    if activations:
+        folder = Path(activations)
+        manifest = read_manifest(folder)
+        check_compatible(manifest, folder, model=model.name, n_layers=model.n_layers, d_model=model.d_model)
+        check_dataset_hooks(manifest, folder, hooks, f"checkpoint {checkpoint}", model.name)
+    return hooks
 
 
 def dataset_windows(folder: str | Path, model: ModelConfig, prefetch: int = 2) -> tuple[int, Iterator[WindowBatch]]:
@@ -50,15 +68,18 @@ def dataset_windows(folder: str | Path, model: ModelConfig, prefetch: int = 2) -
     return length, batches()
 
 
-def model_windows(model: Any, data: DataConfig, windows_per_forward: int = 8) -> tuple[int, Iterator[WindowBatch]]:
-    """(tokens per window, batches) from running `model` over the text, cycling through it."""
+def model_windows(
+    model: Any, data: DataConfig, windows_per_forward: int = 8, hooks: tuple[str, str] | None = None
+) -> tuple[int, Iterator[WindowBatch]]:
+    """(tokens per window, batches) from running `model` over the text, cycling through it, read
+    at the block-relative `hooks` (the CLT's declared ones; None: the MLP's own input)."""
     length = tokens_in_window(data.context_size, data.prepend_bos)
 
     def batches() -> Iterator[WindowBatch]:
         windows = itertools.chain.from_iterable(token_windows(data, model.tokenizer) for _ in itertools.count())
         while True:
             stacked = torch.stack(list(itertools.islice(windows, windows_per_forward)))
-            tokens, mlp_in, _ = window_activations(model, stacked, data.prepend_bos, windows_per_forward)
+            tokens, mlp_in, _ = window_activations(model, stacked, data.prepend_bos, windows_per_forward, hooks=hooks)
             yield tokens.view(-1, length), mlp_in.view(-1, length, *mlp_in.shape[1:])
 
     return length, batches()

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from clt_forge.artifacts.activations import (
+    DEFAULT_HOOK_IN,
+    DEFAULT_HOOK_OUT,
     HELD_OUT,
     MANIFEST,
     STATS,
@@ -34,6 +36,7 @@ from clt_forge.artifacts.activations import (
     atomic_write,
     checksum,
     encode_chunk,
+    hook_names,
     read_manifest,
 )
 from clt_forge.artifacts.quant import QuantSpec
@@ -42,7 +45,7 @@ from clt_forge.config.plain import plain
 from clt_forge.config.schema import CacheConfig, EncodeMode
 from clt_forge.data.windows import token_windows, tokens_in_window
 from clt_forge.errors import CLTError
-from clt_forge.models.activations import hook_names, window_activations
+from clt_forge.models.activations import configured_hooks, window_activations
 from clt_forge.progress import progress_bar
 from clt_forge.threads import torch_threads
 
@@ -61,6 +64,8 @@ class Plan:
     tokens: int
     windows_per_chunk: int
     shard_count: int
+    hook_in: str = DEFAULT_HOOK_IN  # block-relative hook points read (model.hook_in / hook_out)
+    hook_out: str = DEFAULT_HOOK_OUT
 
     @property
     def tokens_per_window(self) -> int:
@@ -86,10 +91,14 @@ class Plan:
             tokens=cfg.tokens if tokens is None else tokens,
             windows_per_chunk=max(1, cfg.chunk_tokens // tokens_per_window),
             shard_count=cfg.shard.count if shards is None else shards,
+            hook_in=configured_hooks(cfg.model)[0],
+            hook_out=configured_hooks(cfg.model)[1],
         )
 
     def differences(self, other: dict[str, Any]) -> list[str]:
+        """What differs from a recorded plan (one written before the hooks were recorded read the MLP's)."""
         mine = dataclasses.asdict(self)
+        other = {"hook_in": DEFAULT_HOOK_IN, "hook_out": DEFAULT_HOOK_OUT, **other}
         return [f"{key}: {other.get(key)!r} there, {mine[key]!r} now" for key in mine if other.get(key) != mine[key]]
 
 
@@ -266,7 +275,10 @@ class CacheJob:
         self, model: Any, windows: list[torch.Tensor], buffers: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids and activations of a chunk's windows, BOS positions dropped."""
-        return window_activations(model, torch.stack(windows), self.plan.prepend_bos, self.cfg.batch_size, buffers)
+        hooks = (self.plan.hook_in, self.plan.hook_out)
+        return window_activations(
+            model, torch.stack(windows), self.plan.prepend_bos, self.cfg.batch_size, buffers, hooks=hooks
+        )
 
     def _commit(
         self, number: int, tokens: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor, pool: Executor
@@ -351,7 +363,7 @@ def merge_if_complete(out: Path, count: int) -> bool:
     manifest = Manifest(
         model=plan["model"],
         model_id=plan["model_id"],
-        hooks=hook_names(stats.n_layers),
+        hooks=hook_names(stats.n_layers, plan.get("hook_in"), plan.get("hook_out")),
         n_layers=stats.n_layers,
         d_model=stats.d_model,
         quant=plan["quant"],

@@ -87,6 +87,12 @@ class ModelConfig:
     dtype: DType = DType.float32  # dtype the model runs in
     device: str = "cpu"  # torch device of the model (cpu, cuda, cuda:1)
     seed: int = 0  # only for source=tiny
+    # Where a CLT of this model reads and writes, block-relative like circuit-tracer's
+    # feature_input_hook / feature_output_hook (docs/hooks.md): `clt cache` stores these, `clt train`
+    # records them, and a CLT declaring others is refused. null: not declared (the MLP's own
+    # input / output, mlp.hook_in / mlp.hook_out, and any CLT's declared hooks are accepted).
+    hook_in: str | None = None  # block-relative hook a CLT reads, e.g. hook_resid_mid; null: mlp.hook_in
+    hook_out: str | None = None  # block-relative hook a CLT writes, e.g. hook_mlp_out; null: mlp.hook_out
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from clt_forge.artifacts.activations import HELD_OUT, atomic_write, read_manifest
-from clt_forge.artifacts.checkpoint import load_checkpoint
+from clt_forge.artifacts.activations import HELD_OUT, atomic_write, block_relative, check_dataset_hooks, read_manifest
+from clt_forge.artifacts.checkpoint import check_model_matches, load_checkpoint, read_info
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.artifacts.reader import check_compatible
 from clt_forge.clt import CrossLayerTranscoder, init_clt
@@ -59,8 +59,27 @@ def check_resume(cfg: TrainConfig, out: Path) -> None:
         )
 
 
+def run_hooks(cfg: TrainConfig) -> tuple[tuple[str, str], str]:
+    """The block-relative (input, output) hooks the CLT of this run reads and writes, and whose
+    they are. A finetune: those its checkpoint declares, checked against the model config (shape,
+    name, and hooks where the config declares them); a config declaring none adopts the
+    checkpoint's, so the run's checkpoints record them. Else the model config's (docs/hooks.md)."""
+    from clt_forge.models.activations import configured_hooks
+
+    if cfg.finetune.source:
+        info = read_info(cfg.finetune.source)
+        check_model_matches(info, cfg.finetune.source, cfg.model)
+        hooks = block_relative(info.hooks)
+        if configured_hooks(cfg.model) != hooks:  # the model config declares none
+            cfg.model.hook_in, cfg.model.hook_out = hooks
+        return hooks, f"finetune.from={cfg.finetune.source}"
+    return configured_hooks(cfg.model), f"model.hook_in / model.hook_out of model {cfg.model.name}"
+
+
 def training_data(cfg: TrainConfig, parallel: Parallel) -> tuple[ActivationsStore, HeldOut]:
-    """The training batches (this rank's share) and a fixed held-out evaluation set."""
+    """The training batches (this rank's share) and a fixed held-out evaluation set, read at the
+    CLT's hooks (a dataset cached at others is refused before anything is read)."""
+    hooks, whose = run_hooks(cfg)
     if parallel.world > 1 and (cfg.data.source == ON_THE_FLY or not cfg.activations):
         raise CLTError(
             f"sharding={parallel.mode.value} on {parallel.world} ranks trains from a cached dataset: "
@@ -70,8 +89,9 @@ def training_data(cfg: TrainConfig, parallel: Parallel) -> tuple[ActivationsStor
         if not cfg.activations:
             print("note: no activations=PATH given; running the model on the fly (data.source=model).")
         from clt_forge.models import load_model
+        from clt_forge.models.activations import use_hooks
 
-        model = load_model(cfg.model)
+        model = use_hooks(load_model(cfg.model), hooks)  # the store reads the model where it says
         text = dataclasses.replace(cfg.data, source="files" if cfg.data.path else "bundled")
         store = ActivationsStore.from_model(
             model, text, cfg.batch_size, seed=cfg.seed, windows_per_forward=cfg.windows_per_forward
@@ -84,6 +104,7 @@ def training_data(cfg: TrainConfig, parallel: Parallel) -> tuple[ActivationsStor
     folder = Path(cfg.activations)
     manifest = read_manifest(folder)
     check_compatible(manifest, folder, model=cfg.model.name, n_layers=cfg.model.n_layers, d_model=cfg.model.d_model)
+    check_dataset_hooks(manifest, folder, hooks, whose, cfg.model.name)
     store = ActivationsStore.from_cache(
         folder,
         parallel.local_batch_size(cfg.batch_size),

@@ -298,7 +298,7 @@ class CLTTrainingRunner:
             d_features=self.d_features,
             bandwidth=cfg.clt.jumprelu_bandwidth,
             model=plain(cfg.model),
-            hooks=hook_names(cfg.model.n_layers),
+            hooks=hook_names(cfg.model.n_layers, cfg.model.hook_in, cfg.model.hook_out),
             step=step,
             tokens=step * cfg.batch_size,
             train=plain(cfg),
