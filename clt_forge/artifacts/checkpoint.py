@@ -21,6 +21,9 @@ training_state.shard-RRR-of-WWW.safetensors, and lists the slices in config.json
 `load_checkpoint` gives every consumer the full CLT and a resumed run of any world size reads
 just its own slice.
 
+`hooks` ({"mlp_in": [per layer], "mlp_out": [...]}) says where the CLT reads and writes: a run's
+model.hook_in / hook_out, which its dataset was cached at (docs/hooks.md).
+
 The CLT works in normalised units: it reads x / in_scale[l] and predicts y / out_scale[l].
 `load_checkpoint` needs no training code.
 

@@ -7,7 +7,9 @@ resumes after its last committed chunk and produces the same bytes. A chunk is c
 (1) renaming its file into place, (2) rewriting the shard's part file, which lists it; the
 model forward runs on the main thread while a background thread quantizes, compresses and
 commits the previous chunk. When the last shard finishes, the parts are merged into
-manifest.json (written last, atomically).
+manifest.json (written last, atomically). Activations are read at the model config's hooks
+(`model.hook_in` / `model.hook_out`; null: the MLP's own input and output, docs/hooks.md), which
+the plan and the manifest's `hooks` record.
 """
 
 from __future__ import annotations
