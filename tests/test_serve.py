@@ -386,33 +386,41 @@ def test_an_intervention_started_from_the_subgraph_shows_the_top_tokens_before_a
     web.fill("#cluster-name", "steered pair")
     web.click("#cluster-create")
     web.wait_for_selector("[data-cluster='steered pair']", timeout=10_000)
-    web.evaluate("(ids) => window.cltServe.pin(ids)", [lone, third, fourth])
-    web.wait_for_function("window.cltServe.subgraph && window.cltServe.subgraph.nodes === 2", timeout=10_000)
-    # a feature of the subgraph, then the cluster, become the target when clicked there
-    web.locator(f"#subgraph .sub-node[data-node='{lone}']").click()
-    web.wait_for_selector(f"#panel [data-node='{lone}']", timeout=10_000)
-    web.wait_for_function("document.querySelector('#target').innerText.includes('feature L')", timeout=10_000)
-    web.locator("#subgraph .sub-node[data-node='cluster:steered pair']").click()
-    web.wait_for_function("document.querySelector('#target').innerText.includes('steered pair')", timeout=10_000)
-    web.click("label:has-text('set to')")
-    web.fill("#amount", "400")
-    web.click("#queue")
-    web.wait_for_selector("#queue-status:has-text('queued job #')", timeout=10_000)
-    number = web.inner_text("#queue-status").rsplit("#", 1)[1].strip()
-    web.wait_for_selector(f"[data-job='{number}']", timeout=300_000)
-    assert "“steered pair” = 400" in web.inner_text(f"[data-job='{number}'] .chart-title")
-    rows = web.locator(f"[data-job='{number}'] .chart-row")
-    assert rows.count() >= 10, "the top next tokens, before and after"
-    bars = rows.evaluate_all("rs => rs.map(r => r.querySelector('.bars').getAttribute('title'))")
-    before_after = [[float(part.split()[1]) for part in bar.split(", ")] for bar in bars]
-    assert any(abs(before - after) > 1e-3 for before, after in before_after), "setting both features moved the output"
-    token = target["clerp"][target["clerp"].index('"') + 1 : target["clerp"].rindex('"')]
-    title = web.locator(f"[data-job='{number}'] .chart-row[data-token='{token}'] .bars").get_attribute("title") or ""
-    assert float(title.split(",")[0].removeprefix("before ")) == pytest.approx(target["token_prob"], abs=2e-3)
-    web.locator("#subgraph").scroll_into_view_if_needed()
-    shot(web, "14-intervention-from-subgraph")
-    web.click("#unpin-all")  # the other tests see the graph unpinned
-    web.wait_for_function("window.cltServe.subgraph.nodes === 0", timeout=10_000)
+    try:
+        web.evaluate("(ids) => window.cltServe.pin(ids)", [lone, third, fourth])
+        web.wait_for_function("window.cltServe.subgraph && window.cltServe.subgraph.nodes === 2", timeout=10_000)
+        # a feature of the subgraph, then the cluster, become the target when clicked there
+        lone_box = f"#subgraph .sub-node[data-node='{lone}']"
+        web.wait_for_selector(lone_box, state="visible", timeout=60_000)  # the subgraph's render, on a busy machine
+        web.locator(lone_box).click()
+        web.wait_for_selector(f"#panel [data-node='{lone}']", timeout=10_000)
+        web.wait_for_function("document.querySelector('#target').innerText.includes('feature L')", timeout=10_000)
+        web.locator("#subgraph .sub-node[data-node='cluster:steered pair']").click()
+        web.wait_for_function("document.querySelector('#target').innerText.includes('steered pair')", timeout=10_000)
+        web.click("label:has-text('set to')")
+        web.fill("#amount", "400")
+        web.click("#queue")
+        web.wait_for_selector("#queue-status:has-text('queued job #')", timeout=10_000)
+        number = web.inner_text("#queue-status").rsplit("#", 1)[1].strip()
+        web.wait_for_selector(f"[data-job='{number}']", timeout=300_000)
+        assert "“steered pair” = 400" in web.inner_text(f"[data-job='{number}'] .chart-title")
+        rows = web.locator(f"[data-job='{number}'] .chart-row")
+        assert rows.count() >= 10, "the top next tokens, before and after"
+        bars = rows.evaluate_all("rs => rs.map(r => r.querySelector('.bars').getAttribute('title'))")
+        before_after = [[float(part.split()[1]) for part in bar.split(", ")] for bar in bars]
+        assert any(abs(before - after) > 1e-3 for before, after in before_after), (
+            "setting both features moved the output"
+        )
+        token = target["clerp"][target["clerp"].index('"') + 1 : target["clerp"].rindex('"')]
+        title = (
+            web.locator(f"[data-job='{number}'] .chart-row[data-token='{token}'] .bars").get_attribute("title") or ""
+        )
+        assert float(title.split(",")[0].removeprefix("before ")) == pytest.approx(target["token_prob"], abs=2e-3)
+        web.locator("#subgraph").scroll_into_view_if_needed()
+        shot(web, "14-intervention-from-subgraph")
+    finally:  # the pins are saved into the graph: the other tests must see it unpinned even after a failure
+        web.click("#unpin-all")
+        web.wait_for_function("window.cltServe.subgraph.nodes === 0", timeout=10_000)
 
 
 @pytest.mark.slow
