@@ -122,3 +122,13 @@ def test_one_layer_replaced_uses_the_original_runs_features(tiny_model):
         assert abs(scores.layer_kl[layer] - kl) < 1e-4 * max(1.0, kl)
         assert abs(scores.layer_top1[layer] - top1) < 1e-9
     assert scores.worst_layers(1) == [max(range(n_layers), key=lambda i: scores.layer_kl[i])]
+
+
+def test_a_clt_at_other_hooks_than_the_mlps_is_refused(tiny_model):
+    import pytest
+
+    from clt_forge.errors import CLTError
+
+    clt, norm = random_clt(tiny_model)
+    with pytest.raises(CLTError, match="reads hook_resid_mid and writes hook_mlp_out"):
+        replacement_scores(tiny_model, clt, norm, windows(tiny_model), hooks=("hook_resid_mid", "hook_mlp_out"))

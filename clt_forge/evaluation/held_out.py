@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from clt_forge.artifacts.activations import read_manifest
+from clt_forge.artifacts.activations import check_dataset_hooks, read_manifest
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.data.store import ActivationsStore
@@ -31,8 +31,12 @@ def held_out_metrics(
     folder: str | Path,
     max_tokens: int | None = None,
     batch_size: int = 512,
+    hooks: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
+    """`hooks`: the CLT's (block-relative input, output) hooks; a dataset cached at others is refused."""
     manifest = read_manifest(Path(folder))
+    if hooks is not None:
+        check_dataset_hooks(manifest, Path(folder), hooks, "being evaluated", manifest.model)
     tokens = min(manifest.n_tokens, max_tokens or manifest.n_tokens)
     batch = next(iter(ActivationsStore.from_cache(folder, tokens, seed=0, shuffle_chunks=1)))
     device = clt.W_enc.device

@@ -25,6 +25,8 @@ from transformer_lens import HookedTransformer
 
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
+from clt_forge.errors import CLTError
+from clt_forge.models.activations import DEFAULT_HOOKS
 
 __all__ = ["ReplacementScores", "replacement_scores"]
 
@@ -78,8 +80,15 @@ def replacement_scores(
     windows: torch.Tensor,
     per_layer: bool = True,
     batch_size: int = 8,
+    hooks: tuple[str, str] = DEFAULT_HOOKS,
 ) -> ReplacementScores:
-    """KL and top-1 agreement of the replacement model on `windows` [n, context] (BOS first)."""
+    """KL and top-1 agreement of the replacement model on `windows` [n, context] (BOS first).
+    `hooks`: the CLT's (input, output) hooks; only the MLP's own input and output are replaced."""
+    if tuple(hooks) != DEFAULT_HOOKS:
+        raise CLTError(
+            f"the replacement model replaces MLPs: it needs a CLT reading the MLP's input and writing its output "
+            f"({DEFAULT_HOOKS[0]}, {DEFAULT_HOOKS[1]}); this one reads {hooks[0]} and writes {hooks[1]}."
+        )
     was_training = clt.training
     clt.eval()
     replacer = _Replacer(clt, normalization)
@@ -95,8 +104,8 @@ def replacement_scores(
                 features = [replacer.features(s, inputs[s].flatten(0, 1)) for s in range(n_layers)]
                 for layer in range(n_layers):
                     recon = replacer.reconstruction(layer, features).view_as(inputs[layer])
-                    hooks = {layer: _replace_with(recon)}
-                    sums[2 + 2 * layer : 4 + 2 * layer] += _compare(clean, _run(model, tokens, hooks))
+                    patch = {layer: _replace_with(recon)}
+                    sums[2 + 2 * layer : 4 + 2 * layer] += _compare(clean, _run(model, tokens, patch))
             positions += tokens.shape[0] * (tokens.shape[1] - 1)
     finally:
         clt.train(was_training)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from clt_forge.artifacts.checkpoint import load_checkpoint, read_info
+from clt_forge.artifacts.activations import block_relative
+from clt_forge.artifacts.checkpoint import load_checkpoint
 from clt_forge.config.schema import DataConfig
 from clt_forge.data.windows import token_windows
 from clt_forge.evaluation.held_out import held_out_metrics
@@ -30,16 +31,17 @@ __all__ = ["format_summary", "quality_summary"]
 def quality_summary(
     checkpoint: Path, held_out: Path, data: DataConfig, graphs: list[Path], windows: int = 16
 ) -> dict[str, Any]:
-    clt, normalization, _ = load_checkpoint(checkpoint)
-    metrics = held_out_metrics(clt, normalization, held_out)
+    clt, normalization, info = load_checkpoint(checkpoint)
+    hooks = block_relative(info.hooks)
+    metrics = held_out_metrics(clt, normalization, held_out, hooks=hooks)
     summary: dict[str, Any] = {
         "held_out": {key: metrics[key] for key in ("ev_mean", "ev_median", "ev_worst", "worst_layer", "l0_mean")},
     }
     summary["held_out"]["dead_fraction"] = metrics["dead_fraction"]
     if windows > 0:
-        model = load_model(recorded_model_config(read_info(checkpoint).model))
+        model = load_model(recorded_model_config(info.model))
         rows = list(itertools.islice(token_windows(data, model.tokenizer, split="held_out"), windows))
-        scores = replacement_scores(model, clt, normalization, torch.stack(rows), per_layer=False)
+        scores = replacement_scores(model, clt, normalization, torch.stack(rows), per_layer=False, hooks=hooks)
         summary["replacement"] = {"kl": scores.kl, "top1": scores.top1, "positions": scores.positions}
     summary["graphs"] = {}
     for graph in graphs:
