@@ -5,7 +5,8 @@ tokens of data=bundled, cached once into --out and reused) with the demo's recip
 train overrides given, for a budget of tokens (default: the demo's step count) or wall time,
 then measures:
   held_out    EV / NMSE / L0 per layer, mean / median / worst, dead features, on the dataset's
-              held-out tokens (documents never trained on);
+              held-out tokens (documents never trained on) cached unquantized, whatever --quant
+              says: a quantized target would charge the CLT for the codec's error too;
   modern      the same on held-out modern English (data=python_docs' held-out documents:
               Python's documentation, cached once; a corpus without modern text never saw any);
   replacement the replacement model (clt_forge/evaluation/replacement.py) on held-out windows:
@@ -92,6 +93,7 @@ def benchmark(args: argparse.Namespace, quant: str, overrides: list[str]) -> dic
     budget = BUDGETS[args.budget]
     dataset = ensure_dataset(args.out / f"data-{quant}-{budget['cache']}", quant, budget["cache"], args.threads)
     modern = ensure_dataset(args.out / "modern", "none", 1024, args.threads, data="python_docs")
+    exact = ensure_dataset(args.out / "exact", "none", 1024, args.threads)  # the same held-out tokens, unquantized
     name = run_name(args.budget, quant, overrides, args.tokens, args.minutes)
     folder = args.out / "runs" / name
     steps, calibration = budget_steps(args, budget, dataset, overrides)
@@ -108,7 +110,7 @@ def benchmark(args: argparse.Namespace, quant: str, overrides: list[str]) -> dic
         "tokens": steps * config.batch_size,
         "train_seconds": round(train_seconds, 1),
         "calibration_s_per_step": calibration,
-        **evaluate(folder / "checkpoints" / "final", dataset, modern, config, args),
+        **evaluate(folder / "checkpoints" / "final", exact, modern, config, args),
         "machine": machine(),
     }
     (args.out / "results").mkdir(parents=True, exist_ok=True)
