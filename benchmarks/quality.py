@@ -119,12 +119,18 @@ def benchmark(args: argparse.Namespace, quant: str, overrides: list[str]) -> dic
 
 
 def run_name(budget: str, quant: str, overrides: list[str], tokens: int | None, minutes: float | None) -> str:
-    key = json.dumps([budget, quant, overrides, tokens, minutes])
+    """Names a run by everything that decides it, the demo's recipe included (a changed recipe
+    never reuses a run trained with the old one)."""
+    from clt_forge.config.compose import load_config
+    from clt_forge.config.plain import plain
+
+    key = json.dumps([budget, quant, overrides, tokens, minutes, plain(load_config("demo"))], default=str)
     return f"{budget}-{quant}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def recipe(dataset: Path, folder: Path, overrides: list[str], steps: int, threads: int) -> Any:
-    """The demo's training recipe (conf/demo.yaml and DemoConfig's defaults), then `overrides`."""
+    """The demo's training recipe (conf/demo.yaml and DemoConfig's defaults), then `overrides`
+    (a key given there replaces the recipe's)."""
     from clt_forge.config.compose import load_config
 
     demo = load_config("demo")
@@ -134,6 +140,7 @@ def recipe(dataset: Path, folder: Path, overrides: list[str], steps: int, thread
         f"tokens={steps * demo.batch_size}",
         f"batch_size={demo.batch_size}",
         f"optim.lr={demo.lr}",
+        f"layer_weights={list(demo.layer_weights)}",
         "optim.lr_schedule=cosine",
         f"clt.d_features={demo.clt.d_features}",
         f"sparsity={demo.sparsity.schedule}",
@@ -143,7 +150,8 @@ def recipe(dataset: Path, folder: Path, overrides: list[str], steps: int, thread
         f"checkpoint_every={steps + 1}",
         f"threads={threads}",
     ]
-    base = [item for item in base if not item.startswith("sparsity.schedule=")]
+    given = {item.split("=", 1)[0].lstrip("+") for item in overrides}
+    base = [item for item in base if not item.startswith("sparsity.schedule=") and item.split("=", 1)[0] not in given]
     if any(item.startswith("sparsity=") for item in overrides):  # another schedule: its own fields
         base = [item for item in base if not item.startswith("sparsity")]
     return load_config("train", *base, *overrides)

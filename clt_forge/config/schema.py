@@ -341,6 +341,7 @@ class DemoConfig(PipelineConfig):
     train_tokens: int = 65_536  # tokens the CLT trains on
     batch_size: int = 256  # training batch
     lr: float = 2e-3  # training learning rate (cosine schedule)
+    layer_weights: list[float] = field(default_factory=lambda: [10.0])  # train.layer_weights (docs/quality.md)
     autointerp_tokens: int = 65_536  # tokens scanned for feature examples
     max_feature_nodes: int = 256  # features attributed (most influential first)
     eval_windows: int = 16  # held-out windows the replacement model is scored on (quality.json)

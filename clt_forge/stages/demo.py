@@ -62,6 +62,7 @@ def run(cfg: DemoConfig) -> Path:
         "batch_size": cfg.batch_size,
         "optim.lr": cfg.lr,
         "optim.lr_schedule": "cosine",
+        "layer_weights": list(cfg.layer_weights),
         "clt.d_features": cfg.clt.d_features,
         **{f"sparsity.{f.name}": getattr(cfg.sparsity, f.name) for f in dataclasses.fields(cfg.sparsity)},
         "eval_every": max(1, cfg.train_tokens // cfg.batch_size // 8),
