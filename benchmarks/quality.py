@@ -93,7 +93,8 @@ def benchmark(args: argparse.Namespace, quant: str, overrides: list[str]) -> dic
     budget = BUDGETS[args.budget]
     dataset = ensure_dataset(args.out / f"data-{quant}-{budget['cache']}", quant, budget["cache"], args.threads)
     modern = ensure_dataset(args.out / "modern", "none", 1024, args.threads, data="python_docs")
-    exact = ensure_dataset(args.out / "exact", "none", 1024, args.threads)  # the same held-out tokens, unquantized
+    # the same held-out tokens, unquantized (a quant=none dataset holds them already)
+    exact = dataset if quant == "none" else ensure_dataset(args.out / "exact", "none", 1024, args.threads)
     name = run_name(args.budget, quant, overrides, args.tokens, args.minutes)
     folder = args.out / "runs" / name
     steps, calibration = budget_steps(args, budget, dataset, overrides)

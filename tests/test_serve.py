@@ -259,16 +259,21 @@ def test_clicking_a_feature_shows_its_examples_and_other_nodes_their_facts(made,
     shot(web, "02-pruned-at-0.8")
 
 
+def make_cluster(web, first: str, second: str, name: str) -> None:
+    """Select two nodes (click, shift-click) and group them as the cluster `name`."""
+    click_node(web, first)
+    click_node(web, second, shift=True)
+    web.wait_for_selector("text=2 nodes selected", timeout=10_000)
+    web.fill("#cluster-name", name)
+    web.click("#cluster-create")
+    web.wait_for_selector(f"[data-cluster='{name}']", timeout=10_000)
+
+
 @pytest.mark.slow
 def test_a_cluster_is_saved_into_the_graph_and_shown_after_a_reload(made, server, web):
     open_graph(web, server.url)
     first, second = feature_ids(graph_json(made))[:2]
-    click_node(web, first)
-    click_node(web, second, shift=True)
-    web.wait_for_selector("text=2 nodes selected", timeout=10_000)
-    web.fill("#cluster-name", "says a capital")
-    web.click("#cluster-create")
-    web.wait_for_selector("[data-cluster='says a capital']", timeout=10_000)
+    make_cluster(web, first, second, "says a capital")
     assert f"saved to {made['graph'].name}" in web.inner_text("#cluster-status")
     saved = graph_json(made)
     assert saved["qParams"]["supernodes"] == [["says a capital", first, second]]
@@ -380,12 +385,7 @@ def test_an_intervention_started_from_the_subgraph_shows_the_top_tokens_before_a
     target = next(n for n in document["nodes"] if n["feature_type"] == "logit" and n["is_target_logit"])
     open_graph(web, server.url)
     third, fourth, lone = (feature_ids(document)[i] for i in (2, 3, 4))  # in no other test's cluster
-    click_node(web, third)
-    click_node(web, fourth, shift=True)
-    web.wait_for_selector("text=2 nodes selected", timeout=10_000)
-    web.fill("#cluster-name", "steered pair")
-    web.click("#cluster-create")
-    web.wait_for_selector("[data-cluster='steered pair']", timeout=10_000)
+    make_cluster(web, third, fourth, "steered pair")
     try:
         web.evaluate("(ids) => window.cltServe.pin(ids)", [lone, third, fourth])
         web.wait_for_function("window.cltServe.subgraph && window.cltServe.subgraph.nodes === 2", timeout=10_000)

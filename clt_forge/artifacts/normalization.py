@@ -26,8 +26,8 @@ from clt_forge.artifacts.activations import Manifest
 from clt_forge.artifacts.reader import ActivationBatch
 from clt_forge.errors import CLTError
 
-METHODS = ("mean_norm", "rms", "mixed")
 PER_KIND = {"mean_norm": ("mean_norm", "mean_norm"), "rms": ("rms", "rms"), "mixed": ("mean_norm", "rms")}
+METHODS = tuple(PER_KIND)  # the (inputs, outputs) scaling of each method
 
 
 @dataclass

@@ -49,10 +49,9 @@ class RunningStats:
             # float32 sums over one chunk's tokens (blocked summation, ~1e-7 relative error),
             # accumulated across chunks in float64: 10x cheaper than converting to float64
             sums[layer] += values.sum(0)
-            token_squares = torch.linalg.vecdot(values, values, dim=1)
             squares[layer] += torch.linalg.vecdot(values, values, dim=0)
             if norms is not None:
-                norms[layer] += float(token_squares.sqrt().sum())
+                norms[layer] += float(torch.linalg.vector_norm(values, dim=1).sum())
             max_abs[layer] = max(float(max_abs[layer]), float(values.amax()), -float(values.amin()))
 
         return observe

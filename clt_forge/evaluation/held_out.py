@@ -45,11 +45,8 @@ def held_out_metrics(
     was_training = clt.training
     clt.eval()
     try:
-        metrics = evaluate(clt, x, y, batch_size=batch_size)
         fired = torch.zeros(clt.n_layers, clt.d_features, dtype=torch.bool, device=device)
-        for start in range(0, x.shape[0], batch_size):
-            _, z = clt.encode(x[start : start + batch_size])
-            fired |= (z != 0).any(0)
+        metrics = evaluate(clt, x, y, batch_size=batch_size, fired=fired)
     finally:
         clt.train(was_training)
     ev = metrics["explained_variance"]

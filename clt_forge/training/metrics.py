@@ -22,6 +22,7 @@ def evaluate(
     y: torch.Tensor,
     batch_size: int = 1024,
     reduce_l0: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fired: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Per-layer metrics on held-out (normalised) activations x, y: [tokens, n_layers, d_model].
 
@@ -38,6 +39,8 @@ def evaluate(
         target = y[start : start + batch_size]
         sse += (out.reconstruction - target).double().square().sum(dim=(0, 2)).cpu()
         l0 += (out.features != 0).double().sum(dim=(0, 2)).cpu()
+        if fired is not None:  # [n_layers, d_features]: marks the features active on these tokens
+            fired |= (out.features != 0).any(0)
     if reduce_l0 is not None:
         l0 = reduce_l0(l0)
     y64 = y.double()
