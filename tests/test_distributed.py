@@ -7,12 +7,11 @@ exactly at the same world size and continues at another one."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import free_port, spawn_ranks
 
 from clt_forge.artifacts.checkpoint import CheckpointInfo
 from clt_forge.artifacts.normalization import Normalization
@@ -38,48 +37,36 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, L, D, generator=generator), torch.randn(B, L, D, generator=generator)
 
 
-def worker(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        x, y = batch()
-        reference = full_clt()
-        out = reference(x)
-        terms = clt_loss(out, y, out.decoder_norms, reference.jumprelu_threshold(), **COEFFICIENTS)
-        terms.total.backward()
-        reference_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in reference.parameters()))
+def _grads_rank(rank: int, world: int) -> None:
+    x, y = batch()
+    reference = full_clt()
+    out = reference(x)
+    terms = clt_loss(out, y, out.decoder_norms, reference.jumprelu_threshold(), **COEFFICIENTS)
+    terms.total.backward()
+    reference_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in reference.parameters()))
 
-        sharded = FeatureShardedCLT(shard_clt(full_clt(), rank, world))
-        local_terms, logged = sharded.loss(sharded(x), y, **COEFFICIENTS)
-        local_terms.total.backward()
-        for name in ("total", "mse", "sparsity", "dead"):
-            torch.testing.assert_close(getattr(logged, name), getattr(terms, name).detach(), rtol=1e-5, atol=1e-6)
-        cols = feature_slice(F, rank, world)
-        grads = {n: p.grad for n, p in sharded.local.named_parameters()}
-        expected = {n: p.grad for n, p in reference.named_parameters()}
-        torch.testing.assert_close(grads["W_enc"], expected["W_enc"][:, :, cols], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads["b_enc"], expected["b_enc"][:, cols], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads["log_threshold"], expected["log_threshold"][:, cols], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads["W_dec"], expected["W_dec"][cols], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads["b_dec"], expected["b_dec"], rtol=1e-5, atol=1e-6)
-        norm = sharded.clip_grad_norm_(max_norm=1e-3)
-        torch.testing.assert_close(norm.double(), reference_norm, rtol=1e-5, atol=1e-6)
-        clipped = torch.sqrt(sum(g.double().square().sum() for g in grads.values() if g is not None))
-        assert clipped < 1e-3, "clipping scales by the global norm, not each rank's"
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    sharded = FeatureShardedCLT(shard_clt(full_clt(), rank, world))
+    local_terms, logged = sharded.loss(sharded(x), y, **COEFFICIENTS)
+    local_terms.total.backward()
+    for name in ("total", "mse", "sparsity", "dead"):
+        torch.testing.assert_close(getattr(logged, name), getattr(terms, name).detach(), rtol=1e-5, atol=1e-6)
+    cols = feature_slice(F, rank, world)
+    grads = {n: p.grad for n, p in sharded.local.named_parameters()}
+    expected = {n: p.grad for n, p in reference.named_parameters()}
+    torch.testing.assert_close(grads["W_enc"], expected["W_enc"][:, :, cols], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["b_enc"], expected["b_enc"][:, cols], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["log_threshold"], expected["log_threshold"][:, cols], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["W_dec"], expected["W_dec"][cols], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["b_dec"], expected["b_dec"], rtol=1e-5, atol=1e-6)
+    norm = sharded.clip_grad_norm_(max_norm=1e-3)
+    torch.testing.assert_close(norm.double(), reference_norm, rtol=1e-5, atol=1e-6)
+    clipped = torch.sqrt(sum(g.double().square().sum() for g in grads.values() if g is not None))
+    assert clipped < 1e-3, "clipping scales by the global norm, not each rank's"
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_feature_sharded_gradients_equal_the_single_process_ones(world):
-    mp.spawn(worker, args=(world, free_port()), nprocs=world, join=True)
+    spawn_ranks(_grads_rank, world)
 
 
 def test_feature_slices_cover_every_feature_once():
@@ -89,22 +76,17 @@ def test_feature_slices_cover_every_feature_once():
             assert covered == list(range(d_features))
 
 
-def checkpoint_worker(rank: int, world: int, port: int, folder: str) -> None:
+def _checkpoint_rank(rank: int, world: int, folder: str) -> None:
     from pathlib import Path
 
     from clt_forge.artifacts.checkpoint import CheckpointInfo
     from clt_forge.artifacts.normalization import Normalization
     from clt_forge.distributed.checkpoint import save_sharded_checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        local = shard_clt(full_clt(), rank, world)
-        norm = Normalization(torch.arange(1, L + 1).float(), torch.arange(2, L + 2).float())
-        info = CheckpointInfo(n_layers=L, d_model=D, d_features=F, bandwidth=1.0, model={"name": "test"}, hooks={})
-        save_sharded_checkpoint(Path(folder), local, norm, info)
-    finally:
-        dist.destroy_process_group()
+    local = shard_clt(full_clt(), rank, world)
+    norm = Normalization(torch.arange(1, L + 1).float(), torch.arange(2, L + 2).float())
+    info = CheckpointInfo(n_layers=L, d_model=D, d_features=F, bandwidth=1.0, model={"name": "test"}, hooks={})
+    save_sharded_checkpoint(Path(folder), local, norm, info)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -112,7 +94,7 @@ def test_sharded_checkpoint_loads_as_the_full_clt_and_reshards(world, tmp_path):
     from clt_forge.artifacts.checkpoint import load_checkpoint
 
     folder = tmp_path / "ckpt"
-    mp.spawn(checkpoint_worker, args=(world, free_port(), str(folder)), nprocs=world, join=True)
+    spawn_ranks(_checkpoint_rank, world, str(folder))
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("clt.shard-")) == [
         f"clt.shard-{r:03d}-of-{world:03d}.safetensors" for r in range(world)
     ]
@@ -302,44 +284,39 @@ def full_state() -> dict[str, torch.Tensor]:
     return {**weights, **state}
 
 
-def reshard_worker(rank: int, world: int, port: int, source: str, folder: str) -> None:
+def _reshard_rank(rank: int, world: int, source: str, folder: str) -> None:
     from pathlib import Path
 
     from clt_forge.artifacts.checkpoint import read_info, read_tensors
     from clt_forge.distributed.checkpoint import save_sharded_checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        cols = feature_slice(F, rank, world)
-        if source:  # read this rank's slice of a checkpoint written at another world size
-            info = read_info(source)
-            weights = read_tensors(Path(source), "clt", info, cols)
-            state = read_tensors(Path(source), "training_state", info, cols)
-            norm = Normalization.from_state(weights)
-            weights = {k: v for k, v in weights.items() if not k.startswith("norm.")}
-        else:
-            full = full_state()
-            dims = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0, "dead.last_fired": 1}
+    cols = feature_slice(F, rank, world)
+    if source:  # read this rank's slice of a checkpoint written at another world size
+        info = read_info(source)
+        weights = read_tensors(Path(source), "clt", info, cols)
+        state = read_tensors(Path(source), "training_state", info, cols)
+        norm = Normalization.from_state(weights)
+        weights = {k: v for k, v in weights.items() if not k.startswith("norm.")}
+    else:
+        full = full_state()
+        dims = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0, "dead.last_fired": 1}
 
-            def mine(name, t):
-                dim = dims.get(name.removeprefix("exp_avg_sq.").removeprefix("exp_avg."))
-                return t if dim is None else t.narrow(dim, cols.start, cols.stop - cols.start)
+        def mine(name, t):
+            dim = dims.get(name.removeprefix("exp_avg_sq.").removeprefix("exp_avg."))
+            return t if dim is None else t.narrow(dim, cols.start, cols.stop - cols.start)
 
-            weights = {n: mine(n, t) for n, t in full.items() if "." not in n}
-            state = {n: mine(n, t) for n, t in full.items() if "." in n}
-            norm = Normalization(torch.arange(1, L + 1).float(), torch.arange(2, L + 2).float())
-        info = CheckpointInfo(n_layers=L, d_model=D, d_features=F, bandwidth=1.0, model={"name": "test"}, hooks={})
-        save_sharded_checkpoint(Path(folder), weights, norm, info, {"step": 3}, state)
-    finally:
-        dist.destroy_process_group()
+        weights = {n: mine(n, t) for n, t in full.items() if "." not in n}
+        state = {n: mine(n, t) for n, t in full.items() if "." in n}
+        norm = Normalization(torch.arange(1, L + 1).float(), torch.arange(2, L + 2).float())
+    info = CheckpointInfo(n_layers=L, d_model=D, d_features=F, bandwidth=1.0, model={"name": "test"}, hooks={})
+    save_sharded_checkpoint(Path(folder), weights, norm, info, {"step": 3}, state)
 
 
 def test_resharding_round_trip_two_one_two_is_exact(tmp_path):
     from clt_forge.artifacts.checkpoint import read_info, read_tensors, save_checkpoint
 
     two, one, back = tmp_path / "two", tmp_path / "one", tmp_path / "back"
-    mp.spawn(reshard_worker, args=(2, free_port(), "", str(two)), nprocs=2, join=True)
+    spawn_ranks(_reshard_rank, 2, "", str(two))
     info = read_info(two)
     weights, state = read_tensors(two, "clt", info), read_tensors(two, "training_state", info)
     expected = full_state()
@@ -351,7 +328,7 @@ def test_resharding_round_trip_two_one_two_is_exact(tmp_path):
     save_checkpoint(
         one, {k: v for k, v in weights.items() if not k.startswith("norm.")}, norm, plain, {"step": 3}, state
     )
-    mp.spawn(reshard_worker, args=(2, free_port(), str(one), str(back)), nprocs=2, join=True)
+    spawn_ranks(_reshard_rank, 2, str(one), str(back))
     from safetensors.torch import load_file
 
     shards = sorted(p.name for p in two.glob("*.safetensors"))

@@ -5,13 +5,11 @@ feature sharding on gloo (2 processes)."""
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import spawn_ranks
 
 from clt_forge.clt.loss import clt_loss
 from clt_forge.clt.model import CrossLayerTranscoder
@@ -104,42 +102,30 @@ def test_auto_picks_sparse_by_active_fraction(monkeypatch: pytest.MonkeyPatch) -
     assert not DECODE["sparse"](torch.zeros(4, 4, dtype=torch.bfloat16))  # CSR kernels: fp32 / fp64 only
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _sharded_worker(rank: int, world: int, port: int, name: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        reference = make_clt(name, "dense")
-        terms, expected = step(copy.deepcopy(reference), name)
-        sharded = FeatureShardedCLT(shard_clt(make_clt(name, "sparse"), rank, world))
-        x, y = batch()
-        out = sharded(x)
-        local, logged = sharded.loss(out, y, **SETTINGS[name][2])
-        local.total.backward()
-        torch.testing.assert_close({n: getattr(logged, n) for n in terms}, terms, **TOLERANCE)
-        cols = feature_slice(F, rank, world)
-        for n, p in sharded.local.named_parameters():
-            want = expected.get(n)
-            if want is None:
-                assert p.grad is None, n
-                continue
-            want = {"W_enc": want[..., cols], "b_enc": want[:, cols], "log_threshold": want[:, cols]}.get(n, want)
-            want = want[cols] if n == "W_dec" else want
-            torch.testing.assert_close(p.grad, want, **TOLERANCE)
-        full_l0 = (reference(x).features != 0).sum()
-        l0 = (out.features != 0).sum()
-        dist.all_reduce(l0)
-        assert l0 == full_l0
-    finally:
-        dist.destroy_process_group()
+def _sharded_rank(rank: int, world: int, name: str) -> None:
+    reference = make_clt(name, "dense")
+    terms, expected = step(copy.deepcopy(reference), name)
+    sharded = FeatureShardedCLT(shard_clt(make_clt(name, "sparse"), rank, world))
+    x, y = batch()
+    out = sharded(x)
+    local, logged = sharded.loss(out, y, **SETTINGS[name][2])
+    local.total.backward()
+    torch.testing.assert_close({n: getattr(logged, n) for n in terms}, terms, **TOLERANCE)
+    cols = feature_slice(F, rank, world)
+    for n, p in sharded.local.named_parameters():
+        want = expected.get(n)
+        if want is None:
+            assert p.grad is None, n
+            continue
+        want = {"W_enc": want[..., cols], "b_enc": want[:, cols], "log_threshold": want[:, cols]}.get(n, want)
+        want = want[cols] if n == "W_dec" else want
+        torch.testing.assert_close(p.grad, want, **TOLERANCE)
+    full_l0 = (reference(x).features != 0).sum()
+    l0 = (out.features != 0).sum()
+    dist.all_reduce(l0)
+    assert l0 == full_l0
 
 
 @pytest.mark.parametrize("name", ["jumprelu", "topk", "batchtopk"])
 def test_sparse_under_feature_sharding_equals_dense_single(name: str) -> None:
-    mp.spawn(_sharded_worker, args=(2, _free_port(), name), nprocs=2, join=True)
+    spawn_ranks(_sharded_rank, 2, name)

@@ -15,6 +15,7 @@ mode says. Rank 0 alone logs; every rank takes part in evaluation and checkpoint
 
 from __future__ import annotations
 
+import gc
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -177,6 +178,7 @@ class _Distributed(Parallel):
 
     def close(self) -> None:
         if dist.is_initialized():
+            gc.collect()  # free autograd cycles while the group's threads still run (else: rare abort at exit)
             dist.destroy_process_group()
 
     def grad_scaler(self, enabled: bool, init_scale: float) -> torch.amp.GradScaler:
