@@ -340,7 +340,7 @@ class DemoConfig(PipelineConfig):
     cache_tokens: int = 65_536  # tokens of text cached (plus 2,048 held out)
     train_tokens: int = 65_536  # tokens the CLT trains on
     batch_size: int = 256  # training batch
-    lr: float = 2e-3  # training learning rate (cosine schedule)
+    lr: float = 4e-3  # training learning rate (cosine schedule; docs/quality.md)
     layer_weights: list[float] = field(default_factory=lambda: [10.0])  # train.layer_weights (docs/quality.md)
     autointerp_tokens: int = 65_536  # tokens scanned for feature examples
     max_feature_nodes: int = 256  # features attributed (most influential first)
