@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from clt_forge.artifacts.checkpoint import CheckpointInfo
+from clt_forge.artifacts.checkpoint import CheckpointInfo, read_info
 from clt_forge.artifacts.reader import ActivationBatch
 from clt_forge.clt import init_encoder_bias
 from clt_forge.config.plain import plain
@@ -140,6 +140,8 @@ class CLTTrainingRunner:
 
     def build_model(self) -> None:
         """This rank's CLT (seeded init) and dead-feature counters; `prepare` wraps it afterwards."""
+        if self.cfg.finetune.source:  # the pretrained CLT's width, whatever clt.d_features says
+            self.d_features = read_info(self.cfg.finetune.source).d_features
         self.features = self.parallel.features(self.d_features)
         self.clt, pretrained_normalization = build_clt(self.cfg, self.parallel, self.features, self.d_features)
         if pretrained_normalization is not None:  # finetuning keeps the units the CLT was trained in
