@@ -111,13 +111,17 @@ def test_lora_finetune_of_an_imported_circuit_tracer_clt_trains_in_raw_units(res
     # raw units (tiny's hook_mlp_out rms is ~3e-3): Adam's step and lambda0 are set for that scale
     raw_units = ["optim.lr=1e-3", "optim.lr_warmup_fraction=0.1", "sparsity.l0_coefficient=1e-3"]
     finetune = [f"finetune.source={source}", f"finetune.rank={RANK}"]
-    cfg = train_config(tmp_path / "tuned", f"activations={resid_dataset}", *finetune, "tokens=6000", *raw_units)
+    other_width = "clt.jumprelu_bandwidth=0.5"  # the run's default for new CLTs: a finetune keeps its source's
+    cfg = train_config(
+        tmp_path / "tuned", f"activations={resid_dataset}", *finetune, "tokens=6000", other_width, *raw_units
+    )
     run = CLTTrainingRunner(cfg).run()
     final = run / "checkpoints" / "final"
     tuned, norm, info = load_checkpoint(final)
 
     # the run used the hooks and the units the imported CLT declares
     assert info.hooks == hook_names(3, "hook_resid_mid", "hook_mlp_out")
+    assert info.bandwidth == imported_info.bandwidth == tuned.bandwidth != 0.5, "the STE width it trained with"
     assert (info.model["hook_in"], info.model["hook_out"]) == ("hook_resid_mid", "hook_mlp_out")
     assert torch.equal(norm.in_scale, torch.ones(3)) and torch.equal(norm.out_scale, torch.ones(3)), (
         "finetune keeps circuit-tracer's normalisation (factors 1), not the dataset's"

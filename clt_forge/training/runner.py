@@ -144,6 +144,7 @@ class CLTTrainingRunner:
             self.d_features = read_info(self.cfg.finetune.source).d_features
         self.features = self.parallel.features(self.d_features)
         self.clt, pretrained_normalization = build_clt(self.cfg, self.parallel, self.features, self.d_features)
+        self.bandwidth = self.clt.bandwidth  # a finetune's is its checkpoint's, whatever clt.jumprelu_bandwidth says
         if pretrained_normalization is not None:  # finetuning keeps the units the CLT was trained in
             self.normalization = pretrained_normalization
         self.dead = DeadFeatures(
@@ -298,7 +299,7 @@ class CLTTrainingRunner:
             n_layers=cfg.model.n_layers,
             d_model=cfg.model.d_model,
             d_features=self.d_features,
-            bandwidth=cfg.clt.jumprelu_bandwidth,
+            bandwidth=self.bandwidth,
             model=plain(cfg.model),
             hooks=hook_names(cfg.model.n_layers, cfg.model.hook_in, cfg.model.hook_out),
             step=step,
