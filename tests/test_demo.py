@@ -119,9 +119,8 @@ def test_printed_step_overrides_round_trip_exactly(value):
 def test_the_demo_takes_every_sparsity_schedule(schedule):
     validate("demo", [f"sparsity={schedule}"])
     sparsity = compose_stage("demo", [f"sparsity={schedule}"]).sparsity
-    assert (
-        sparsity.schedule == schedule and sparsity.l0_coefficient == 0.3
-    )  # conf/demo.yaml: the demo's lambda0 whatever the schedule
+    assert sparsity.schedule == schedule
+    assert sparsity.l0_coefficient == 0.3, "conf/demo.yaml sets the demo's lambda0 whatever the schedule"
     assert ("warmup_fraction" in sparsity) == (schedule == "linear_warmup")
 
 

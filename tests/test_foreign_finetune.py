@@ -20,17 +20,10 @@ from clt_forge.training import CLTTrainingRunner
 RANK = 2
 
 
-def held_out(dataset: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dataset's held-out tokens (raw model units): x, y [N, L, D]."""
-    folder = dataset / HELD_OUT
+def raw_tokens(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token of a cached dataset folder (raw model units): x, y [N, L, D]."""
     manifest = read_manifest(folder)
     chunks = [read_chunk(folder, entry, manifest.quant_spec) for entry in manifest.chunks]
-    return torch.cat([c.mlp_in for c in chunks]).float(), torch.cat([c.mlp_out for c in chunks]).float()
-
-
-def training_tokens(dataset: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    manifest = read_manifest(dataset)
-    chunks = [read_chunk(dataset, entry, manifest.quant_spec) for entry in manifest.chunks]
     return torch.cat([c.mlp_in for c in chunks]).float(), torch.cat([c.mlp_out for c in chunks]).float()
 
 
@@ -100,8 +93,8 @@ def explained_variance(folder: Path, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 def test_lora_finetune_of_an_imported_circuit_tracer_clt_trains_in_raw_units(resid_dataset, tmp_path):  # noqa: F811
-    x_train, y_train = training_tokens(resid_dataset)
-    x, y = held_out(resid_dataset)
+    x_train, y_train = raw_tokens(resid_dataset)
+    x, y = raw_tokens(resid_dataset / HELD_OUT)
     source = write_imported_clt(tmp_path / "ct", x_train, y_train)
     imported, imported_norm, imported_info = load_checkpoint(source)
     assert imported_info.format == "circuit-tracer/clt" and imported_norm.in_scale.eq(1).all()
