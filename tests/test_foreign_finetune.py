@@ -4,6 +4,7 @@ LoRA-finetunes a CLT clt-forge never normalised. The finetune keeps the imported
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -108,6 +109,7 @@ def test_lora_finetune_of_an_imported_circuit_tracer_clt_trains_in_raw_units(res
     cfg = train_config(
         tmp_path / "tuned", f"activations={resid_dataset}", *finetune, "tokens=6000", other_width, *raw_units
     )
+    assert cfg.clt.d_features == 32 != imported.d_features, "the command line asks for another width"
     run = CLTTrainingRunner(cfg).run()
     final = run / "checkpoints" / "final"
     tuned, norm, info = load_checkpoint(final)
@@ -116,6 +118,10 @@ def test_lora_finetune_of_an_imported_circuit_tracer_clt_trains_in_raw_units(res
     assert info.hooks == hook_names(3, "hook_resid_mid", "hook_mlp_out")
     assert info.bandwidth == imported_info.bandwidth == tuned.bandwidth != 0.5, "the STE width it trained with"
     assert (info.model["hook_in"], info.model["hook_out"]) == ("hook_resid_mid", "hook_mlp_out")
+    # the recorded configs say the width and STE bandwidth trained (the checkpoint's), not clt.*'s 32 and 0.5
+    recorded = json.loads((run / "train_config.json").read_text())["clt"]
+    for clt_cfg in (recorded, info.train["clt"]):
+        assert (clt_cfg["d_features"], clt_cfg["jumprelu_bandwidth"]) == (imported.d_features, info.bandwidth)
     assert torch.equal(norm.in_scale, torch.ones(3)) and torch.equal(norm.out_scale, torch.ones(3)), (
         "finetune keeps circuit-tracer's normalisation (factors 1), not the dataset's"
     )

@@ -47,6 +47,15 @@ def write_run_config(cfg: TrainConfig, run: Path) -> None:
     atomic_write(run / RUN_CONFIG, json.dumps(plain(cfg), indent=1).encode())
 
 
+def resolve_finetune(cfg: TrainConfig) -> None:
+    """A finetune trains its checkpoint's CLT, whatever clt.d_features / clt.jumprelu_bandwidth
+    say: put the checkpoint's width and STE bandwidth into `cfg`, so the run config, the
+    logger's config and each checkpoint's `train` record what was trained."""
+    if cfg.finetune.source:
+        info = read_info(cfg.finetune.source)
+        cfg.clt.d_features, cfg.clt.jumprelu_bandwidth = info.d_features, info.bandwidth
+
+
 def check_resume(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume a run with another architecture, naming what changed."""
     before = read_run_config(out)

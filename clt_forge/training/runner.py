@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from clt_forge.artifacts.checkpoint import CheckpointInfo, read_info
+from clt_forge.artifacts.checkpoint import CheckpointInfo
 from clt_forge.artifacts.reader import ActivationBatch
 from clt_forge.clt import init_encoder_bias
 from clt_forge.config.plain import plain
@@ -42,6 +42,7 @@ from clt_forge.training.build import (
     check_resume,
     normalization,
     read_run_config,
+    resolve_finetune,
     training_data,
     write_run_config,
 )
@@ -105,6 +106,8 @@ class CLTTrainingRunner:
 
     def _run(self) -> Path:
         cfg, parallel = self.cfg, self.parallel
+        resolve_finetune(cfg)
+        self.d_features = cfg.clt.d_features or self.d_features
         out = Path(cfg.resume) if cfg.resume else setup(cfg)
         out = parallel.broadcast_object(out)  # rank 0's folder: each process has its own Hydra run dir
         if cfg.resume:
@@ -140,8 +143,6 @@ class CLTTrainingRunner:
 
     def build_model(self) -> None:
         """This rank's CLT (seeded init) and dead-feature counters; `prepare` wraps it afterwards."""
-        if self.cfg.finetune.source:  # the pretrained CLT's width, whatever clt.d_features says
-            self.d_features = read_info(self.cfg.finetune.source).d_features
         self.features = self.parallel.features(self.d_features)
         self.clt, pretrained_normalization = build_clt(self.cfg, self.parallel, self.features, self.d_features)
         self.bandwidth = self.clt.bandwidth  # a finetune's is its checkpoint's, whatever clt.jumprelu_bandwidth says
