@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 from clt_forge.autointerp import tokens as _tokens  # noqa: F401  (registers explainer.kind=tokens)
@@ -253,7 +253,15 @@ class OpenAIExplainer(Explainer):
 
     At most `cfg.concurrency` requests are in flight; each request is tried `cfg.retries` times,
     waiting `backoff_s`, 2 x `backoff_s`, ... between attempts, on connection errors, time-outs,
-    HTTP 408 / 409 / 429 and 5xx (other statuses, such as 401 or 404, fail at once)."""
+    HTTP 408 / 409 / 429 and 5xx (other statuses, such as 401 or 404, fail at once).
+
+    Servers differ; the explainer adapts, and `protocol` says what was used (printed on close).
+    Responses: whole JSON ("json"), or, once the server answers a plain request with an event stream
+    (`transformers serve` 4.57 always streams), streamed from then on ("stream"). Detection questions:
+    P(yes) from the first answer token's top log-probabilities ("logprobs": vLLM, OpenAI, llama.cpp),
+    else from the answer's first word, yes 1, no 0, neither 0.5 ("text"); a server that refuses the
+    logprobs parameters (HTTP 400 / 422) or sends none (`transformers serve`) is asked without them
+    from then on."""
 
     def __init__(self, cfg: ExplainerConfig, backoff_s: float = 1.0) -> None:
         import openai
@@ -271,20 +279,30 @@ class OpenAIExplainer(Explainer):
         self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
         self.base_url = str(self.client.base_url).rstrip("/")
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="explainer")
-        self._logprobs = True  # ask for logprobs in judge() until the server refuses them
+        self._logprobs = True  # ask for logprobs in judge() until the server refuses or ignores them
+        self._no_logprobs = ""  # why not, once so
+        self._stream = False  # stream every request, once the server has answered a plain one with a stream
+        self._judged = {"logprobs": 0, "text": 0}
+        self._closed = False
         self._lock = threading.Lock()
 
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """How this endpoint was spoken to: responses "json" or "stream"; detection questions judged
+        from log-probabilities or from the answer's text (and why not logprobs)."""
+        with self._lock:
+            stream, judged, why = self._stream, dict(self._judged), self._no_logprobs or None
+        return {"responses": "stream" if stream else "json", "judged_by": judged, "no_logprobs": why}
+
     def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
-        return list(self.pool.map(lambda m: self._text(self._complete(m, self.cfg.max_new_tokens)), messages_batch))
+        return list(self.pool.map(lambda m: self._complete(m, self.cfg.max_new_tokens).text, messages_batch))
 
     def sample(self, messages_batch: Sequence[Messages], n: int) -> list[list[str]]:
         """`n` more requests per prompt at sample_temperature (the `n` parameter is not universal)."""
         temperature = self.cfg.sample_temperature
         jobs = [m for m in messages_batch for _ in range(n)]
         texts = list(
-            self.pool.map(
-                lambda m: self._text(self._complete(m, self.cfg.max_new_tokens, temperature=temperature)), jobs
-            )
+            self.pool.map(lambda m: self._complete(m, self.cfg.max_new_tokens, temperature=temperature).text, jobs)
         )
         return [texts[i * n : (i + 1) * n] for i in range(len(messages_batch))]
 
@@ -294,49 +312,60 @@ class OpenAIExplainer(Explainer):
     def _judge_one(self, question: Messages) -> float:
         with self._lock:
             logprobs = self._logprobs
+        reply = None
         if logprobs:
             try:
-                response = self._complete(question, 2, logprobs=True)
-            except _Refused:
-                with self._lock:
-                    self._logprobs = False
-                response = self._complete(question, 2)
-            score = _yes_from_logprobs(response)
-            if score is not None:
-                return score
-        else:
-            response = self._complete(question, 2)
-        return _yes_from_text(self._text(response))
+                reply = self._complete(question, 2, logprobs=True)
+                if reply.logprobs is None:
+                    self._stop_logprobs("the server sent none")
+            except _Refused as err:
+                self._stop_logprobs(f"the server refused them: {err}")
+        if reply is None:
+            reply = self._complete(question, 2)
+        score = _yes_from_logprobs(reply.logprobs)
+        with self._lock:
+            self._judged["text" if score is None else "logprobs"] += 1
+        return _yes_from_text(reply.text) if score is None else score
 
-    @staticmethod
-    def _text(response: Any) -> str:
-        return str(response.choices[0].message.content or "").strip()
+    def _stop_logprobs(self, why: str) -> None:
+        with self._lock:
+            self._logprobs = False
+            self._no_logprobs = self._no_logprobs or why
 
     def _complete(
         self, messages: Messages, max_tokens: int, logprobs: bool = False, temperature: float | None = None
-    ) -> Any:
+    ) -> _Reply:
         import openai
 
-        extra: dict[str, Any] = {"logprobs": True, "top_logprobs": 5} if logprobs else {}
+        request: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": list(messages),
+            "temperature": self.cfg.temperature if temperature is None else temperature,
+            "max_tokens": max_tokens,
+            "timeout": self.cfg.timeout_s,
+        }
+        if logprobs:
+            request |= {"logprobs": True, "top_logprobs": 5}
         attempts = max(1, self.cfg.retries)
         for attempt in range(attempts):
             try:
-                return self.client.chat.completions.create(
-                    model=self.cfg.model,
-                    messages=list(messages),  # type: ignore[arg-type]
-                    temperature=self.cfg.temperature if temperature is None else temperature,
-                    max_tokens=max_tokens,
-                    timeout=self.cfg.timeout_s,
-                    **extra,
-                )
+                if not self._stream:
+                    response = self.client.chat.completions.create(**request)
+                    if hasattr(response, "choices"):
+                        return _Reply.whole(response)
+                    with self._lock:  # an event stream came back as text: stream from now on
+                        self._stream = True
+                return _Reply.joined(self.client.chat.completions.create(**request, stream=True))
             except openai.APIStatusError as err:
                 if logprobs and err.status_code in (400, 422):
-                    raise _Refused from err
+                    raise _Refused(f"HTTP {err.status_code}") from err
                 if err.status_code not in RETRY_STATUS and err.status_code < 500:
                     raise self._failure(f"HTTP {err.status_code}: {err.message}", 1) from err
                 last: Exception = err
             except openai.APIConnectionError as err:  # also time-outs
                 last = err
+            except openai.APIError as err:  # an error event inside a stream
+                raise self._failure(f"{type(err).__name__}: {err}", 1) from err
             if attempt + 1 < attempts:
                 time.sleep(min(self.backoff_s * 2**attempt, MAX_BACKOFF_S))
         raise self._failure(f"{type(last).__name__}: {last}", attempts) from last
@@ -351,6 +380,38 @@ class OpenAIExplainer(Explainer):
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
+        used = self.protocol
+        if not self._closed and (self._stream or any(used["judged_by"].values())):
+            why = f" (no logprobs: {used['no_logprobs']})" if used["no_logprobs"] else ""
+            print(
+                f"explainer endpoint {self.base_url}: {used['responses']} responses; questions judged by logprobs "
+                f"{used['judged_by']['logprobs']}, by the answer's text {used['judged_by']['text']}{why}."
+            )
+        self._closed = True
+
+
+class _Reply(NamedTuple):
+    """One answer: its text, and its tokens' log-probabilities (None when the server sent none)."""
+
+    text: str
+    logprobs: list[Any] | None
+
+    @classmethod
+    def whole(cls, response: Any) -> _Reply:
+        choice = response.choices[0]
+        content = getattr(getattr(choice, "logprobs", None), "content", None)
+        return cls(str(choice.message.content or "").strip(), list(content) if content else None)
+
+    @classmethod
+    def joined(cls, chunks: Any) -> _Reply:
+        """The deltas of a streamed answer joined (closing the stream)."""
+        text: list[str] = []
+        logprobs: list[Any] = []
+        with chunks:
+            for choice in (chunk.choices[0] for chunk in chunks if chunk.choices):
+                text.append(choice.delta.content or "")
+                logprobs += getattr(getattr(choice, "logprobs", None), "content", None) or []
+        return cls("".join(text).strip(), logprobs or None)
 
 
 class _Refused(Exception):
@@ -361,14 +422,13 @@ def _is_local(base_url: str | None) -> bool:
     return base_url is not None and urlparse(base_url).hostname in LOCAL_HOSTS
 
 
-def _yes_from_logprobs(response: Any) -> float | None:
-    """P(yes) from the first answer token's top log-probabilities (None if the server sent none)."""
-    logprobs = getattr(response.choices[0], "logprobs", None)
-    content = getattr(logprobs, "content", None) if logprobs is not None else None
-    if not content:
+def _yes_from_logprobs(logprobs: Sequence[Any] | None) -> float | None:
+    """P(yes) from the first answer token's top log-probabilities (None if there are none, or they
+    hold neither yes nor no)."""
+    if not logprobs:
         return None
     yes = no = 0.0
-    for candidate in content[0].top_logprobs or []:
+    for candidate in logprobs[0].top_logprobs or []:
         word = candidate.token.strip().lower()
         if word in ("yes", "true"):
             yes += math.exp(candidate.logprob)
