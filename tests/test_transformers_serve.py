@@ -2,7 +2,8 @@
 `transformers serve` (transformers 4.57's serving command; requirements.txt installs its extras)
 serving the embedded SmolLM2-135M-Instruct's converted folder on 127.0.0.1. It streams every answer
 and sends no logprobs: the explainer falls back to streaming and to judging by the answer's text,
-and says so. The commands are docs/openai-explainer.md's, with this test's port and budget."""
+and says so. The commands are docs/openai-explainer.md's, with this test's port and budget. The
+last test checks the same bookkeeping against the stand-in server (tests/openai_server.py)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from openai_server import FakeOpenAIServer
 from test_autointerp import PLANTED, dataset, planted  # noqa: F401  (fixtures: a tiny dataset, a planted CLT)
-from test_explainers import king_evidence
+from test_explainers import KING, SILENT, king_evidence
 
 from clt_forge.artifacts.features import FeatureStore
 from clt_forge.autointerp.explainers import OpenAIExplainer, make_explainer
 from clt_forge.autointerp.prompts import clean_explanation, detection_question, explanation_messages
 from clt_forge.config.schema import ExplainerConfig
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "openai-explainer.md"
@@ -129,6 +129,7 @@ def server(tmp_path_factory) -> Iterator[str]:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after the server stopped"
 
 
+@pytest.mark.slow
 def test_openai_explainer_falls_back_to_streams_and_text_answers(server, capsys):
     cfg = ExplainerConfig(kind="openai", model="smollm2", base_url=server, concurrency=2, timeout_s=60.0)
     evidence = king_evidence()
@@ -153,6 +154,7 @@ def test_openai_explainer_falls_back_to_streams_and_text_answers(server, capsys)
     assert line is not None and line.group(1) == server and line.group(2) == "4"
 
 
+@pytest.mark.slow
 def test_clt_autointerp_explainer_openai_against_transformers_serve(server, dataset, planted, tmp_path):  # noqa: F811
     graph = tmp_path / "graph.json"  # features_from: only these features are explained and scored
     kind = "cross layer transcoder"
@@ -194,3 +196,25 @@ def test_clt_autointerp_explainer_openai_against_transformers_serve(server, data
         assert record["explanation"].strip(), record
         assert 0.0 <= record["score"] <= 1.0 and 0.0 <= record["score_control"] <= 1.0, record
     assert int(line.group(2)) == 2 * 2 * 8, result.stdout[-2000:]  # every question went to the server
+
+
+def test_protocol_is_reported_against_the_stand_in(capsys):
+    """The same bookkeeping against tests/openai_server.py (fast): whole JSON responses, and
+    logprobs used, ignored or refused."""
+    questions = [detection_question("the word king", e) for e in KING[:2] + SILENT[:2]]
+    expected = {  # judged by, why not logprobs, which requests asked for them
+        "logprobs": ({"logprobs": 4, "text": 0}, None, [True] * 4),
+        "ignored": ({"logprobs": 0, "text": 4}, "the server sent none", [True, False, False, False]),
+        "refused": ({"logprobs": 0, "text": 4}, "the server refused them: HTTP 400", [True] + [False] * 4),
+    }
+    for case, (judged, why, asked) in expected.items():
+        stand_in = FakeOpenAIServer(logprobs=case == "logprobs", refuse_logprobs=case == "refused")
+        with stand_in as fake:
+            cfg = ExplainerConfig(kind="openai", model="fake", base_url=fake.base_url, concurrency=1)
+            explainer = OpenAIExplainer(cfg)
+            with explainer:
+                explainer.judge(questions)
+                assert explainer.protocol == {"responses": "json", "judged_by": judged, "no_logprobs": why}, case
+        assert [bool(body.get("logprobs")) for body in fake.bodies] == asked, case  # refused: asked again without
+        line = f"explainer endpoint {fake.base_url}: json responses; questions judged by logprobs {judged['logprobs']}"
+        assert line in capsys.readouterr().out

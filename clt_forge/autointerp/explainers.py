@@ -316,7 +316,7 @@ class OpenAIExplainer(Explainer):
         if logprobs:
             try:
                 reply = self._complete(question, 2, logprobs=True)
-                if reply.logprobs is None:
+                if reply.logprobs is None and reply.text:  # an answer without them: the server ignores them
                     self._stop_logprobs("the server sent none")
             except _Refused as err:
                 self._stop_logprobs(f"the server refused them: {err}")
