@@ -210,8 +210,10 @@ def load_checkpoint(
     else:
         header = reader.read_header(folder)
         info, tensors = foreign_info(header), reader.read_weights(folder, header, device=device)
+    # Built on the meta device and given the read tensors: no second, uninitialised CLT is
+    # allocated (on a GPU, torch.empty takes real memory at once).
     clt = CrossLayerTranscoder(
-        info.n_layers, info.d_model, info.d_features, bandwidth=info.bandwidth, device=device, init=False
+        info.n_layers, info.d_model, info.d_features, bandwidth=info.bandwidth, device="meta", init=False
     )
     clt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("norm.")}, assign=True)
     return clt, Normalization.from_state(tensors), info
@@ -257,8 +259,8 @@ def read_tensors(
                 elif lo < hi:
                     index = (slice(None),) * dim + (slice(lo - held.start, hi - held.start),)
                     parts.setdefault(key, []).append(handle.get_slice(key)[index])
-    for key, pieces in parts.items():
-        out[key] = torch.cat(pieces, dim=feature_dim(key) or 0)
+    for key, pieces in parts.items():  # one piece (a plain checkpoint) is used as read: cat would copy it
+        out[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=feature_dim(key) or 0)
     if "W_enc" in out and out["W_enc"].shape[2] != want.stop - want.start:
         raise CLTError(
             f"checkpoint {folder}: its shards hold {out['W_enc'].shape[2]} of features {want.start}..{want.stop - 1}."

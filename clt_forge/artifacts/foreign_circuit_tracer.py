@@ -11,9 +11,11 @@ The folder (circuit_tracer.transcoder.cross_layer_transcoder: `to_safetensors` /
 for l = 0 .. L-1. The weights are in raw model units, so the normalisation factors are 1.
 Mapping to ours: W_enc[l] = W_enc_{l}^T, log_threshold[l] = log(threshold_{l}) (a ReLU CLT is
 exactly JumpReLU with theta = 0, log_threshold = -inf: h * (h > 0) = ReLU(h)), W_dec's source-l
-block = W_dec_{l}. Skip connections (W_skip) are refused: our CLT has none. Tensors are read
-one layer file at a time and cast to float32 as they are copied into place (peak memory: the
-float32 CLT plus one layer's file).
+block = W_dec_{l}. Skip connections (W_skip) are refused: our CLT has none. Each layer's
+matrices are read a chunk of rows at a time with plain file reads (artifacts/tensor_file.py: no
+memory map) and cast to float32 as they are copied into place, so loading holds the float32 CLT
+plus one chunk (64 MiB), never a second copy of a layer or of the file
+(benchmarks/foreign_memory.py; docs/formats.md, "What each stage holds in memory").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import yaml
 from safetensors import safe_open
 
 from clt_forge.artifacts.foreign_common import ForeignHeader, block_hooks, relu_log_threshold
+from clt_forge.artifacts.tensor_file import TensorFile
 from clt_forge.clt.model import pair_offsets
 from clt_forge.errors import CLTError
 
@@ -117,32 +120,35 @@ def read_header(folder: Path) -> ForeignHeader:
 
 
 def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Our tensors (see foreign_common) from the per-layer files, float32 on `device`."""
+    """Our tensors (see foreign_common) from the per-layer files, float32 on `device`, each
+    matrix read CHUNK_BYTES of rows at a time with plain reads and cast as it is copied into place."""
     L, D, F = header.n_layers, header.d_model, header.d_features
     W_enc = torch.empty(L, D, F, device=device)
     b_enc = torch.empty(L, F, device=device)
     log_threshold = torch.full((L, F), -torch.inf, device=device)
     b_dec = torch.empty(L, D, device=device)
     offsets = pair_offsets(L)
-    W_dec = torch.empty(F, offsets[-1], D, device=device)  # each file is copied into its slot, cast on the way
+    W_dec = torch.empty(F, offsets[-1], D, device=device)
     for layer in range(L):
-        path = folder / f"W_enc_{layer}.safetensors"
-        with safe_open(path, "pt", device=str(device)) as handle:
-            encoder = handle.get_tensor(f"W_enc_{layer}")
-            if tuple(encoder.shape) != (F, D):
-                raise CLTError(f"{path}: W_enc_{layer} is {list(encoder.shape)}; layer 0's is [{F}, {D}].")
-            W_enc[layer] = encoder.t()
-            b_enc[layer] = handle.get_tensor(f"b_enc_{layer}").float()
-            b_dec[layer] = handle.get_tensor(f"b_dec_{layer}").float()
-            if f"threshold_{layer}" in handle.keys():  # noqa: SIM118 (a safetensors handle)
-                log_threshold[layer] = relu_log_threshold(handle.get_tensor(f"threshold_{layer}"), str(path))
-        path = folder / f"W_dec_{layer}.safetensors"
-        with safe_open(path, "pt", device=str(device)) as handle:
-            decoder = handle.get_tensor(f"W_dec_{layer}")
-        if tuple(decoder.shape) != (F, L - layer, D):
-            raise CLTError(f"{path}: W_dec_{layer} is {list(decoder.shape)}; expected [{F}, {L - layer}, {D}].")
-        W_dec[:, offsets[layer] : offsets[layer + 1]] = decoder
-        del decoder
+        encoder = TensorFile(folder / f"W_enc_{layer}.safetensors")
+        if encoder.shape(f"W_enc_{layer}") != [F, D]:
+            raise CLTError(
+                f"{encoder.path}: W_enc_{layer} is {encoder.shape(f'W_enc_{layer}')}; layer 0's is [{F}, {D}]."
+            )
+        for start, stop, rows in encoder.chunks(f"W_enc_{layer}"):  # [rows, D] -> our [D, rows]
+            W_enc[layer, :, start:stop] = rows.t()
+        b_enc[layer] = encoder.read(f"b_enc_{layer}")
+        b_dec[layer] = encoder.read(f"b_dec_{layer}")
+        if f"threshold_{layer}" in encoder.entries:
+            threshold = encoder.read(f"threshold_{layer}")
+            log_threshold[layer] = relu_log_threshold(threshold, str(encoder.path)).to(device)
+        decoder = TensorFile(folder / f"W_dec_{layer}.safetensors")
+        if decoder.shape(f"W_dec_{layer}") != [F, L - layer, D]:
+            raise CLTError(
+                f"{decoder.path}: W_dec_{layer} is {decoder.shape(f'W_dec_{layer}')}; expected [{F}, {L - layer}, {D}]."
+            )
+        for start, stop, rows in decoder.chunks(f"W_dec_{layer}"):  # source layer's slot of the packed W_dec
+            W_dec[start:stop, offsets[layer] : offsets[layer + 1]] = rows
     ones = torch.ones(L, device=device)
     return {
         "W_enc": W_enc,

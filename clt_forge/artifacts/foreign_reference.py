@@ -35,6 +35,8 @@ import torch
 from safetensors import safe_open
 
 from clt_forge.artifacts.foreign_common import ForeignHeader, block_hooks
+from clt_forge.artifacts.tensor_file import TensorFile
+from clt_forge.clt.model import pair_offsets
 from clt_forge.errors import CLTError
 
 __all__ = ["FORMAT", "detect", "read_header", "read_weights"]
@@ -45,7 +47,6 @@ CONFIG = "clt_cfg.json"
 RANK_FILE = re.compile(r"clt_weights[._-](?:rank[._-]?)?(\d+)\.safetensors")
 INPUT_HOOK, OUTPUT_HOOK = "ln2.hook_normalized", "hook_mlp_out"
 FACTOR_IN, FACTOR_OUT = "estimated_norm_scaling_factor_in", "estimated_norm_scaling_factor_out"
-FEATURE_DIM = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 1}  # concatenated across rank files
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -121,32 +122,46 @@ def read_header(folder: Path) -> ForeignHeader:
 
 
 def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Our tensors (see foreign_common), float32 on `device`."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    shared: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
-        with safe_open(path, "pt", device=str(device)) as handle:
-            for key in (*FEATURE_DIM, "b_dec", FACTOR_IN, FACTOR_OUT):
-                if key in FEATURE_DIM:
-                    parts.setdefault(key, []).append(handle.get_tensor(key).float())
-                elif key not in shared:
-                    shared[key] = handle.get_tensor(key).float()
-    tensors = {key: torch.cat(pieces, dim=FEATURE_DIM[key]) for key, pieces in parts.items()}
+    """Our tensors (see foreign_common), float32 on `device`. Each rank file's feature slice is
+    copied into place with plain reads (artifacts/tensor_file.py), a layer of W_enc or a pair's
+    decoder block at a time, cast as it goes: loading holds the float32 CLT plus one such block."""
     L, D, F = header.n_layers, header.d_model, header.d_features
-    rows = tensors["W_dec"]  # [P or L, F, D]
-    sources, targets = torch.triu_indices(L, L)
-    if rows.shape[0] == L and L > 1:  # per-layer decoders: only the (l, l) pairs are non-zero
-        diagonal = rows
-        rows = rows.new_zeros(len(sources), F, D)
-        rows[sources == targets] = diagonal
+    offsets = pair_offsets(L)
+    W_enc = torch.empty(L, D, F, device=device)
+    b_enc = torch.empty(L, F, device=device)
+    log_threshold = torch.empty(L, F, device=device)
+    W_dec: torch.Tensor | None = None
+    shared: dict[str, torch.Tensor] = {}
+    lo = 0
+    for path in weight_files(folder):
+        weights = TensorFile(path)
+        hi = lo + weights.shape("W_enc")[2]
+        for start, stop, rows in weights.chunks("W_enc"):  # [layers, D, f]
+            W_enc[start:stop, :, lo:hi] = rows
+        b_enc[:, lo:hi] = weights.read("b_enc")
+        log_threshold[:, lo:hi] = weights.read("log_threshold")
+        per_layer = weights.shape("W_dec")[0] == L and L > 1  # only the (l, l) pairs exist
+        if W_dec is None:
+            W_dec = (torch.zeros if per_layer else torch.empty)(F, offsets[-1], D, device=device)
+            shared = {key: weights.read(key).float().to(device) for key in ("b_dec", FACTOR_IN, FACTOR_OUT)}
+        for start, stop, rows in weights.chunks("W_dec"):  # [pairs (or layers), f, D]
+            if per_layer:
+                for layer in range(start, stop):
+                    W_dec[lo:hi, offsets[layer]] = rows[layer - start]
+            else:  # triu order is our packed source-major order
+                W_dec[lo:hi, start:stop] = rows.transpose(0, 1)
+        lo = hi
+    assert W_dec is not None  # weight_files lists at least one file
+    if shared["b_dec"].shape[0] == L and L > 1:
         b_dec = shared["b_dec"]
-    else:
-        b_dec = torch.zeros(L, D, device=rows.device).index_add_(0, targets.to(rows.device), shared["b_dec"])
+    else:  # its decode adds b_dec once per pair: ours is the sum over the pairs of each target
+        targets = torch.triu_indices(L, L)[1].to(device)
+        b_dec = torch.zeros(L, D, device=device).index_add_(0, targets, shared["b_dec"])
     return {
-        "W_enc": tensors["W_enc"].contiguous(),
-        "b_enc": tensors["b_enc"].contiguous(),
-        "log_threshold": tensors["log_threshold"].contiguous(),
-        "W_dec": rows.permute(1, 0, 2).contiguous(),  # triu order is our packed source-major order
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "log_threshold": log_threshold,
+        "W_dec": W_dec,
         "b_dec": b_dec,
         "norm.in_scale": 1.0 / shared[FACTOR_IN],
         "norm.out_scale": 1.0 / shared[FACTOR_OUT],

@@ -42,9 +42,11 @@ from pathlib import Path
 
 import torch
 from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder as CTTranscoder
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 from safetensors.torch import save_file
 
-from clt_forge.artifacts.checkpoint import CheckpointInfo, load_checkpoint
+from clt_forge.artifacts import foreign_circuit_tracer
+from clt_forge.artifacts.checkpoint import CheckpointInfo, foreign_reader, load_checkpoint, locate, read_info
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
 
@@ -90,8 +92,13 @@ class FoldedWeights:
 
 
 @torch.no_grad()
-def fold(clt: CrossLayerTranscoder, norm: Normalization) -> FoldedWeights:
-    """Fold the normalisation into the weights (see the module docstring)."""
+def fold(clt: CrossLayerTranscoder, norm: Normalization, in_place: bool = False) -> FoldedWeights:
+    """Fold the normalisation into the weights (see the module docstring). `in_place` spends `clt`
+    (for one loaded just for this): W_dec is scaled where it lies and handed out as per-source
+    views [F, L - l, D] of it, W_enc is dropped once transposed, so folding adds W_enc's size,
+    not the CLT's."""
+    if in_place:
+        return fold_in_place(clt, norm)
     in_scale = norm.in_scale.to(clt.W_enc.device, torch.float32)
     out_scale = norm.out_scale.to(clt.W_enc.device, torch.float32)
     W_enc = (clt.W_enc.float() / in_scale[:, None, None]).transpose(1, 2).contiguous()
@@ -106,6 +113,26 @@ def fold(clt: CrossLayerTranscoder, norm: Normalization) -> FoldedWeights:
 
 
 @torch.no_grad()
+def fold_in_place(clt: CrossLayerTranscoder, norm: Normalization) -> FoldedWeights:
+    in_scale = norm.in_scale.to(clt.W_enc.device, torch.float32)
+    out_scale = norm.out_scale.to(clt.W_enc.device, torch.float32)
+    W_enc = clt.W_enc.new_empty(clt.n_layers, clt.d_features, clt.d_model)
+    for layer in range(clt.n_layers):  # one layer's transpose at a time
+        W_enc[layer].copy_(clt.W_enc[layer].t()).div_(in_scale[layer])
+    clt.register_parameter("W_enc", None)
+    packed = clt.W_dec.detach()
+    targets = torch.triu_indices(clt.n_layers, clt.n_layers)[1].to(packed.device)  # each pair's target, packed order
+    packed.mul_(out_scale[targets][None, :, None])
+    return FoldedWeights(
+        W_enc=W_enc.cpu(),
+        b_enc=clt.b_enc.detach().float().cpu().clone(),
+        threshold=clt.jumprelu_threshold().detach().float().cpu(),
+        W_dec=[clt.decoder(source).detach().cpu() for source in range(clt.n_layers)],
+        b_dec=(clt.b_dec.detach().float() * out_scale[:, None]).cpu(),
+    )
+
+
+@torch.no_grad()
 def to_circuit_tracer(
     checkpoint: str | Path | tuple[CrossLayerTranscoder, Normalization],
     scan: str = "clt-forge",
@@ -114,23 +141,34 @@ def to_circuit_tracer(
 ) -> CTTranscoder:
     """circuit-tracer's CrossLayerTranscoder with every weight in memory (lazy_decoder=False),
     reading `blocks.{l}.mlp.hook_in` and writing `blocks.{l}.mlp.hook_out` in raw units (an
-    imported checkpoint: the hooks it declares)."""
+    imported checkpoint: the hooks it declares).
+
+    A checkpoint folder is loaded and folded in place (memory: the CLT plus its W_enc once more,
+    not twice the CLT); a circuit-tracer folder (foreign_circuit_tracer) is handed to circuit-tracer's
+    own load_clt with lazy_decoder=True, its default for published CLTs: the encoders are held,
+    decoder rows are read from W_dec_{l}.safetensors when attribution needs them."""
+    folder = None if isinstance(checkpoint, tuple) else locate(checkpoint)
+    if folder is not None and foreign_reader(folder) is foreign_circuit_tracer:
+        input_hook, output_hook = declared_hooks(read_info(folder))  # refuses what load_checkpoint refuses
+        return load_clt(str(folder), input_hook, output_hook, scan, torch.device(device), dtype, lazy_decoder=True)
     clt, norm, info = _load(checkpoint)
     input_hook, output_hook = declared_hooks(info)
-    weights = fold(clt, norm)
-    with torch.device("meta"):  # no zero-filled allocation: the folded tensors are assigned below
-        converted = CTTranscoder(
-            clt.n_layers,
-            clt.d_features,
-            clt.d_model,
-            activation_function="jump_relu",
-            lazy_decoder=False,
-            lazy_encoder=False,
-            feature_input_hook=input_hook,
-            feature_output_hook=output_hook,
-            scan=scan,
-            dtype=torch.float32,
-        )
+    weights = fold(clt, norm, in_place=folder is not None)
+    # On the meta device, named: its constructor zero-fills on the default device (CPU) when given
+    # none, whatever the torch.device context says. The folded tensors are assigned below.
+    converted = CTTranscoder(
+        clt.n_layers,
+        clt.d_features,
+        clt.d_model,
+        activation_function="jump_relu",
+        lazy_decoder=False,
+        lazy_encoder=False,
+        feature_input_hook=input_hook,
+        feature_output_hook=output_hook,
+        scan=scan,
+        device=torch.device("meta"),
+        dtype=torch.float32,
+    )
     state = {
         "W_enc": weights.W_enc,
         "b_enc": weights.b_enc,
@@ -146,7 +184,7 @@ def export_circuit_tracer(checkpoint: str | Path | tuple[CrossLayerTranscoder, N
     """Write circuit-tracer's on-disk CLT format (see the module docstring) atomically to `out`."""
     clt, norm, info = _load(checkpoint)
     input_hook, output_hook = declared_hooks(info)
-    weights = fold(clt, norm)
+    weights = fold(clt, norm, in_place=not isinstance(checkpoint, tuple))
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export folder {out} is not empty; choose another export= path or remove it.")
@@ -161,7 +199,8 @@ def export_circuit_tracer(checkpoint: str | Path | tuple[CrossLayerTranscoder, N
                 f"threshold_{layer}": weights.threshold[layer].contiguous(),
             }
             save_file(encoder, scratch / f"W_enc_{layer}.safetensors")
-            save_file({f"W_dec_{layer}": weights.W_dec[layer]}, scratch / f"W_dec_{layer}.safetensors")
+            decoder = weights.W_dec[layer].contiguous()  # a view of the packed W_dec when folded in place
+            save_file({f"W_dec_{layer}": decoder}, scratch / f"W_dec_{layer}.safetensors")
         (scratch / "config.yaml").write_text(
             "model_kind: cross_layer_transcoder\n"
             f"feature_input_hook: {input_hook}\n"
