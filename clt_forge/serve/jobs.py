@@ -52,6 +52,7 @@ class JobSpec:
     checkpoint: str
     tokens: list[int]
     edits: list[EditSpec]
+    model: str | None = None  # the model config the graph was attributed with (its metadata "model")
 
 
 class InterventionQueue:
@@ -66,11 +67,13 @@ class InterventionQueue:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
 
-    def submit(self, label: str, checkpoint: str, tokens: list[int], edits: list[EditSpec]) -> int:
+    def submit(
+        self, label: str, checkpoint: str, tokens: list[int], edits: list[EditSpec], model: str | None = None
+    ) -> int:
         with self._lock:
             number = int(self.board.incr("jobs:count"))
             self.board.set(f"job:{number}", {"number": number, "label": label, "status": "queued", "stage": ""})
-            self.queue.append(JobSpec(number, label, checkpoint, list(tokens), list(edits)))
+            self.queue.append(JobSpec(number, label, checkpoint, list(tokens), list(edits), model))
             self._ensure_worker()
         return number
 
@@ -135,7 +138,7 @@ def _worker(folder: str, threads: int, parent: int) -> None:
         torch.set_num_threads(threads)
     board = diskcache.Cache(folder)
     queue = diskcache.Deque(directory=str(Path(folder) / "queue"))
-    runners: dict[str, Any] = {}
+    runners: dict[tuple[str, str | None], Any] = {}
     while not board.get(STOP) and _alive(parent):
         try:
             spec = queue.popleft()
@@ -146,12 +149,12 @@ def _worker(folder: str, threads: int, parent: int) -> None:
         job.update(status="running", stage="")
         started = time.perf_counter()
         try:
-            runner = runners.get(spec.checkpoint)
+            runner = runners.get((spec.checkpoint, spec.model))
             if runner is None:
                 runners.clear()  # one model in memory at a time
                 gc.collect()
                 board.set(f"job:{spec.number}", dict(job, stage="loading the model"))
-                runner = runners[spec.checkpoint] = _load_runner(spec.checkpoint)
+                runner = runners[(spec.checkpoint, spec.model)] = _load_runner(spec.checkpoint, spec.model)
             board.set(f"job:{spec.number}", job)
             result = runner.intervene(spec.tokens, [_edit(e) for e in spec.edits])
             job.update(status="done", result=_plain(result))
@@ -176,11 +179,15 @@ def _alive(pid: int) -> bool:
     return os.getppid() == pid
 
 
-def _load_runner(checkpoint: str) -> Any:
+def _load_runner(checkpoint: str, model: str | None = None) -> Any:
+    """The replacement model of `checkpoint`: on the model config it records, or, for an imported
+    CLT (which records none, issue 20), on `model`, the one its graph was attributed with."""
+    from clt_forge.artifacts.checkpoint import read_info
     from clt_forge.attribution.runner import AttributionRunner
     from clt_forge.config.schema import AttributionSettings
 
-    return AttributionRunner(checkpoint, settings=AttributionSettings(verbose=False))
+    recorded = read_info(checkpoint).model.get("name")
+    return AttributionRunner(checkpoint, None if recorded else model, settings=AttributionSettings(verbose=False))
 
 
 def _edit(spec: EditSpec) -> Any:

@@ -118,7 +118,8 @@ def register(app: Dash, state: ServeState) -> None:
             return _warn(f"{ident} has no CLT features to edit.")
         verb = f"× {amount:g}" if mode == "scale" else f"= {amount:g}"
         edits = [EditSpec(*feature.layer_pos_feature, mode, float(amount)) for feature in features]
-        number = state.jobs.submit(f"{what} {verb}", checkpoint, list(tokens), edits)
+        model = document.metadata.get("model")
+        number = state.jobs.submit(f"{what} {verb}", checkpoint, list(tokens), edits, model)
         numbers = [*(jobs or []), number]
         return numbers, f"queued job #{number}", job_board(read_jobs(state.jobs.folder, numbers)), False
 
