@@ -217,7 +217,7 @@ def test_summarize():
 
 def test_make_explainer_by_kind():
     assert make_explainer(ExplainerConfig(kind=NO_EXPLAINER)) is None
-    assert set(EXPLAINERS) == {"local", "openai", "tokens"}
+    assert set(EXPLAINERS) == {"local", "openai", "tokens", "literal"}
 
 
 # ---- OpenAI-compatible endpoint (a real HTTP server on 127.0.0.1) ------------------------------

@@ -19,7 +19,8 @@ from openai_server import FakeOpenAIServer, mentions
 from clt_forge.artifacts.features import VERSION, Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer, make_explainer
 from clt_forge.autointerp.labels import choose_labels, rejection
-from clt_forge.autointerp.prompts import split_detection_question
+from clt_forge.autointerp.literal import Claim, LiteralJudge, claim
+from clt_forge.autointerp.prompts import detection_question, split_detection_question
 from clt_forge.autointerp.scoring import (
     CONTROL_FALLBACK,
     auroc,
@@ -106,6 +107,34 @@ def test_verdict_flags_an_uninformative_scorer_loudly():
     assert not bad["informative"] and "UNINFORMATIVE SCORER" in bad["message"]
 
 
+# ---- the literal judge -------------------------------------------------------------------------
+
+
+def test_literal_claims_read_the_quoted_tokens_or_the_class_before_after_and_promotes():
+    assert claim('"and" (20/20 top contexts), after "," (10/20); promotes "such"') == Claim(frozenset({"and"}))
+    assert claim('the word "King"') == Claim(frozenset({"king"}))
+    assert claim('punctuation: "?" (9/30 sampled), ";" (7/30 sampled)') == Claim(frozenset({"?", ";"}))
+    assert claim('newlines (4/4 top contexts); promotes "And"') == Claim(frozenset(), "newlines")
+    assert claim('numbers: "1" (1/5), "2" (1/5)') == Claim(frozenset(), "numbers")
+    assert claim("words about royalty") is None and claim("punctuation marks") is None
+
+
+def test_literal_judge_counts_claimed_tokens_and_hands_the_rest_to_its_fallback():
+    judge = LiteralJudge(ExplainerConfig(kind="literal"))
+    judge._fallback = KeywordJudge()  # no tokenizer: words and punctuation marks split by regex
+    questions = [
+        detection_question('"not" (5/5 top contexts), after "do" (4/5)', example("I do not know, not now.")),
+        detection_question('"not" (5/5 top contexts), after "do" (4/5)', example("I do know it.")),
+        detection_question("newlines (4/4 top contexts)", example("one\ntwo")),
+        detection_question("the dog", example("The dog ran.")),  # no literal claim: the fallback
+        detection_question("the cat", example("The dog ran.")),
+    ]
+    assert judge.judge(questions) == pytest.approx([2 / 2.5, 0.0, 1 / 1.5, 1.0, 0.0])
+    firing, silent = NOT, QUIET
+    scored = score_with_control(judge, tokens_label(evidence(NOT)), '"dog" (3/3 top contexts)', firing, silent)
+    assert scored.score == 1.0 and scored.control < 0.5, scored  # "dog" is in a silent context
+
+
 # ---- the tokens explainer and the rejection rules ------------------------------------------------
 
 
@@ -118,6 +147,18 @@ def test_tokens_label_names_the_dominant_token_preceding_token_and_decoder():
     newlines = tokens_label(evidence([example(f"line {i}\nnext", ["\n"]) for i in range(4)], []))
     assert newlines.startswith("newlines (4/4"), newlines
     assert tokens_label(evidence([])) == ""
+
+
+def test_tokens_label_names_a_class_whose_top_contexts_favour_one_member():
+    """Top contexts all "?" but the feature fires on ": ; ? !" alike (its counted firing tokens):
+    the class is named, with the members it fires on; when "?" also dominates the firing tokens, the
+    label stays the token."""
+    questions = [example(f"Why {w}? Tell me", ["?"]) for w in ("so", "not", "now", "here", "then")]
+    spread_out = FeatureEvidence(0, 1, questions, top_tokens=[("?", 9), (":", 8), (";", 7), ("!", 6)])
+    label = tokens_label(spread_out)
+    assert label.startswith('punctuation: "?" (9/30 sampled), ":" (8/30 sampled), ";" (7/30 sampled)'), label
+    one_member = FeatureEvidence(0, 1, questions, top_tokens=[("?", 25), (":", 3), ("!", 2)])
+    assert tokens_label(one_member).startswith('"?" (5/5 top contexts)'), tokens_label(one_member)
 
 
 def test_rejection_rules():

@@ -43,7 +43,7 @@ from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
-from clt_forge.autointerp import tokens as _tokens  # noqa: F401  (registers explainer.kind=tokens)
+from clt_forge.autointerp import literal as _literal  # noqa: F401  (registers tokens and literal)
 from clt_forge.autointerp.base import EXPLAINERS, NO_EXPLAINER, Explainer, Messages
 from clt_forge.autointerp.prompts import split_detection_question
 from clt_forge.config.schema import ExplainerConfig

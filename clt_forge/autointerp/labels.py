@@ -23,6 +23,7 @@ from itertools import pairwise
 
 from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.explainers import Explainer
+from clt_forge.autointerp.literal import quoted
 from clt_forge.autointerp.prompts import DEMOS, detection_question
 from clt_forge.autointerp.scoring import auroc
 from clt_forge.autointerp.tokens import tokens_label
@@ -32,12 +33,6 @@ __all__ = ["LabelChoice", "choose_labels", "quoted", "rejection"]
 SELECT_FIRING = 10  # top contexts judged per candidate
 SELECT_SILENT = 10  # silent contexts judged per candidate (collected beyond the scorer's)
 _STOP = {"the", "word", "words", "names", "name", "of", "a", "an", "and", "in", "token", "tokens"}
-_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
-
-
-def quoted(label: str) -> list[str]:
-    """The strings a label quotes ("..." or “...”), as written (\\n for a newline)."""
-    return [a or b for a, b in _QUOTED.findall(label)]
 
 
 def _demo_words() -> set[str]:

@@ -242,7 +242,8 @@ class AutoInterp:
                 )
             if cfg.score:
                 score_store(store, judge, half, cfg.seed)
-                store.set_meta(scorer="auroc")
+                used = getattr(judge, "judge_model", judge)  # the tokens kind's own judge
+                store.set_meta(scorer="auroc", judge=_judge_kind(cfg), judge_protocol=getattr(used, "protocol", None))
         finally:
             if judge is not explainer:
                 judge.close()
@@ -274,7 +275,13 @@ class AutoInterp:
                 "detection_scores": summarize(store.scores()),
                 "control_scores": summarize(store.controls()),
             }
-            scorer = {"kind": store.meta().get("scorer", "auroc")} | verdict(store.scores(), store.controls())
+            meta = store.meta()
+            scorer = {
+                "kind": meta.get("scorer", "auroc"),
+                "judge": meta.get("judge"),
+                "protocol": meta.get("judge_protocol"),
+            }
+            scorer |= verdict(store.scores(), store.controls())
             summary["scorer"] = scorer
             if scorer.get("message") and scorer["pairs"]:
                 print("!" * 80 + "\n" + str(scorer["message"]) + "\n" + "!" * 80)
@@ -283,6 +290,15 @@ class AutoInterp:
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"feature database: {merged} ({summary['features']} features, {summary['explained']} explained)")
         return merged
+
+
+def _judge_kind(cfg: AutointerpConfig) -> str:
+    """The explainer kind that judged the detection questions (recorded in the summary)."""
+    from clt_forge.autointerp.tokens import DEFAULT_JUDGE
+
+    if cfg.explainer.kind == "tokens":
+        return cfg.explainer.judge or DEFAULT_JUDGE
+    return cfg.explainer.judge or cfg.explainer.kind
 
 
 def _judge(cfg: AutointerpConfig, explainer: Explainer) -> Explainer:

@@ -223,6 +223,8 @@ def score_store(store: FeatureStore, judge: Explainer, half: int, seed: int) -> 
         evidence = store.evidence(layer, feature)
         control = pick_control((layer, feature), explanations, seed)
         firing, silent = spread(evidence.activating, half), evidence.non_activating[:half]
+        if not firing or not silent:  # no AUROC without both sides: nothing to ask the judge
+            firing, silent = [], []
         result = score_with_control(judge, explanations[layer, feature], control, firing, silent)
         store.set_score(
             layer, feature, result.score, result.true_positive_rate, result.true_negative_rate, result.control

@@ -8,13 +8,16 @@ From the feature's top contexts (the token where each peaks, and the token befor
 - the dominant activating tokens (case and leading space merged), each with its share of the top
   contexts, listed until they cover LISTED_SHARE of them (at most MAX_TOKENS);
 - when no single token holds half the contexts but a word class does (CLASS_SHARE of them:
-  numbers, newlines, punctuation, capitalised words), the class is named first;
+  numbers, newlines, punctuation, capitalised words), the class is named first; also when the
+  top contexts are one member of a class but the tokens it fires on (top contexts and the
+  uniform firing sample, `top_tokens`) are the class with no member holding half;
 - the preceding token when one holds at least PRECEDING_SHARE of the contexts;
 - the decoder's top promoted tokens (what the feature writes), MAX_PROMOTED of them.
 Every quoted token is one the feature fired on in its top contexts, came before it there, or is
 one its decoder promotes, so the label never names a token the evidence does not hold.
 
-Detection questions (scoring) go to a language model: `explainer.judge` (default: local).
+Detection questions (scoring) go to `explainer.judge` (default: literal, which checks the quoted
+tokens / named class on the text and passes the rest to the local model).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ MIN_TOKEN_SHARE = 0.1  # a token below this share of the top contexts is not lis
 CLASS_SHARE = 0.6  # a word class holding this share of the top contexts is named
 PRECEDING_SHARE = 0.5  # a preceding token holding this share is named
 MAX_PROMOTED = 3
-DEFAULT_JUDGE = "local"
+DEFAULT_JUDGE = "literal"  # literal claims checked on the text, the rest judged by local (literal.py)
 
 CLASSES: list[tuple[str, Callable[[str], bool]]] = [
     ("newlines", lambda t: "\n" in t),
@@ -94,11 +97,14 @@ def tokens_label(evidence: FeatureEvidence) -> str:
         covered += count
     classes = Counter(word_class(token) for token, _ in peaks)
     name, members = max(((c, k) for c, k in classes.items() if c), key=lambda x: x[1], default=(None, 0))
+    broad = _broad_class(evidence.top_tokens, name) if name and members / n >= CLASS_SHARE else None
     if name == "newlines" and members / n >= CLASS_SHARE:
         core = f"newlines ({members}/{n} top contexts)"
     elif name and members / n >= CLASS_SHARE and counted[0][1] / n < 0.5:
         in_class = [(form, c) for form, c in counted if word_class(form) == name][:MAX_TOKENS]
         core = f"{name}: " + ", ".join(f'"{form}" ({c}/{n})' for form, c in in_class)
+    elif broad:
+        core = f"{name}: " + ", ".join(f'"{form}" ({c}/{broad[1]} sampled)' for form, c in broad[0])
     elif listed:
         first, *rest = listed
         core = f'"{first[0]}" ({first[1]}/{n} top contexts)' + "".join(f', "{f}" ({c}/{n})' for f, c in rest)
@@ -111,6 +117,18 @@ def tokens_label(evidence: FeatureEvidence) -> str:
     if promoted:
         core += "; promotes " + ", ".join(f'"{t}"' for t in promoted)
     return core
+
+
+def _broad_class(top_tokens: Sequence[tuple[str, int]], name: str) -> tuple[list[tuple[str, int]], int] | None:
+    """The class `name`'s tokens among the tokens the feature fired on (`top_tokens`: top contexts
+    and the uniform firing sample, counted), when the class holds CLASS_SHARE of them and no one
+    token half: a class feature whose strongest activations happen to favour one member."""
+    counted = _counted([t for t, c in top_tokens for _ in range(c)])
+    total = sum(c for _, c in counted)
+    in_class = [(form, c) for form, c in counted if word_class(form) == name]
+    if not total or sum(c for _, c in in_class) / total < CLASS_SHARE or counted[0][1] / total >= 0.5:
+        return None
+    return in_class[:MAX_TOKENS], total
 
 
 @EXPLAINERS.register("tokens")

@@ -1,0 +1,123 @@
+"""`explainer.judge=literal`: detection questions answered from what the explanation literally claims.
+
+An explanation that quotes the tokens its feature fires on ('"not" (19/20 top contexts), after
+"do"', 'the word "king"') or names a word class of the tokens explainer ("newlines", "numbers")
+makes a claim the text itself can confirm: P(yes) grows with the number of the text's tokens
+(the judge model's tokenizer, compared stripped and lower-cased, as tokens.py counts them) that
+the claim names, n / (n + 0.5) (0 when none, 0.67 for one, 0.8 for two). Explanations with no such
+claim ("words about royalty") go to the model judge `FALLBACK` (the local PMI judge), and so do
+prompts that are not detection questions. (As `explainer.kind=literal` the fallback also writes the
+explanations: the local model's labels, judged literally.)
+
+What counts as the claim: the explanation before "; promotes" (what the decoder writes is not
+where the feature fires) and before ", after" (the preceding token is where it fires from, not
+on); a "punctuation:" or "capitalised words:" label claims the members it quotes (nearly every
+context holds some punctuation or a capital, so the class itself tells nothing apart), a
+"numbers" / "newlines" label the class.
+
+Why: on planted features of the embedded model (one word, a punctuation class, newlines) the PMI
+judge ranked the true label's firing contexts above the silent ones barely better than another
+feature's label (AUROC 0.61-0.67 vs control 0.55-0.63; docs/quality.md), while the claim these
+labels make can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
+from clt_forge.autointerp.prompts import split_detection_question
+from clt_forge.autointerp.tokens import word_class
+from clt_forge.config.schema import ExplainerConfig
+
+__all__ = ["FALLBACK", "Claim", "LiteralJudge", "claim", "quoted"]
+
+FALLBACK = "local"  # the model judge for explanations without a literal claim
+COUNT_HALF = 0.5  # P(yes) = n / (n + COUNT_HALF) for n claimed tokens in the text
+_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
+_CLASS_CLAIMS = ("newlines", "numbers")  # classes a context can lack (unlike punctuation, capitals)
+
+
+def quoted(label: str) -> list[str]:
+    """The strings a label quotes ("..." or “...”), as written (\\n for a newline)."""
+    return [a or b for a, b in _QUOTED.findall(label)]
+
+
+def _key(token: str) -> str:
+    return token.strip().lower() if token.strip() else token
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The tokens (keys: stripped, lower-case) or the word class an explanation says its feature
+    fires on."""
+
+    tokens: frozenset[str]
+    word_class: str | None = None
+
+    def matches(self, token: str) -> bool:
+        if self.word_class == "newlines":
+            return "\n" in token
+        if self.word_class is not None:
+            return word_class(token) == self.word_class
+        return _key(token) in self.tokens
+
+
+def claim(explanation: str) -> Claim | None:
+    """What `explanation` claims its feature fires on (module docstring); None: no literal claim."""
+    core = explanation.split("; promotes")[0].split(", after ")[0].strip()
+    lowered = core.lower()
+    for name in _CLASS_CLAIMS:
+        if lowered.startswith(name):
+            return Claim(frozenset(), name)
+    names = [q.replace("\\n", "\n") for q in quoted(core)]
+    keys = frozenset(_key(n) for n in names if n.strip() or "\n" in n)
+    return Claim(keys) if keys else None  # a punctuation / capitals label without members: the model
+
+
+@EXPLAINERS.register("literal")
+class LiteralJudge(Explainer):
+    """Judges detection questions by their explanation's literal claim (module docstring); the rest,
+    and every `explain` prompt, go to the FALLBACK kind, built on first use. Tokenises with the
+    fallback's tokenizer (the embedded model's by default, as the labels quote its tokens)."""
+
+    def __init__(self, cfg: ExplainerConfig) -> None:
+        self.cfg = cfg
+        self._fallback: Explainer | None = None
+
+    @property
+    def fallback(self) -> Explainer:
+        if self._fallback is None:
+            self._fallback = EXPLAINERS.lookup(FALLBACK)(replace(self.cfg, kind=FALLBACK, judge=None))
+        return self._fallback
+
+    def _tokens(self) -> Callable[[str], list[str]]:
+        tokenizer = getattr(self.fallback, "tokenizer", None)
+        if tokenizer is None:
+            return lambda text: re.findall(r"\w+|[^\w\s]|\n", text)
+        return lambda text: [tokenizer.decode([i]) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+    def judge(self, questions: Sequence[Messages]) -> list[float]:
+        scores: list[float | None] = [None] * len(questions)
+        split = self._tokens()
+        for i, question in enumerate(questions):
+            parts = split_detection_question(question)
+            said = claim(parts[0]) if parts else None
+            if parts is not None and said is not None:
+                n = sum(said.matches(token) for token in split(parts[1]))
+                scores[i] = n / (n + COUNT_HALF)
+        rest = [i for i, s in enumerate(scores) if s is None]
+        if rest:
+            for i, s in zip(rest, self.fallback.judge([questions[i] for i in rest]), strict=True):
+                scores[i] = s
+        return [float(s) for s in scores if s is not None]
+
+    def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
+        return self.fallback.explain(messages_batch)
+
+    def close(self) -> None:
+        if self._fallback is not None:
+            self._fallback.close()
+            self._fallback = None
