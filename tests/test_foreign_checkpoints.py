@@ -6,6 +6,8 @@ ours -> circuit-tracer format -> ours."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -362,5 +364,19 @@ def test_an_imported_clts_model_is_the_configured_model_with_its_hub_name():
 
     assert recorded_model_config({"hf_name": "meta-llama/Llama-3.2-1B"}).name == "llama1b"
     assert recorded_model_config({"hf_name": "google/gemma-2-2b"}).name == "gemma2_2b"
-    with pytest.raises(CLTError, match=r"'org/unknown'.*Pass model=NAME"):
+    with pytest.raises(CLTError, match=r"'org/unknown'.*conf/model/<name>.yaml"):
         recorded_model_config({"hf_name": "org/unknown"})
+
+
+def test_an_imported_clt_naming_no_model_is_refused_by_autointerp_saying_what_to_add(tmp_path):
+    folder = write_circuit_tracer(tmp_path / "ct", circuit_tracer_clt())
+    config = folder / "config.yaml"
+    config.write_text(config.read_text().replace("model_name: google/gemma-2-2b\n", ""))
+    run = subprocess.run(
+        [sys.executable, "-m", "clt_forge", "autointerp", f"checkpoint={folder}", f"out={tmp_path / 'out'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert "records no language model" in run.stderr and "model_name: <hub id>" in run.stderr, run.stderr
+    assert "google/gemma-2-2b (gemma2_2b)" in run.stderr, run.stderr

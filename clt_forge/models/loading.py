@@ -50,6 +50,14 @@ def recorded_model_config(recorded: Mapping[str, Any]) -> ModelConfig:
 
     if "name" not in recorded and "hf_name" in recorded:
         return _configured_for(str(recorded["hf_name"]))
+    if "name" not in recorded:
+        from clt_forge.config.files import group_options
+
+        hub = ", ".join(f"{c.hf_name} ({c.name})" for c in map(model_config, group_options("model")) if c.hf_name)
+        raise CLTError(
+            "the checkpoint records no language model (an imported CLT whose config.yaml / clt_cfg.json has "
+            f"no model_name). Add `model_name: <hub id>` to it, one of the configured models': {hub}."
+        )
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(recorded))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
@@ -62,8 +70,8 @@ def _configured_for(hf_name: str) -> ModelConfig:
     if not found:
         raise CLTError(
             f"the checkpoint was made for the model {hf_name!r}, and no model config has that hf_name "
-            f"(configured: {', '.join(f'{c.name} ({c.hf_name})' for c in configs)}). Pass model=NAME, "
-            f"or add conf/model/<name>.yaml for it (in {conf_dir() / 'model'})."
+            f"(configured: {', '.join(f'{c.name} ({c.hf_name})' for c in configs)}). Add "
+            f"conf/model/<name>.yaml with that hf_name for it (in {conf_dir() / 'model'})."
         )
     return found[0]
 
