@@ -204,7 +204,7 @@ def test_autointerp_refuses_a_dataset_at_other_hooks_before_loading_anything(mlp
     def heavy(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("loaded before the hooks were checked")
 
-    monkeypatch.setattr(runner, "load_checkpoint", heavy)
+    monkeypatch.setattr(runner, "load_features", heavy)
     monkeypatch.setattr(runner, "load_model", heavy)
     ckpt = checkpoint(tmp_path / "ckpt", "hook_resid_mid", "hook_mlp_out")
     cfg = autointerp_config(tmp_path / "out", f"activations={mlp_dataset}", f"checkpoint={ckpt}")

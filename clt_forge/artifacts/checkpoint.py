@@ -19,7 +19,8 @@ feature slice of W_enc, b_enc, log_threshold, W_dec; b_dec and norm.* in every s
 training_state.shard-RRR-of-WWW.safetensors, and lists the slices in config.json's "shards".
 `read_tensors` reads any feature range from either layout (only the shards that overlap it), so
 `load_checkpoint` gives every consumer the full CLT and a resumed run of any world size reads
-just its own slice.
+just its own slice. `load_features` reads only some features' encoders and decoder rows, from
+this format or a foreign one (autointerp: feature_subset.py).
 
 `hooks` ({"mlp_in": [per layer], "mlp_out": [...]}) says where the CLT reads and writes: a run's
 model.hook_in / hook_out, which its dataset was cached at (docs/hooks.md).
@@ -53,6 +54,7 @@ from safetensors.torch import save_file
 
 from clt_forge.artifacts import foreign_circuit_tracer, foreign_reference
 from clt_forge.artifacts.activations import block_relative
+from clt_forge.artifacts.feature_subset import FeatureSubset, read_our_features, subset, wanted_by_layer
 from clt_forge.artifacts.foreign_common import ForeignHeader
 from clt_forge.artifacts.foreign_hub import is_hub, resolve_hub
 from clt_forge.artifacts.normalization import Normalization
@@ -140,7 +142,7 @@ def install(scratch: Path, folder: Path) -> None:
         os.replace(scratch, folder)
 
 
-FOREIGN = (foreign_circuit_tracer, foreign_reference)  # each: detect, read_header, read_weights
+FOREIGN = (foreign_circuit_tracer, foreign_reference)  # each: detect, read_header, read_weights, read_features
 
 
 def locate(checkpoint: str | Path) -> Path:
@@ -217,6 +219,35 @@ def load_checkpoint(
     )
     clt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("norm.")}, assign=True)
     return clt, Normalization.from_state(tensors), info
+
+
+def load_features(folder: str | Path, chosen: Sequence[tuple[int, int]]) -> FeatureSubset:
+    """The encoders and decoder rows of the (layer, feature) pairs `chosen`, and nothing else of
+    the CLT's weights (artifacts/feature_subset.py): the values `load_checkpoint` would give, read
+    from any format without loading the CLT."""
+    folder = locate(folder)
+    reader = foreign_reader(folder)
+    if reader is None:
+        info = read_info(folder)
+        wanted = wanted_by_layer(chosen, info.n_layers)
+        tensors = read_our_features(weight_files(folder, info), info.n_layers, info.d_model, wanted)
+    else:
+        header = reader.read_header(folder)
+        wanted = wanted_by_layer(chosen, header.n_layers)
+        tensors = reader.read_features(folder, header, wanted)
+    return subset(wanted, tensors)
+
+
+def weight_files(folder: Path, info: CheckpointInfo, stem: str = WEIGHTS_STEM) -> list[tuple[Path, tuple[int, int]]]:
+    """Our checkpoint's files of `stem` and the feature slice [start, stop) each holds."""
+    if info.shards is None:
+        return [(folder / f"{stem}.safetensors", (0, info.d_features))]
+    world = info.shards["world"]
+    files = [(folder / shard_file(stem, r, world), tuple(info.shards["slices"][r])) for r in range(world)]
+    for path, _ in files:
+        if not path.is_file():
+            raise CLTError(f"checkpoint {folder}: {path.name} is missing (listed in its {CONFIG}).")
+    return [(path, (int(held[0]), int(held[1]))) for path, held in files]
 
 
 SHARDED_KEYS = {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "W_dec": 0, "dead.last_fired": 1}  # -> feature dim

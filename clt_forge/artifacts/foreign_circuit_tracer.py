@@ -16,6 +16,7 @@ matrices are read a chunk of rows at a time with plain file reads (artifacts/ten
 memory map) and cast to float32 as they are copied into place, so loading holds the float32 CLT
 plus one chunk (64 MiB), never a second copy of a layer or of the file
 (benchmarks/foreign_memory.py; docs/formats.md, "What each stage holds in memory").
+`read_features` reads only some features' rows of each file (autointerp).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from clt_forge.artifacts.tensor_file import TensorFile
 from clt_forge.clt.model import pair_offsets
 from clt_forge.errors import CLTError
 
-__all__ = ["FORMAT", "detect", "read_header", "read_weights"]
+__all__ = ["FORMAT", "detect", "read_features", "read_header", "read_weights"]
 
 FORMAT = "circuit-tracer/clt"
 CONFIG = "config.yaml"
@@ -119,6 +120,20 @@ def read_header(folder: Path) -> ForeignHeader:
     )
 
 
+def layer_files(folder: Path, header: ForeignHeader, layer: int) -> tuple[TensorFile, TensorFile]:
+    """Layer `layer`'s W_enc / W_dec files, their matrices' shapes checked."""
+    L, D, F = header.n_layers, header.d_model, header.d_features
+    encoder = TensorFile(folder / f"W_enc_{layer}.safetensors")
+    if encoder.shape(f"W_enc_{layer}") != [F, D]:
+        raise CLTError(f"{encoder.path}: W_enc_{layer} is {encoder.shape(f'W_enc_{layer}')}; layer 0's is [{F}, {D}].")
+    decoder = TensorFile(folder / f"W_dec_{layer}.safetensors")
+    if decoder.shape(f"W_dec_{layer}") != [F, L - layer, D]:
+        raise CLTError(
+            f"{decoder.path}: W_dec_{layer} is {decoder.shape(f'W_dec_{layer}')}; expected [{F}, {L - layer}, {D}]."
+        )
+    return encoder, decoder
+
+
 def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Our tensors (see foreign_common) from the per-layer files, float32 on `device`, each
     matrix read CHUNK_BYTES of rows at a time with plain reads and cast as it is copied into place."""
@@ -130,11 +145,7 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
     offsets = pair_offsets(L)
     W_dec = torch.empty(F, offsets[-1], D, device=device)
     for layer in range(L):
-        encoder = TensorFile(folder / f"W_enc_{layer}.safetensors")
-        if encoder.shape(f"W_enc_{layer}") != [F, D]:
-            raise CLTError(
-                f"{encoder.path}: W_enc_{layer} is {encoder.shape(f'W_enc_{layer}')}; layer 0's is [{F}, {D}]."
-            )
+        encoder, decoder = layer_files(folder, header, layer)
         for start, stop, rows in encoder.chunks(f"W_enc_{layer}"):  # [rows, D] -> our [D, rows]
             W_enc[layer, :, start:stop] = rows.t()
         b_enc[layer] = encoder.read(f"b_enc_{layer}")
@@ -142,11 +153,6 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
         if f"threshold_{layer}" in encoder.entries:
             threshold = encoder.read(f"threshold_{layer}")
             log_threshold[layer] = relu_log_threshold(threshold, str(encoder.path)).to(device)
-        decoder = TensorFile(folder / f"W_dec_{layer}.safetensors")
-        if decoder.shape(f"W_dec_{layer}") != [F, L - layer, D]:
-            raise CLTError(
-                f"{decoder.path}: W_dec_{layer} is {decoder.shape(f'W_dec_{layer}')}; expected [{F}, {L - layer}, {D}]."
-            )
         for start, stop, rows in decoder.chunks(f"W_dec_{layer}"):  # source layer's slot of the packed W_dec
             W_dec[start:stop, offsets[layer] : offsets[layer + 1]] = rows
     ones = torch.ones(L, device=device)
@@ -156,6 +162,34 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
         "log_threshold": log_threshold,
         "W_dec": W_dec,
         "b_dec": b_dec,
+        "norm.in_scale": ones,
+        "norm.out_scale": ones.clone(),
+    }
+
+
+def read_features(
+    folder: Path, header: ForeignHeader, wanted: list[list[int]]
+) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+    """Each layer's `wanted` features (ascending) as artifacts/feature_subset.py lays them out:
+    their rows of W_enc_{l} and W_dec_{l} (features are rows in both), all of b_enc / threshold."""
+    L, F = header.n_layers, header.d_features
+    b_enc = torch.empty(L, F)
+    log_threshold = torch.full((L, F), -torch.inf)
+    W_enc, W_dec = [], []
+    for layer, features in enumerate(wanted):
+        encoder, decoder = layer_files(folder, header, layer)
+        W_enc.append(encoder.take(f"W_enc_{layer}", features).float())
+        W_dec.append(decoder.take(f"W_dec_{layer}", features).float())
+        b_enc[layer] = encoder.read(f"b_enc_{layer}")
+        if f"threshold_{layer}" in encoder.entries:
+            threshold = encoder.read(f"threshold_{layer}")
+            log_threshold[layer] = relu_log_threshold(threshold, str(encoder.path))
+    ones = torch.ones(L)
+    return {
+        "W_enc": W_enc,
+        "W_dec": W_dec,
+        "b_enc": b_enc,
+        "log_threshold": log_threshold,
         "norm.in_scale": ones,
         "norm.out_scale": ones.clone(),
     }

@@ -1,13 +1,14 @@
 """What a reader of another library's CLT checkpoint hands `load_checkpoint`: the shared shapes.
 
 Each foreign format has its own module (foreign_circuit_tracer.py, foreign_reference.py) with
-three functions: `detect(folder) -> bool` (from file names alone), `read_header(folder) ->
-ForeignHeader` (config and tensor headers only: no weights are read) and `read_weights(folder,
+four functions: `detect(folder) -> bool` (from file names alone), `read_header(folder) ->
+ForeignHeader` (config and tensor headers only: no weights are read), `read_weights(folder,
 header, device) -> dict` (our checkpoint's tensor names and layout, see checkpoint.py: W_enc
 [L, D, F], b_enc [L, F], log_threshold [L, F], W_dec [F, P, D] packed source-major, b_dec [L, D],
-norm.in_scale [L], norm.out_scale [L], float32). checkpoint.py turns the header into a
-CheckpointInfo and the tensors into a CrossLayerTranscoder, so every stage takes the folder as
-it takes ours.
+norm.in_scale [L], norm.out_scale [L], float32) and `read_features(folder, header, wanted) ->
+dict` (only some features' encoders and decoder rows: feature_subset.py). checkpoint.py turns
+the header into a CheckpointInfo and the tensors into a CrossLayerTranscoder, so every stage
+takes the folder as it takes ours.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ b_dec[t] is the sum of b_dec over the pairs with target t. Its normalisation mul
 x_norm = x * factor_in and y = decode / factor_out; ours divides, so in_scale = 1 / factor_in
 and out_scale = 1 / factor_out. Hooks: the library reads `ln2.hook_normalized` and writes
 `hook_mlp_out` (TransformerLens names, block-relative) unless clt_cfg.json names
-feature_input_hook / feature_output_hook.
+feature_input_hook / feature_output_hook. `read_features` reads only some features (autointerp):
+their W_enc columns and their rows of each pair block of W_dec.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from clt_forge.artifacts.feature_subset import encoder_columns, file_parts, joined
 from clt_forge.artifacts.foreign_common import ForeignHeader, block_hooks
 from clt_forge.artifacts.tensor_file import TensorFile
 from clt_forge.clt.model import pair_offsets
 from clt_forge.errors import CLTError
 
-__all__ = ["FORMAT", "detect", "read_header", "read_weights"]
+__all__ = ["FORMAT", "detect", "read_features", "read_header", "read_weights"]
 
 FORMAT = "clt-forge-reference/clt"
 WEIGHTS = "clt_weights.safetensors"
@@ -165,4 +167,46 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
         "b_dec": b_dec,
         "norm.in_scale": 1.0 / shared[FACTOR_IN],
         "norm.out_scale": 1.0 / shared[FACTOR_OUT],
+    }
+
+
+def read_features(
+    folder: Path, header: ForeignHeader, wanted: list[list[int]]
+) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+    """Each layer's `wanted` features (ascending) as artifacts/feature_subset.py lays them out:
+    their W_enc columns, and their rows of each of their source layer's pair blocks of W_dec
+    [P, f, D] (a per-layer CLT: the (l, l) block, the other targets zero); per rank file."""
+    L, D = header.n_layers, header.d_model
+    offsets = pair_offsets(L)
+    handles = [TensorFile(path) for path in weight_files(folder)]
+    bounds, lo = [], 0
+    for weights in handles:
+        bounds.append((lo, lo + weights.shape("W_enc")[2]))
+        lo = bounds[-1][1]
+    per_layer = handles[0].shape("W_dec")[0] == L and L > 1
+    W_enc, W_dec = [], []
+    for layer, features in enumerate(wanted):
+        targets = L - layer
+        encoders, decoders = [], []
+        for number, local in file_parts(features, bounds):
+            weights = handles[number]
+            encoders.append(encoder_columns(weights, "W_enc", layer, local))
+            width = weights.shape("W_dec")[1]
+            if per_layer:
+                decoder = torch.zeros(len(local), targets, D)
+                decoder[:, 0] = weights.take("W_dec", [layer * width + f for f in local], lead=2)
+            else:  # pair offsets[layer] + t is (source layer, target layer + t)
+                rows = [(offsets[layer] + t) * width + f for f in local for t in range(targets)]
+                decoder = weights.take("W_dec", rows, lead=2).float().view(len(local), targets, D)
+            decoders.append(decoder)
+        W_enc.append(joined(encoders, torch.empty(0, D)))
+        W_dec.append(joined(decoders, torch.empty(0, targets, D)))
+    factors = {key: handles[0].read(key).float() for key in (FACTOR_IN, FACTOR_OUT)}
+    return {
+        "W_enc": W_enc,
+        "W_dec": W_dec,
+        "b_enc": torch.cat([weights.read("b_enc").float() for weights in handles], dim=1),
+        "log_threshold": torch.cat([weights.read("log_threshold").float() for weights in handles], dim=1),
+        "norm.in_scale": 1.0 / factors[FACTOR_IN],
+        "norm.out_scale": 1.0 / factors[FACTOR_OUT],
     }

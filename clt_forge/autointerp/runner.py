@@ -25,16 +25,15 @@ from typing import Any, cast
 import torch
 from tqdm import tqdm
 
-from clt_forge.artifacts.checkpoint import load_checkpoint, read_info
+from clt_forge.artifacts.checkpoint import load_features, read_info
 from clt_forge.artifacts.feature_json import export_feature_files
+from clt_forge.artifacts.feature_subset import FeatureSubset
 from clt_forge.artifacts.features import FeatureStore, merge_stores
 from clt_forge.artifacts.graph import NodeKind, parse_node
-from clt_forge.artifacts.normalization import Normalization
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
 from clt_forge.autointerp.explainers import NO_EXPLAINER, Explainer, make_explainer, validate_kinds
 from clt_forge.autointerp.labels import SELECT_SILENT
 from clt_forge.autointerp.source import check_sources, dataset_windows, grouped, model_windows
-from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.config.schema import AutointerpConfig
 from clt_forge.errors import CLTError
 from clt_forge.models.loading import load_model, recorded_model_config
@@ -89,15 +88,14 @@ class AutoInterp:
         info = read_info(checkpoint)
         model_cfg = recorded_model_config(info.model)
         hooks = check_sources(cfg.activations, info, checkpoint, model_cfg)  # before loading anything heavy
-        clt, norm, _ = load_checkpoint(checkpoint)
         model = load_model(model_cfg)
         index, count = cfg.worker.index, cfg.worker.count
         db_path = out / worker_db_name(index, count)
         out.mkdir(parents=True, exist_ok=True)
         with closing(FeatureStore(db_path)) as store:
             if not store.meta().get("pass_done"):
-                chosen = select_features(clt.n_layers, clt.d_features, cfg.features_from, index, count)
-                self._pass(store, clt, norm, model, model_cfg, chosen, str(checkpoint), hooks)
+                chosen = select_features(info.n_layers, info.d_features, cfg.features_from, index, count)
+                self._pass(store, model, model_cfg, chosen, str(checkpoint), hooks)
             if cfg.dry_run:
                 self._dry_run(store)
                 return db_path
@@ -116,8 +114,6 @@ class AutoInterp:
     def _pass(
         self,
         store: FeatureStore,
-        clt: CrossLayerTranscoder,
-        norm: Normalization,
         model: Any,
         model_cfg: Any,
         chosen: list[tuple[int, int]],
@@ -127,7 +123,8 @@ class AutoInterp:
         cfg = self.cfg
         if not chosen:
             raise CLTError("this worker has no features (more workers than features?).")
-        features = _slice(clt, norm, chosen)
+        subset = load_features(checkpoint, chosen)  # their encoders and decoder rows, not the CLT
+        features = _slice(subset)
         sample = cfg.quantiles * cfg.per_quantile + cfg.score_examples
         collector = Collector(
             features,
@@ -157,7 +154,7 @@ class AutoInterp:
         if collector.tokens_seen < cfg.tokens:
             print(f"note: {source} holds {collector.tokens_seen} tokens, fewer than tokens={cfg.tokens}.")
         seconds = time.perf_counter() - start
-        rows, examples = self._rows(collector, model, clt, norm)
+        rows, examples = self._rows(collector, model, subset)
         store.write_pass(
             rows,
             examples,
@@ -173,12 +170,12 @@ class AutoInterp:
         )
 
     def _rows(
-        self, collector: Collector, model: Any, clt: CrossLayerTranscoder, norm: Normalization
+        self, collector: Collector, model: Any, subset: FeatureSubset
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         cfg = self.cfg
         feats = collector.features
         decode = _Decoder(model.tokenizer)
-        top_ids, bottom_ids = _logit_tokens(clt, norm, model, feats.layers, feats.features, cfg.top_logits)
+        top_ids, bottom_ids = _logit_tokens(subset, model, cfg.top_logits)  # in the collector's order
         rows, examples = [], []
         seen = max(collector.tokens_seen, 1)
         for i, (layer, feature) in enumerate(zip(feats.layers, feats.features, strict=True)):
@@ -318,45 +315,29 @@ def _complete(path: Path) -> bool:
         return bool(store.meta().get("finished"))
 
 
-def _slice(clt: CrossLayerTranscoder, norm: Normalization, chosen: list[tuple[int, int]]) -> FeatureSlice:
-    layers = [layer for layer, _ in chosen]
-    features = [feature for _, feature in chosen]
-    W, b, theta = [], [], []
-    with torch.no_grad():
-        threshold = clt.jumprelu_threshold()
-        for layer in range(clt.n_layers):
-            cols = torch.tensor([f for lay, f in chosen if lay == layer], dtype=torch.int64)
-            W.append(clt.W_enc[layer][:, cols].T.float().contiguous())
-            b.append(clt.b_enc[layer][cols].float())
-            theta.append(threshold[layer][cols].float())
-    # the collector's flat order is layer-major, the order of `chosen` sorted by layer
-    order = sorted(range(len(chosen)), key=lambda i: (layers[i], i))
+def _slice(subset: FeatureSubset) -> FeatureSlice:
+    """The collector's encoders: the subset's, in its (layer-major) order."""
+    in_scale = subset.in_scale.float().clone()
     return FeatureSlice(
-        [layers[i] for i in order], [features[i] for i in order], W, b, theta, norm.in_scale.float().clone()
+        list(subset.layers), list(subset.features), subset.W_enc, subset.b_enc, subset.threshold, in_scale
     )
 
 
-def _logit_tokens(
-    clt: CrossLayerTranscoder, norm: Normalization, model: Any, layers: list[int], features: list[int], k: int
-) -> tuple[list[list[int]], list[list[int]]]:
+def _logit_tokens(subset: FeatureSubset, model: Any, k: int) -> tuple[list[list[int]], list[list[int]]]:
     """Top / bottom tokens of each feature's decoder (summed over its target layers, raw units)
-    read through the unembedding."""
+    read through the unembedding, in the subset's order."""
     W_U = model.W_U.detach().float()  # [D, V]
     top, bottom = [], []
     with torch.no_grad():
-        for layer in sorted(set(layers)):
-            idx = [i for i, lay in enumerate(layers) if lay == layer]
-            cols = torch.tensor([features[i] for i in idx])
-            decoder = clt.decoder(layer)[cols].float() * norm.out_scale[layer:, None].float()  # [n, T, D]
+        for layer, rows in enumerate(subset.W_dec):
+            if rows.shape[0] == 0:
+                continue
+            decoder = rows.float() * subset.out_scale[layer:, None].float()  # [n, T, D]
             logits = decoder.sum(1) @ W_U
             k_eff = min(k, logits.shape[1])
-            highs, lows = logits.topk(k_eff).indices.tolist(), (-logits).topk(k_eff).indices.tolist()
-            for j, i in enumerate(idx):
-                top.append((i, highs[j]))
-                bottom.append((i, lows[j]))
-    top.sort()
-    bottom.sort()
-    return [t for _, t in top], [b for _, b in bottom]
+            top += logits.topk(k_eff).indices.tolist()
+            bottom += (-logits).topk(k_eff).indices.tolist()
+    return top, bottom
 
 
 class _Decoder:
