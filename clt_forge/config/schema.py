@@ -253,9 +253,7 @@ class ExplainerConfig:
     timeout_s: float = 60.0  # openai: per request
     candidates: int = 3  # local / openai: answers per feature; the best-scoring acceptable one is kept
     sample_temperature: float = 0.7  # local / openai: sampling temperature of the candidates after the first
-    judge: str | None = (
-        None  # the kind judging detection questions (literal, local, openai); null: this one (tokens: literal)
-    )
+    judge: str | None = None  # judge of detection questions: literal, local, openai; null: this kind (tokens: literal)
 
 
 @dataclass
