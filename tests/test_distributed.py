@@ -295,6 +295,9 @@ def _reshard_rank(rank: int, world: int, source: str, folder: str) -> None:
         info = read_info(source)
         weights = read_tensors(Path(source), "clt", info, cols)
         state = read_tensors(Path(source), "training_state", info, cols)
+        # a slice of one file's tensor must come back contiguous: a strided W_enc view made a
+        # 2-rank resume from a 1-process checkpoint train differently (test_torchrun)
+        assert all(t.is_contiguous() for t in [*weights.values(), *state.values()])
         norm = Normalization.from_state(weights)
         weights = {k: v for k, v in weights.items() if not k.startswith("norm.")}
     else:

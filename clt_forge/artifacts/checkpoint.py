@@ -290,8 +290,8 @@ def read_tensors(
                 elif lo < hi:
                     index = (slice(None),) * dim + (slice(lo - held.start, hi - held.start),)
                     parts.setdefault(key, []).append(handle.get_slice(key)[index])
-    for key, pieces in parts.items():  # one piece (a plain checkpoint) is used as read: cat would copy it
-        out[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=feature_dim(key) or 0)
+    for key, pieces in parts.items():  # one piece: used as read (cat would copy it), strided slices made contiguous
+        out[key] = pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=feature_dim(key) or 0)
     if "W_enc" in out and out["W_enc"].shape[2] != want.stop - want.start:
         raise CLTError(
             f"checkpoint {folder}: its shards hold {out['W_enc'].shape[2]} of features {want.start}..{want.stop - 1}."
