@@ -368,15 +368,25 @@ def test_an_imported_clts_model_is_the_configured_model_with_its_hub_name():
         recorded_model_config({"hf_name": "org/unknown"})
 
 
-def test_an_imported_clt_naming_no_model_is_refused_by_autointerp_saying_what_to_add(tmp_path):
+def test_an_imported_clt_naming_no_model_runs_on_the_configured_model_checked_against_it(tmp_path):
+    """No model_name: autointerp / attribute take model= (here the default, smollm2_135m: 30 layers,
+    d_model 576) and refuse it before any heavy work when the CLT (3 layers, d_model 8) does not fit;
+    code that reads the record alone says what to add."""
+    from clt_forge.models.loading import recorded_model_config
+
     folder = write_circuit_tracer(tmp_path / "ct", circuit_tracer_clt())
     config = folder / "config.yaml"
     config.write_text(config.read_text().replace("model_name: google/gemma-2-2b\n", ""))
-    run = subprocess.run(
-        [sys.executable, "-m", "clt_forge", "autointerp", f"checkpoint={folder}", f"out={tmp_path / 'out'}"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
-    assert "records no language model" in run.stderr and "model_name: <hub id>" in run.stderr, run.stderr
-    assert "google/gemma-2-2b (gemma2_2b)" in run.stderr, run.stderr
+    for stage in ("autointerp", "attribute"):
+        run = subprocess.run(
+            [sys.executable, "-m", "clt_forge", stage, f"checkpoint={folder}", f"out={tmp_path / stage}"],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+        assert "names no language model: using model=smollm2_135m" in run.stdout, run.stdout
+        assert "d_model: checkpoint 8, config 576" in run.stderr and "n_layers: checkpoint 3" in run.stderr, run.stderr
+    with pytest.raises(
+        CLTError, match=r"records no language model.*model_name: <hub id>.*google/gemma-2-2b \(gemma2_2b\)"
+    ):
+        recorded_model_config({})

@@ -36,7 +36,7 @@ from clt_forge.autointerp.labels import SELECT_SILENT
 from clt_forge.autointerp.source import check_sources, dataset_windows, grouped, model_windows
 from clt_forge.config.schema import AutointerpConfig
 from clt_forge.errors import CLTError
-from clt_forge.models.loading import load_model, recorded_model_config
+from clt_forge.models.loading import checkpoint_model_config, load_model
 
 __all__ = ["AutoInterp", "select_features", "worker_db_name"]
 
@@ -86,7 +86,7 @@ class AutoInterp:
         if not checkpoint:
             raise CLTError("clt autointerp needs checkpoint=PATH (a CLT checkpoint folder written by `clt train`).")
         info = read_info(checkpoint)
-        model_cfg = recorded_model_config(info.model)
+        model_cfg = checkpoint_model_config(info.model, cfg.model, checkpoint)  # imported CLTs: model=
         hooks = check_sources(cfg.activations, info, checkpoint, model_cfg)  # before loading anything heavy
         model = load_model(model_cfg)
         index, count = cfg.worker.index, cfg.worker.count

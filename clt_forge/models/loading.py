@@ -62,6 +62,16 @@ def recorded_model_config(recorded: Mapping[str, Any]) -> ModelConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def checkpoint_model_config(recorded: Mapping[str, Any], configured: ModelConfig, checkpoint: object) -> ModelConfig:
+    """The model a checkpoint was made for: the one it records, else (an imported CLT whose config
+    names no model) the configured `model=`, which the caller checks against the CLT (d_model,
+    n_layers, hooks: `check_model_matches`) before any heavy work."""
+    if recorded:
+        return recorded_model_config(recorded)
+    print(f"note: {checkpoint} names no language model: using model={configured.name} (checked against the CLT).")
+    return configured
+
+
 def _configured_for(hf_name: str) -> ModelConfig:
     from clt_forge.config.files import conf_dir, group_options
 

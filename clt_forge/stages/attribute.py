@@ -10,10 +10,12 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from clt_forge.artifacts.checkpoint import read_info
 from clt_forge.attribution.convert import export_circuit_tracer
 from clt_forge.attribution.runner import AttributionRunner, slugify
 from clt_forge.config.schema import AttributeConfig
 from clt_forge.errors import CLTError
+from clt_forge.models.loading import checkpoint_model_config
 from clt_forge.runs import setup
 
 
@@ -29,8 +31,15 @@ def run(cfg: AttributeConfig) -> Path:
         return out
     labels = _labels(cfg.features)
     # AttributeConfig is an AttributionSettings: the runner reads its settings from it directly
+    recorded = read_info(cfg.checkpoint).model  # an imported CLT naming no model runs on model=
+    model_name = None if recorded else checkpoint_model_config(recorded, cfg.model, cfg.checkpoint).name
     runner = AttributionRunner(
-        cfg.checkpoint, device=cfg.device, labels=labels, features_path=cfg.features, settings=cfg
+        cfg.checkpoint,
+        model_name,
+        device=cfg.device,
+        labels=labels,
+        features_path=cfg.features,
+        settings=cfg,
     )
     slugs = _slugs(cfg, prompts)
     for prompt, slug in zip(prompts, slugs, strict=True):
