@@ -1,5 +1,5 @@
 """`clt demo` on the tiny model: every stage writes into one run folder, the graph's feature
-nodes carry the local explainer's explanations, a re-run skips every finished stage, and each
+nodes carry the tokens explainer's labels, a re-run skips every finished stage, and each
 stage runs alone from the artifacts the demo wrote."""
 
 from __future__ import annotations
