@@ -239,11 +239,13 @@ def load_features(folder: str | Path, chosen: Sequence[tuple[int, int]]) -> Feat
 
 
 def weight_files(folder: Path, info: CheckpointInfo, stem: str = WEIGHTS_STEM) -> list[tuple[Path, tuple[int, int]]]:
-    """Our checkpoint's files of `stem` and the feature slice [start, stop) each holds."""
+    """Our checkpoint's files of `stem` and the feature slice [start, stop) each holds, each
+    checked to exist."""
     if info.shards is None:
-        return [(folder / f"{stem}.safetensors", (0, info.d_features))]
-    world = info.shards["world"]
-    files = [(folder / shard_file(stem, r, world), tuple(info.shards["slices"][r])) for r in range(world)]
+        files = [(folder / f"{stem}.safetensors", (0, info.d_features))]
+    else:
+        world = info.shards["world"]
+        files = [(folder / shard_file(stem, r, world), tuple(info.shards["slices"][r])) for r in range(world)]
     for path, _ in files:
         if not path.is_file():
             raise CLTError(f"checkpoint {folder}: {path.name} is missing (listed in its {CONFIG}).")
@@ -269,17 +271,11 @@ def read_tensors(
 ) -> dict[str, torch.Tensor]:
     """The tensors of `stem` (clt or training_state) for global features `features` of every layer
     (all by default), from a plain or a sharded checkpoint; only overlapping shards are read."""
-    if info.shards is None:
-        files = [(folder / f"{stem}.safetensors", slice(0, info.d_features))]
-    else:
-        world = info.shards["world"]
-        files = [(folder / shard_file(stem, r, world), slice(*info.shards["slices"][r])) for r in range(world)]
+    files = [(path, slice(*held)) for path, held in weight_files(folder, info, stem)]
     want = features or slice(0, info.d_features)
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, list[torch.Tensor]] = {}
     for path, held in files:
-        if not path.is_file():
-            raise CLTError(f"checkpoint {folder}: {path.name} is missing (listed in its {CONFIG}).")
         lo, hi = max(held.start, want.start), min(held.stop, want.stop)
         with safe_open(path, "pt", device=str(device)) as handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)

@@ -23,7 +23,7 @@ Order: layer-major, features ascending within a layer, duplicates dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ __all__ = [
     "encoder_columns",
     "file_parts",
     "joined",
+    "read_chosen",
     "read_our_features",
     "subset",
     "wanted_by_layer",
@@ -119,34 +120,51 @@ def joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def read_chosen(
+    handles: list[TensorFile],
+    bounds: list[tuple[int, int]],
+    wanted: list[list[int]],
+    d_model: int,
+    decoder: Callable[[TensorFile, int, list[int]], torch.Tensor],
+) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+    """What the [L, D, f]-encoder formats (ours, the reference library's) share: file by file
+    (`handles`, holding the contiguous feature slices `bounds`), each layer's chosen features'
+    encoder columns and decoder rows (`decoder(file, layer, local features)`: [n, L - layer, D]),
+    and every feature's b_enc / log_threshold."""
+    L, D = len(wanted), d_model
+    W_enc, W_dec = [], []
+    for layer, features in enumerate(wanted):
+        encoders, decoders = [], []
+        for number, local in file_parts(features, bounds):
+            encoders.append(encoder_columns(handles[number], "W_enc", layer, local))
+            decoders.append(decoder(handles[number], layer, local))
+        W_enc.append(joined(encoders, torch.empty(0, D)))
+        W_dec.append(joined(decoders, torch.empty(0, L - layer, D)))
+    return {
+        "W_enc": W_enc,
+        "W_dec": W_dec,
+        "b_enc": torch.cat([weights.read("b_enc").float() for weights in handles], dim=1),
+        "log_threshold": torch.cat([weights.read("log_threshold").float() for weights in handles], dim=1),
+    }
+
+
 def read_our_features(
     files: list[tuple[Path, tuple[int, int]]], n_layers: int, d_model: int, wanted: list[list[int]]
 ) -> dict[str, list[torch.Tensor] | torch.Tensor]:
     """The chosen features from our checkpoint files (clt.safetensors, or the shards with the
     feature slices they hold): W_enc [L, D, f] by columns, W_dec [f, P, D] by the rows of each
     feature's source-layer slots."""
-    L, D = n_layers, d_model
-    offsets = pair_offsets(L)
+    offsets = pair_offsets(n_layers)
+
+    def decoder(weights: TensorFile, layer: int, local: list[int]) -> torch.Tensor:
+        targets, pairs = n_layers - layer, weights.shape("W_dec")[1]
+        rows = [f * pairs + offsets[layer] + t for f in local for t in range(targets)]
+        return weights.take("W_dec", rows, lead=2).float().view(len(local), targets, d_model)
+
     handles = [TensorFile(path) for path, _ in files]
-    bounds = [held for _, held in files]
-    W_enc, W_dec = [], []
-    for layer, features in enumerate(wanted):
-        targets = L - layer
-        encoders, decoders = [], []
-        for number, local in file_parts(features, bounds):
-            weights = handles[number]
-            encoders.append(encoder_columns(weights, "W_enc", layer, local))
-            pairs = weights.shape("W_dec")[1]
-            rows = [f * pairs + offsets[layer] + t for f in local for t in range(targets)]
-            decoders.append(weights.take("W_dec", rows, lead=2).float().view(len(local), targets, D))
-        W_enc.append(joined(encoders, torch.empty(0, D)))
-        W_dec.append(joined(decoders, torch.empty(0, targets, D)))
+    chosen = read_chosen(handles, [held for _, held in files], wanted, d_model, decoder)
     first = handles[0]
-    return {
-        "W_enc": W_enc,
-        "W_dec": W_dec,
-        "b_enc": torch.cat([weights.read("b_enc").float() for weights in handles], dim=1),
-        "log_threshold": torch.cat([weights.read("log_threshold").float() for weights in handles], dim=1),
+    return chosen | {
         "norm.in_scale": first.read("norm.in_scale").float(),
         "norm.out_scale": first.read("norm.out_scale").float(),
     }

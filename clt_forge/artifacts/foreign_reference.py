@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from clt_forge.artifacts.feature_subset import encoder_columns, file_parts, joined
+from clt_forge.artifacts.feature_subset import read_chosen
 from clt_forge.artifacts.foreign_common import ForeignHeader, block_hooks
 from clt_forge.artifacts.tensor_file import TensorFile
 from clt_forge.clt.model import pair_offsets
@@ -184,29 +184,19 @@ def read_features(
         bounds.append((lo, lo + weights.shape("W_enc")[2]))
         lo = bounds[-1][1]
     per_layer = handles[0].shape("W_dec")[0] == L and L > 1
-    W_enc, W_dec = [], []
-    for layer, features in enumerate(wanted):
-        targets = L - layer
-        encoders, decoders = [], []
-        for number, local in file_parts(features, bounds):
-            weights = handles[number]
-            encoders.append(encoder_columns(weights, "W_enc", layer, local))
-            width = weights.shape("W_dec")[1]
-            if per_layer:
-                decoder = torch.zeros(len(local), targets, D)
-                decoder[:, 0] = weights.take("W_dec", [layer * width + f for f in local], lead=2)
-            else:  # pair offsets[layer] + t is (source layer, target layer + t)
-                rows = [(offsets[layer] + t) * width + f for f in local for t in range(targets)]
-                decoder = weights.take("W_dec", rows, lead=2).float().view(len(local), targets, D)
-            decoders.append(decoder)
-        W_enc.append(joined(encoders, torch.empty(0, D)))
-        W_dec.append(joined(decoders, torch.empty(0, targets, D)))
+
+    def decoder(weights: TensorFile, layer: int, local: list[int]) -> torch.Tensor:
+        targets, width = L - layer, weights.shape("W_dec")[1]
+        if per_layer:
+            rows = torch.zeros(len(local), targets, D)
+            rows[:, 0] = weights.take("W_dec", [layer * width + f for f in local], lead=2)
+            return rows
+        # pair offsets[layer] + t is (source layer, target layer + t)
+        index = [(offsets[layer] + t) * width + f for f in local for t in range(targets)]
+        return weights.take("W_dec", index, lead=2).float().view(len(local), targets, D)
+
     factors = {key: handles[0].read(key).float() for key in (FACTOR_IN, FACTOR_OUT)}
-    return {
-        "W_enc": W_enc,
-        "W_dec": W_dec,
-        "b_enc": torch.cat([weights.read("b_enc").float() for weights in handles], dim=1),
-        "log_threshold": torch.cat([weights.read("log_threshold").float() for weights in handles], dim=1),
+    return read_chosen(handles, bounds, wanted, D, decoder) | {
         "norm.in_scale": 1.0 / factors[FACTOR_IN],
         "norm.out_scale": 1.0 / factors[FACTOR_OUT],
     }

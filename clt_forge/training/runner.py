@@ -75,6 +75,7 @@ class StepResult:
 class CLTTrainingRunner:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        resolve_finetune(cfg)  # a finetune's width and STE bandwidth are its checkpoint's
         self.d_features = cfg.clt.d_features or round(cfg.clt.expansion_factor * cfg.model.d_model)
         self.parallel: Parallel
         self.resumed: Resumed | None = None
@@ -106,8 +107,6 @@ class CLTTrainingRunner:
 
     def _run(self) -> Path:
         cfg, parallel = self.cfg, self.parallel
-        resolve_finetune(cfg)
-        self.d_features = cfg.clt.d_features or self.d_features
         out = Path(cfg.resume) if cfg.resume else setup(cfg)
         out = parallel.broadcast_object(out)  # rank 0's folder: each process has its own Hydra run dir
         if cfg.resume:
@@ -145,7 +144,6 @@ class CLTTrainingRunner:
         """This rank's CLT (seeded init) and dead-feature counters; `prepare` wraps it afterwards."""
         self.features = self.parallel.features(self.d_features)
         self.clt, pretrained_normalization = build_clt(self.cfg, self.parallel, self.features, self.d_features)
-        self.bandwidth = self.clt.bandwidth  # a finetune's is its checkpoint's, whatever clt.jumprelu_bandwidth says
         if pretrained_normalization is not None:  # finetuning keeps the units the CLT was trained in
             self.normalization = pretrained_normalization
         self.dead = DeadFeatures(
@@ -300,7 +298,7 @@ class CLTTrainingRunner:
             n_layers=cfg.model.n_layers,
             d_model=cfg.model.d_model,
             d_features=self.d_features,
-            bandwidth=self.bandwidth,
+            bandwidth=cfg.clt.jumprelu_bandwidth,  # a finetune's: its checkpoint's (resolve_finetune)
             model=plain(cfg.model),
             hooks=hook_names(cfg.model.n_layers, cfg.model.hook_in, cfg.model.hook_out),
             step=step,
