@@ -119,9 +119,21 @@ def test_literal_claims_read_the_quoted_tokens_or_the_class_before_after_and_pro
     assert claim("words about royalty") is None and claim("punctuation marks") is None
 
 
+class WordTokenizer:
+    """Words and punctuation marks as tokens (leading space kept), the encode / decode pair the
+    literal judge reads a text with."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        self.pieces = re.findall(r" ?\w+|[^\w\s]|\n", text)
+        return list(range(len(self.pieces)))
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
 def test_literal_judge_counts_claimed_tokens_and_hands_the_rest_to_its_fallback():
     judge = LiteralJudge(ExplainerConfig(kind="literal"))
-    judge._fallback = KeywordJudge()  # no tokenizer: words and punctuation marks split by regex
+    judge._fallback, judge._tokenizer = KeywordJudge(), WordTokenizer()
     questions = [
         detection_question('"not" (5/5 top contexts), after "do" (4/5)', example("I do not know, not now.")),
         detection_question('"not" (5/5 top contexts), after "do" (4/5)', example("I do know it.")),

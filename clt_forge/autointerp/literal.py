@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
 from clt_forge.autointerp.prompts import split_detection_question
@@ -81,11 +82,12 @@ def claim(explanation: str) -> Claim | None:
 class LiteralJudge(Explainer):
     """Judges detection questions by their explanation's literal claim (module docstring); the rest,
     and every `explain` prompt, go to the FALLBACK kind, built on first use. Tokenises with the
-    fallback's tokenizer (the embedded model's by default, as the labels quote its tokens)."""
+    tokenizer of `cfg.model` (the embedded model's by default, as the labels quote its tokens)."""
 
     def __init__(self, cfg: ExplainerConfig) -> None:
         self.cfg = cfg
         self._fallback: Explainer | None = None
+        self._tokenizer: Any = None
 
     @property
     def fallback(self) -> Explainer:
@@ -94,9 +96,14 @@ class LiteralJudge(Explainer):
         return self._fallback
 
     def _tokens(self) -> Callable[[str], list[str]]:
-        tokenizer = getattr(self.fallback, "tokenizer", None)
-        if tokenizer is None:
-            return lambda text: re.findall(r"\w+|[^\w\s]|\n", text)
+        """The text's tokens as the fallback model's tokenizer splits them (loaded alone: no model
+        weights are read unless a question goes to the fallback)."""
+        if self._tokenizer is None:
+            from clt_forge.models.gguf import load_tokenizer
+            from clt_forge.models.loading import model_config
+
+            self._tokenizer = load_tokenizer(model_config(self.cfg.model))
+        tokenizer = self._tokenizer
         return lambda text: [tokenizer.decode([i]) for i in tokenizer.encode(text, add_special_tokens=False)]
 
     def judge(self, questions: Sequence[Messages]) -> list[float]:

@@ -75,18 +75,29 @@ def convert_gguf(cfg: ModelConfig, gguf: Path, target: Path) -> None:
         raise
 
 
-def load_hf(cfg: ModelConfig) -> tuple[Any, Any]:
-    """The converted Hugging Face model and tokenizer (converting on first use)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def converted(cfg: ModelConfig) -> Path:
+    """The converted Hugging Face folder of `cfg`'s GGUF (converting on first use)."""
     gguf = find_gguf(cfg)
     folder = converted_dir(cfg, gguf)
     if not (folder / "config.json").is_file():
         print(f"Converting {gguf.name} once to {folder} (about 30 s) ...", flush=True)
         convert_gguf(cfg, gguf, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(cfg))
-    return model, tokenizer
+    return folder
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The converted model's tokenizer alone (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(converted(cfg))
+
+
+def load_hf(cfg: ModelConfig) -> tuple[Any, Any]:
+    """The converted Hugging Face model and tokenizer (converting on first use)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = converted(cfg)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(cfg)), AutoTokenizer.from_pretrained(folder)
 
 
 @register_loader("gguf")
