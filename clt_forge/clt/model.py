@@ -44,6 +44,7 @@ summing two full-size W_dec gradients. `GradBuffer` keeps that buffer across ste
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,13 @@ from torch import nn
 
 from clt_forge.clt.activations import Activated, Gather, make_activation
 from clt_forge.clt.init import init_clt
-from clt_forge.clt.sparse_decode import DECODE, SparseDecodeWithNorms, decoder_weight_grad
+from clt_forge.clt.sparse_decode import (
+    DECODE,
+    DecoderGradSink,
+    SparseDecodeWithNorms,
+    decoder_block_grad,
+    decoder_weight_grad,
+)
 from clt_forge.clt.sparse_decode import decoder_norms_packed as _decoder_norms_packed
 from clt_forge.clt.sparse_decode import source_block as _source_block
 
@@ -135,6 +142,21 @@ class GradBuffer:
         # A new tensor object over the same storage: autograd adopts it as param.grad without a copy.
         return buf.detach()
 
+    def gradient(
+        self,
+        W_dec: torch.Tensor,
+        offsets: list[int],
+        z_t: Callable[[int], torch.Tensor],
+        grad_recon: torch.Tensor | None,
+        coef: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """grad W_dec [F, P, D] in this buffer, block by source layer (a `DecoderGradSink`)."""
+        grad_w = self.take(W_dec)
+        for source in range(len(offsets) - 1):  # offsets has n_layers + 1 entries
+            dest = _source_block(grad_w, offsets, source)
+            decoder_block_grad(dest, W_dec, offsets, source, z_t, grad_recon, coef)
+        return grad_w
+
 
 class _DecodeWithNorms(torch.autograd.Function):
     """(reconstruction without bias [B, L, D], decoder norms [L, F]) from (z, packed W_dec)."""
@@ -145,7 +167,7 @@ class _DecodeWithNorms(torch.autograd.Function):
         z: torch.Tensor,
         W_dec: torch.Tensor,
         offsets: list[int],
-        grad_buffer: GradBuffer | None = None,
+        grad_buffer: DecoderGradSink | None = None,
         with_norms: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         recon = _decode_packed(z, W_dec, offsets)
@@ -195,7 +217,8 @@ class CrossLayerTranscoder(nn.Module):
 
     `grad_buffer` reuses W_dec's gradient storage across steps (see `GradBuffer`); a wrapper
     that frees gradients itself after reducing them (FSDP) may set it to None so the full-size
-    buffer is not kept alive between steps.
+    buffer is not kept alive between steps. `decoder_grad`, when set (clt_forge.clt.deferred,
+    `optim.decoder_grad=blocks`), takes W_dec's gradient instead: W_dec.grad stays None.
 
     `activation` names an entry of clt_forge.clt.activations.ACTIVATIONS (jumprelu, topk,
     batchtopk; `k` is TopK's features per token and layer); `decode` an entry of
@@ -230,6 +253,7 @@ class CrossLayerTranscoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_features, self.n_pairs, d_model, **kw))
         self.b_dec = nn.Parameter(torch.empty(n_layers, d_model, **kw))
         self.grad_buffer: GradBuffer | None = GradBuffer()  # set to None to allocate W_dec.grad afresh
+        self.decoder_grad: DecoderGradSink | None = None  # set: W_dec's gradient goes there instead
         self.activation_name, self.k, self.decode_mode = activation, k, decode
         self.activation = make_activation(activation, k)
         self.use_sparse = DECODE.lookup(decode)
@@ -305,10 +329,10 @@ class CrossLayerTranscoder(nn.Module):
         elif z.dtype != W_dec.dtype:
             z = z.to(W_dec.dtype)
         with torch.autocast(device_type, enabled=False):
+            sink = self.decoder_grad if self.decoder_grad is not None else self.grad_buffer
             if self.use_sparse(z):
-                args = (z, W_dec, self.offsets, self.grad_buffer, with_norms, grad_needed)
-                return SparseDecodeWithNorms.apply(*args)
-            return _DecodeWithNorms.apply(z, W_dec, self.offsets, self.grad_buffer, with_norms)
+                return SparseDecodeWithNorms.apply(z, W_dec, self.offsets, sink, with_norms, grad_needed)
+            return _DecodeWithNorms.apply(z, W_dec, self.offsets, sink, with_norms)
 
     def forward(self, x: Float[torch.Tensor, "batch n_layers d_model"]) -> CLTOutput:
         """Encode, activate, decode; also returns the decoder norms the loss needs."""

@@ -30,22 +30,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from clt_forge.registry import Registry
 
-if TYPE_CHECKING:
-    from clt_forge.clt.model import GradBuffer
-
 __all__ = [
     "AUTO_MAX_ACTIVE",
     "DECODE",
     "SDDMM_MAX_FRACTION",
+    "DecoderGradSink",
     "SparseDecodeWithNorms",
+    "decoder_block_grad",
     "decoder_norms_packed",
     "decoder_weight_grad",
+    "norm_coef",
 ]
 
 AUTO_MAX_ACTIVE = 0.05  # measured crossover (docs/performance.md, "Sparse decode")
@@ -78,6 +78,49 @@ def source_block(W_dec: torch.Tensor, offsets: list[int], source: int) -> torch.
     return W_dec[:, offsets[source] : offsets[source + 1]].view(W_dec.shape[0], -1)
 
 
+class DecoderGradSink(Protocol):
+    """Where the decode's backward puts W_dec's gradient: `gradient` returns the full [F, P, D]
+    tensor (clt_forge.clt.model.GradBuffer) or keeps what builds it and returns None
+    (clt_forge.clt.deferred.DeferredDecoderGrad, `optim.decoder_grad=blocks`)."""
+
+    def gradient(
+        self,
+        W_dec: torch.Tensor,
+        offsets: list[int],
+        z_t: Callable[[int], torch.Tensor],
+        grad_recon: torch.Tensor | None,
+        coef: torch.Tensor | None,
+    ) -> torch.Tensor | None: ...
+
+
+def norm_coef(norms: torch.Tensor, grad_norms: torch.Tensor | None) -> torch.Tensor | None:
+    """d loss / d W_dec's norm term per (source, feature) [L, F], as a multiple of the row:
+    d||w|| / dw = w / ||w|| (0 at w = 0). None when the norms get no gradient."""
+    if grad_norms is None:
+        return None
+    return torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))
+
+
+def decoder_block_grad(
+    dest: torch.Tensor,
+    W_dec: torch.Tensor,
+    offsets: list[int],
+    source: int,
+    z_t: Callable[[int], torch.Tensor],
+    grad_recon: torch.Tensor | None,
+    coef: torch.Tensor | None,
+) -> None:
+    """dest [F, (L - source) D] = source `source`'s block of grad W_dec: the norm terms' part
+    first (coef * W), then z_t(source) [F, B] (dense, or sparse rows of the active features) @
+    the gradient of its targets, accumulated onto it."""
+    if coef is not None:
+        torch.mul(source_block(W_dec, offsets, source), coef[source, :, None], out=dest)
+    else:
+        dest.zero_()
+    if grad_recon is not None:
+        dest.addmm_(z_t(source), grad_recon[:, source:].flatten(1))
+
+
 def decoder_weight_grad(
     W_dec: torch.Tensor,
     offsets: list[int],
@@ -85,23 +128,15 @@ def decoder_weight_grad(
     grad_recon: torch.Tensor | None,
     norms: torch.Tensor,
     grad_norms: torch.Tensor | None,
-    grad_buffer: GradBuffer | None,
-) -> torch.Tensor:
-    """grad W_dec [F, P, D] of the decode, block by source layer: the norms' part first, then
-    z_t(source) [F, B] (dense, or sparse rows of the active features) @ grad of its targets."""
-    grad_w = grad_buffer.take(W_dec) if grad_buffer is not None else torch.empty_like(W_dec)
-    if grad_norms is not None:
-        # d||w|| / dw = w / ||w|| (0 at w = 0), written in the pass that starts each block's
-        # gradient; the GEMM then accumulates onto it.
-        coef = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))  # [L, F]
+    sink: DecoderGradSink | None,
+) -> torch.Tensor | None:
+    """grad W_dec [F, P, D] of the decode, into `sink` (None: a fresh tensor)."""
+    coef = norm_coef(norms, grad_norms)
+    if sink is not None:
+        return sink.gradient(W_dec, offsets, z_t, grad_recon, coef)
+    grad_w = torch.empty_like(W_dec)
     for source in range(len(offsets) - 1):  # offsets has n_layers + 1 entries
-        dest = source_block(grad_w, offsets, source)
-        if grad_norms is not None:
-            torch.mul(source_block(W_dec, offsets, source), coef[source, :, None], out=dest)
-        else:
-            dest.zero_()
-        if grad_recon is not None:
-            dest.addmm_(z_t(source), grad_recon[:, source:].flatten(1))
+        decoder_block_grad(source_block(grad_w, offsets, source), W_dec, offsets, source, z_t, grad_recon, coef)
     return grad_w
 
 
@@ -135,7 +170,7 @@ class SparseDecodeWithNorms(torch.autograd.Function):
         z: torch.Tensor,
         W_dec: torch.Tensor,
         offsets: list[int],
-        grad_buffer: GradBuffer | None,
+        grad_buffer: DecoderGradSink | None,
         with_norms: bool,
         grad_needed: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -191,6 +191,13 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0  # global gradient norm bound; 0 disables
+    decoder_grad: str = (
+        "full"  # full: W_dec.grad as one tensor; blocks: built per source layer in Adam (clt/deferred.py)
+    )
+
+    def __post_init__(self) -> None:
+        if self.decoder_grad not in ("full", "blocks"):
+            raise ValueError(f"optim.decoder_grad={self.decoder_grad!r}: use full or blocks.")
 
 
 @dataclass

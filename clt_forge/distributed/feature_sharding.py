@@ -20,6 +20,7 @@ squared norms across ranks and counts b_dec once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,10 +28,19 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import nn
 
+from clt_forge.clt.deferred import DeferredDecoderGrad
 from clt_forge.clt.loss import LossTerms, clt_loss
 from clt_forge.clt.model import CLTOutput, CrossLayerTranscoder
 
-__all__ = ["FeatureShardedCLT", "all_gather_last", "all_reduce_sum", "feature_slice", "shard_clt"]
+__all__ = [
+    "FeatureShardedCLT",
+    "all_gather_last",
+    "all_reduce_sum",
+    "clip_global_norm",
+    "deferred_sink",
+    "feature_slice",
+    "shard_clt",
+]
 
 SHARDED = ("W_enc", "b_enc", "log_threshold", "W_dec")
 REPLICATED = ("b_dec",)
@@ -130,21 +140,47 @@ class FeatureShardedCLT(nn.Module):
         logged = LossTerms(total=mse + totals.sum(), mse=mse, sparsity=totals[0], dead=totals[1])
         return local, logged
 
-    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global-norm clipping across ranks: sharded parameters summed over ranks, b_dec once."""
         params = dict(self.local.named_parameters())
         sharded = [g for n in SHARDED if (g := params[n].grad) is not None]
         replicated = [g for n in REPLICATED if (g := params[n].grad) is not None]
-        square = torch.zeros((), device=self.local.W_enc.device, dtype=torch.float64)
-        for grad in sharded:
-            square += grad.double().square().sum()
-        dist.all_reduce(square, group=self.group)
-        for grad in replicated:
-            square += grad.double().square().sum()
-        norm = square.sqrt()
-        if max_norm > 0:
-            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(self.local.W_enc.dtype)
-            for grad in sharded + replicated:
-                grad.mul_(scale)
-        return norm.float()
+        return clip_global_norm(
+            sharded, replicated, max_norm, deferred_sink(self.local), lambda t: dist.all_reduce(t, group=self.group)
+        )
+
+
+@torch.no_grad()
+def clip_global_norm(
+    sharded: list[torch.Tensor],
+    replicated: list[torch.Tensor],
+    max_norm: float,
+    sink: DeferredDecoderGrad | None = None,
+    reduce: Callable[[torch.Tensor], Any] | None = None,
+) -> torch.Tensor:
+    """The global gradient norm (before clipping), in float64: the squares of the `sharded`
+    gradients (and of W_dec's deferred one, `sink`) summed by `reduce` over ranks, the
+    `replicated` ones counted once; every gradient (and `sink.scale`) times min(1, max_norm /
+    (norm + 1e-6)) when max_norm > 0."""
+    square = torch.zeros((), device=(sharded + replicated)[0].device, dtype=torch.float64)
+    for grad in sharded:
+        square += grad.double().square().sum()
+    if sink is not None and sink.square is not None:
+        square += sink.square
+    if reduce is not None:
+        reduce(square)
+    for grad in replicated:
+        square += grad.double().square().sum()
+    norm = square.sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(sharded[0].dtype)
+        for grad in sharded + replicated:
+            grad.mul_(scale)
+        if sink is not None:
+            sink.scale = scale
+    return norm.float()
+
+
+def deferred_sink(clt: CrossLayerTranscoder) -> DeferredDecoderGrad | None:
+    """The CLT's `optim.decoder_grad=blocks` sink, if it has one."""
+    return clt.decoder_grad if isinstance(clt.decoder_grad, DeferredDecoderGrad) else None

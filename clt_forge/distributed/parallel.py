@@ -28,7 +28,7 @@ from torch import nn
 from clt_forge.clt.loss import LossTerms, clt_loss
 from clt_forge.clt.model import CLTOutput, CrossLayerTranscoder
 from clt_forge.config.schema import ShardingMode, TrainConfig
-from clt_forge.distributed.feature_sharding import FeatureShardedCLT, feature_slice
+from clt_forge.distributed.feature_sharding import FeatureShardedCLT, clip_global_norm, deferred_sink, feature_slice
 from clt_forge.distributed.setup import DistEnv, dist_env
 from clt_forge.errors import CLTError
 
@@ -96,6 +96,9 @@ class Parallel:
     def clip_grad_norm(self, clt: CrossLayerTranscoder, max_norm: float) -> torch.Tensor:
         """The global gradient norm (before clipping), clipping to `max_norm` when it is > 0."""
         params = [p for p in clt.parameters() if p.grad is not None]
+        sink = deferred_sink(clt)
+        if sink is not None:  # optim.decoder_grad=blocks: W_dec's gradient is counted from its blocks
+            return clip_global_norm([g for p in params if (g := p.grad) is not None], [], max_norm, sink)
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))

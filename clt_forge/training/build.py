@@ -15,8 +15,9 @@ from clt_forge.artifacts.checkpoint import check_model_matches, load_checkpoint,
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.artifacts.reader import check_compatible
 from clt_forge.clt import CrossLayerTranscoder, init_clt
+from clt_forge.clt.deferred import DeferredDecoderGrad, enable_deferred_decoder
 from clt_forge.config.plain import plain
-from clt_forge.config.schema import ON_THE_FLY, TrainConfig
+from clt_forge.config.schema import ON_THE_FLY, Precision, ShardingMode, TrainConfig
 from clt_forge.data.store import ActivationsStore
 from clt_forge.distributed.parallel import Parallel
 from clt_forge.errors import CLTError
@@ -198,3 +199,20 @@ def build_clt(
     )
     init_clt(clt, cfg.clt.jumprelu_threshold, seed=cfg.seed, features=features, d_features=d_features)
     return clt, None
+
+
+def decoder_grad_sink(cfg: TrainConfig, parallel: Parallel, clt: CrossLayerTranscoder) -> DeferredDecoderGrad | None:
+    """`optim.decoder_grad=blocks`: route W_dec's gradient to a `DeferredDecoderGrad` (the runner
+    calls its `adam_step` after each optimizer step); refused where a full gradient is needed."""
+    if cfg.optim.decoder_grad == "full":
+        return None
+    needs_full = {
+        "sharding=ddp / fsdp (they reduce W_dec.grad across ranks)": parallel.world > 1
+        and parallel.mode not in (ShardingMode.single, ShardingMode.feature),
+        "precision=fp16 (its loss scaler checks W_dec.grad for overflow)": cfg.precision is Precision.fp16,
+        "finetune.from (its LoRA adapters take W_dec's gradient)": bool(cfg.finetune.source),
+    }
+    for reason, applies in needs_full.items():
+        if applies:
+            raise CLTError(f"optim.decoder_grad=blocks does not work with {reason}; use optim.decoder_grad=full.")
+    return enable_deferred_decoder(clt)

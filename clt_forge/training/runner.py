@@ -40,6 +40,7 @@ from clt_forge.training.build import (
     HeldOut,
     build_clt,
     check_resume,
+    decoder_grad_sink,
     normalization,
     read_run_config,
     resolve_finetune,
@@ -169,6 +170,7 @@ class CLTTrainingRunner:
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             fused=True,  # one kernel over all parameters: ~5x faster than foreach on CPU (benchmarks/train_step.py)
         )
+        self.deferred = decoder_grad_sink(cfg, self.parallel, self.clt)
         self.scaler = self.parallel.grad_scaler(cfg.precision is Precision.fp16, cfg.grad_scale_init)
         if self.resumed is not None:
             load_optimizer_state(self.optimizer, self.scaler, self.clt, self.resumed, self.parallel.device)
@@ -247,6 +249,8 @@ class CLTTrainingRunner:
             )
         scale = scaler.get_scale()
         scaler.step(self.optimizer)  # fp16: skipped when any rank's gradients hold an inf/NaN
+        if self.deferred is not None:  # optim.decoder_grad=blocks: W_dec's Adam step, block by block
+            self.deferred.adam_step(self.optimizer, self.clt.W_dec)
         scaler.update()
         self.dead.update_fired(*parallel.fired(output.features))
         return StepResult(

@@ -1,0 +1,141 @@
+"""`optim.decoder_grad=blocks` (clt_forge/clt/deferred.py): W_dec is trained without a W_dec-sized
+gradient, and the run is the one `full` trains (fp32 rounding only): clipping norms, weights and
+Adam moments after several steps for every activation and both decodes, on one process and
+under feature sharding (gloo, 2 ranks), and end to end through `clt train` and a resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from gloo import spawn_ranks
+from test_sparse_decode import SETTINGS, make_clt
+from test_train import dataset, train, train_config, train_records  # noqa: F401  (dataset: a module fixture)
+
+from clt_forge.clt.deferred import enable_deferred_decoder
+from clt_forge.clt.loss import clt_loss
+from clt_forge.clt.model import CrossLayerTranscoder
+from clt_forge.distributed.feature_sharding import FeatureShardedCLT, feature_slice, shard_clt
+from clt_forge.distributed.parallel import Parallel
+from clt_forge.distributed.setup import dist_env
+from clt_forge.errors import CLTError
+from clt_forge.training import CLTTrainingRunner, load_checkpoint
+
+L, D, F, B = 4, 16, 64, 48
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+CLIP = 0.5  # below the gradient norms here: every step clips
+
+
+def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    return [(torch.randn(B, L, D, generator=generator), torch.randn(B, L, D, generator=generator)) for _ in range(n)]
+
+
+def train_steps(clt: CrossLayerTranscoder, name: str, fused: bool, clip=None) -> tuple[list[float], torch.optim.Adam]:
+    """Three Adam steps with global-norm clipping; returns the norms before clipping."""
+    clip = clip or (lambda: Parallel(dist_env({}, cuda=False)).clip_grad_norm(clt, CLIP))
+    optimizer = torch.optim.Adam([p for p in clt.parameters() if p.requires_grad], lr=1e-2, fused=fused)
+    norms = []
+    for x, y in batches(3):
+        out = clt(x)
+        terms = clt_loss(out, y, out.decoder_norms, clt.jumprelu_threshold(), **SETTINGS[name][2])
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        norms.append(float(clip()))
+        optimizer.step()
+        if clt.decoder_grad is not None and hasattr(clt.decoder_grad, "adam_step"):
+            assert clt.W_dec.grad is None, "no W_dec-sized gradient"
+            clt.decoder_grad.adam_step(optimizer, clt.W_dec)
+    return norms, optimizer
+
+
+@pytest.mark.parametrize("decode", ["dense", "sparse"])
+@pytest.mark.parametrize("name", ["jumprelu", "topk", "batchtopk"])
+def test_blocks_train_like_the_full_gradient(name: str, decode: str) -> None:
+    full, blocks = make_clt(name, decode), make_clt(name, decode)
+    sink = enable_deferred_decoder(blocks)
+    fused = decode == "sparse"  # torch's fused kernel on one side, its for-loop Adam on the other
+    full_norms, full_opt = train_steps(full, name, fused)
+    block_norms, block_opt = train_steps(blocks, name, fused)
+    assert min(full_norms) > CLIP
+    torch.testing.assert_close(block_norms, full_norms, **TOLERANCE)
+    torch.testing.assert_close(dict(blocks.named_parameters()), dict(full.named_parameters()), **TOLERANCE)
+    full_state, block_state = full_opt.state[full.W_dec], block_opt.state[blocks.W_dec]
+    assert float(block_state["step"]) == float(full_state["step"]) == 3.0
+    assert block_state["step"].device == full_state["step"].device
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(block_state[key], full_state[key], **TOLERANCE)
+    assert sink._buffer is not None and sink._buffer.numel() == F * L * D  # one source block, not W_dec
+    assert blocks.W_dec.numel() == F * L * (L + 1) // 2 * D
+
+
+def test_without_clipping_only_one_pass_and_exact_to_for_loop_adam() -> None:
+    full, blocks = make_clt("jumprelu", "dense"), make_clt("jumprelu", "dense")
+    sink = enable_deferred_decoder(blocks, clip=False)
+    train_steps(full, "jumprelu", False, clip=lambda: 0.0)
+    train_steps(blocks, "jumprelu", False, clip=lambda: 0.0)
+    assert sink.square is None
+    assert torch.equal(blocks.W_dec, full.W_dec), "the same formula as torch's for-loop Adam, bit for bit"
+
+
+def test_a_second_backward_before_the_step_is_refused() -> None:
+    clt = make_clt("topk", "dense")
+    enable_deferred_decoder(clt)
+    (x, y), _ = batches(2)
+    for attempt in range(2):
+        loss = (clt(x).reconstruction - y).square().mean()
+        if attempt:
+            with pytest.raises(CLTError, match=r"gradient accumulation needs optim\.decoder_grad=full"):
+                loss.backward()
+        else:
+            loss.backward()
+
+
+def _sharded_rank(rank: int, world: int, name: str) -> None:
+    reference = make_clt(name, "dense")
+    train_steps(reference, name, False)
+    local = shard_clt(make_clt(name, "sparse"), rank, world)
+    enable_deferred_decoder(local)
+    sharded = FeatureShardedCLT(local)
+    optimizer = torch.optim.Adam([p for p in local.parameters() if p.requires_grad], lr=1e-2)
+    for x, y in batches(3):
+        out = sharded(x)
+        terms, _ = sharded.loss(out, y, **SETTINGS[name][2])
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        sharded.clip_grad_norm_(CLIP)
+        optimizer.step()
+        local.decoder_grad.adam_step(optimizer, local.W_dec)
+    cols = feature_slice(F, rank, world)
+    torch.testing.assert_close(local.W_dec, reference.W_dec[cols], **TOLERANCE)
+    torch.testing.assert_close(local.W_enc, reference.W_enc[..., cols], **TOLERANCE)
+    torch.testing.assert_close(local.b_dec, reference.b_dec, **TOLERANCE)
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "topk"])
+def test_blocks_under_feature_sharding_equal_one_full_process(name: str) -> None:
+    spawn_ranks(_sharded_rank, 2, name)
+
+
+def test_clt_train_with_blocks_equals_full_and_resumes_a_full_run(dataset, tmp_path):  # noqa: F811
+    tokens = "tokens=2560"  # 20 steps of 128; the step-10 checkpoint is the resume point
+    full = train(dataset, tmp_path / "full", tokens, "checkpoint_every=10")
+    blocks = train(dataset, tmp_path / "blocks", tokens, "optim.decoder_grad=blocks")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(full, mixed)
+    shutil.rmtree(mixed / "checkpoints" / "final")
+    CLTTrainingRunner(train_config(dataset, mixed, tokens, f"resume={mixed}", "optim.decoder_grad=blocks")).run()
+    expected = load_checkpoint(full / "checkpoints" / "final")[0].state_dict()
+    for run in (blocks, mixed):
+        got = load_checkpoint(run / "checkpoints" / "final")[0].state_dict()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m, run=run: f"{run.name}: {m}")
+    curve = lambda run: [r["grad_norm"] for r in train_records(run)]  # noqa: E731
+    torch.testing.assert_close(curve(blocks), curve(full), rtol=1e-4, atol=1e-6)  # clipping saw W_dec's part
+
+
+def test_blocks_refused_with_fp16_and_finetuning(dataset, tmp_path):  # noqa: F811
+    with pytest.raises(CLTError, match="precision=fp16"):
+        train(dataset, tmp_path / "fp16", "tokens=256", "precision=fp16", "optim.decoder_grad=blocks")
+    with pytest.raises(ValueError, match=r"optim\.decoder_grad='sideways'"):
+        train_config(dataset, tmp_path / "bad", "optim.decoder_grad=sideways")
