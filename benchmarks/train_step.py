@@ -1,4 +1,4 @@
-"""Benchmark one CLT training step on CPU against this machine's own matmul throughput.
+"""Benchmark one CLT training step on CPU against this machine's own matmul throughput (--sparse: also on CUDA).
 
 The one job of this file: print one JSON object to stdout with
   - matmul: fp32 square-GEMM GFLOP/s (torch.mm, best of a few) at each thread count;
@@ -13,11 +13,27 @@ The one job of this file: print one JSON object to stdout with
     measurement ran (0 = quiet; 0.5 on 2 cores = one core taken, which ruins 2-thread figures).
 Each measurement runs in its own subprocess, so peak RSS (ru_maxrss) is per configuration.
 
+--sparse instead times one step at L=30, d_model=576, batch 256 per (d_features, activation,
+active share, decode dense|sparse, --optimizer dense|deferred, --precision fp32|bf16). bf16 runs
+the forward and loss under torch.autocast (as training/runner.py does) and has dense-decode rows
+only (the sparse decode runs dense for non-fp32 dtypes). deferred calls
+clt_forge.clt.deferred.enable_deferred_decoder(model) and, after optimizer.step(),
+model.decoder_grad.adam_step(optimizer, model.W_dec); where that import fails its rows record
+{"error": "unavailable: ..."}. On cpu each step runs in a subprocess (peak RSS per row) and dense
+and sparse share a row; on --device cuda the rows run in this process one after another (CUDA
+starts once), timed between torch.cuda.synchronize() calls, with peak GPU memory
+(max_memory_allocated from the model's build, in bytes, GiB and GB; max_memory_reserved);
+everything is freed between rows, a failing row (OOM) records {"error": ...} and the run goes
+on, and rows after --max-seconds are skipped with a note. Rows go to stderr as they come and,
+with --out FILE, are appended to FILE as JSON lines at once (a timeout keeps them).
+
     .venv/bin/python benchmarks/train_step.py            # full run (~6 minutes on 2 cores)
     .venv/bin/python benchmarks/train_step.py --quick    # smoke run (seconds)
     .venv/bin/python benchmarks/train_step.py --layouts  # also compare decoder layouts
     .venv/bin/python benchmarks/train_step.py --sparse --threads 1 --sparse-features 576 1152
                                                         # dense vs sparse decode per activation
+    python benchmarks/train_step.py --sparse --device cuda --sparse-features 4608 --optimizer dense deferred \
+        --precision fp32 bf16 --out rows.jsonl                     # on a GPU (benchmarks/gpu_check.py runs it)
 
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
 d_features=1536, batch 512. Inputs are synthetic random activations.
@@ -41,6 +57,7 @@ CONFIGS = {
     "b": {"n_layers": 12, "d_model": 768, "d_features": 1536, "batch": 512},
     "quick": {"n_layers": 6, "d_model": 128, "d_features": 256, "batch": 128},
 }
+SPARSE_SHAPE = (30, 576, 256)  # --sparse: n_layers, d_model, batch
 
 
 def dense_forward_flops(n_layers: int, d_model: int, d_features: int, batch: int) -> float:
@@ -277,26 +294,57 @@ class _OtherLoad:
         return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
 
-def worker_sparse(threads: int, d_features: int, activation: str, active: float, decode: str, steps: int) -> dict:
-    """One training step (forward, loss, backward, fused Adam) at L=30, D=576, B=256 with about
-    `active` of the features on: topk / batchtopk with k = active * F; jumprelu with b_enc shifted
-    so that share of pre-activations exceeds theta = 0.03 (a trained-like CLT, default bandwidth)."""
+def worker_sparse(
+    threads: int,
+    d_features: int,
+    activation: str,
+    active: float,
+    decode: str,
+    steps: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    optimizer_mode: str = "dense",
+    shape: tuple[int, int, int] = SPARSE_SHAPE,
+) -> dict:
+    """One training step (forward, loss, backward, fused Adam) at L=30, D=576, B=256 (`shape`) with
+    about `active` of the features on: topk / batchtopk with k = active * F; jumprelu with b_enc
+    shifted so that share of pre-activations exceeds theta = 0.03 (a trained-like CLT, default
+    bandwidth). bf16: forward and loss under autocast. deferred: W_dec's Adam step block by block
+    (clt_forge.clt.deferred). On cuda: synchronized timing and peak GPU memory from model build."""
+    import contextlib
+
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from clt_forge.clt.loss import clt_loss
     from clt_forge.clt.model import CrossLayerTranscoder
 
+    enable_deferred = None
+    if optimizer_mode == "deferred":
+        try:
+            from clt_forge.clt.deferred import enable_deferred_decoder as enable_deferred
+        except ImportError as exc:
+            raise RuntimeError(f"unavailable: {exc}") from None
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else lambda: None
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    n_layers, d_model, batch = 30, 576, 256
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    n_layers, d_model, batch = shape
     k = max(1, round(active * d_features))
-    model = CrossLayerTranscoder(n_layers, d_model, d_features, activation=activation, k=k, decode=decode)
-    x, y = torch.randn(batch, n_layers, d_model), torch.randn(batch, n_layers, d_model) * 0.1
+    model = CrossLayerTranscoder(
+        n_layers, d_model, d_features, activation=activation, k=k, decode=decode, device=device
+    )
+    if enable_deferred is not None:
+        enable_deferred(model)
+    x = torch.randn(batch, n_layers, d_model, device=device)
+    y = torch.randn(batch, n_layers, d_model, device=device) * 0.1
     if activation == "jumprelu":
         with torch.no_grad():
             h = model.encode(x)[0].transpose(0, 1).reshape(n_layers, -1)
             model.b_enc -= (torch.quantile(h[:, :: max(1, h.shape[1] // 100_000)], 1 - active, dim=1) - 0.03)[:, None]
+            del h
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     l0 = 1e-3 if activation == "jumprelu" else 0.0
     _, activated = model.encode_activated(x)  # what this step's activation keeps, and where grad z is read
@@ -306,30 +354,53 @@ def worker_sparse(threads: int, d_features: int, activation: str, active: float,
         "grad_z_needed": needed.float().mean().item() if needed is not None else 1.0,
     }
     del activated, needed
+    bf16 = precision == "bf16"
 
     def step() -> float:
+        sync()
         start = time.perf_counter()
-        out = model(x)
-        loss = clt_loss(out, y, out.decoder_norms, model.jumprelu_threshold(), l0, dead_coefficient=1e-5)
+        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            out = model(x)
+            loss = clt_loss(out, y, out.decoder_norms, model.jumprelu_threshold(), l0, dead_coefficient=1e-5)
         loss.total.backward()
         optimizer.step()
+        if enable_deferred is not None:
+            model.decoder_grad.adam_step(optimizer, model.W_dec)
         optimizer.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - start
 
     step()
     times = [step() for _ in range(steps)]
+    gpu = {}
+    if cuda:
+        peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        gpu = {
+            "gpu_peak_allocated_bytes": peak,
+            "gpu_peak_allocated_gib": peak / 2**30,
+            "gpu_peak_allocated_gb": peak / 1e9,
+            "gpu_peak_reserved_bytes": reserved,
+            "gpu_peak_reserved_gib": reserved / 2**30,
+        }
     return {
         "n_layers": n_layers,
         "d_model": d_model,
         "batch": batch,
         "d_features": d_features,
         "threads": threads,
+        "device": device,
+        "precision": precision,
+        "optimizer": optimizer_mode,
         "activation": activation,
         "decode": decode,
         "k": k,
+        "active_target": active,
         **record,
         "seconds_per_step": statistics.median(times),
+        "seconds_per_step_all": times,
         "peak_rss_mib": _peak_rss_mib(),
+        **gpu,
     }
 
 
@@ -350,8 +421,15 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true", help="only dense vs sparse decode steps per activation")
     parser.add_argument("--sparse-features", type=int, nargs="+", default=[576, 1152], help="d_features for --sparse")
     parser.add_argument("--active", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="active shares, --sparse")
+    parser.add_argument("--device", default="cpu", help="--sparse only: cpu (a subprocess per step) or cuda")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="--sparse")
+    parser.add_argument("--optimizer", nargs="+", choices=["dense", "deferred"], default=["dense"], help="--sparse")
+    parser.add_argument("--out", help="--sparse: also append each row to this file as one JSON line")
+    parser.add_argument("--max-seconds", type=float, default=None, help="--sparse cuda: skip rows after this")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device != "cpu" and not args.sparse:
+        parser.error("--device applies to --sparse only")
 
     if args.worker:
         kind, *rest = args.worker
@@ -360,7 +438,12 @@ def main() -> None:
         elif kind == "step":
             out = worker_step(int(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4])
         elif kind == "sparse":
-            out = worker_sparse(int(rest[0]), int(rest[1]), rest[2], float(rest[3]), rest[4], int(rest[5]))
+            try:
+                out = worker_sparse(
+                    int(rest[0]), int(rest[1]), rest[2], float(rest[3]), rest[4], int(rest[5]), "cpu", *rest[6:]
+                )
+            except Exception as exc:
+                out = {"error": str(exc), "error_type": type(exc).__name__}
         elif kind == "adam":
             out = worker_adam(int(rest[0]), rest[1], int(rest[2]))
         else:
@@ -406,29 +489,105 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def sparse_report(args: argparse.Namespace) -> dict:
-    """Dense vs sparse step time and peak RSS per (d_features, activation, active share)."""
-    steps = args.steps or 3
+def sparse_specs(
+    features: list[int],
+    activations: list[str],
+    actives: list[float],
+    decodes: list[str],
+    optimizers: list[str],
+    precisions: list[str],
+) -> list[dict]:
+    """The --device cuda grid, the most telling rows first: per d_features and precision, per active
+    share, per activation, decode x optimizer (bf16: dense decode only, the sparse decode runs
+    dense for non-fp32 dtypes by design)."""
+    return [
+        {"d_features": f, "activation": act, "active": a, "decode": d, "optimizer": o, "precision": p}
+        for f in features
+        for p in precisions
+        for a in actives
+        for act in activations
+        for d in (decodes if p == "fp32" else ["dense"])
+        for o in optimizers
+    ]
+
+
+def _emit(row: dict, out: str | None) -> None:
+    """One row to stderr and, with --out, appended to that file at once (a timeout keeps it)."""
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_in_process(
+    specs: list[dict],
+    device: str,
+    steps: int,
+    threads: int = 1,
+    out: str | None = None,
+    deadline: float | None = None,
+    shape: tuple[int, int, int] = SPARSE_SHAPE,
+) -> list[dict]:
+    """Each spec's step in this process, in order (CUDA init once); everything freed between
+    rows; a failing row (OOM, deferred unavailable) records {"error": ...} and the run goes on;
+    past `deadline` (time.monotonic()) the remaining rows are skipped with a note."""
+    import gc
+
+    import torch
+
     rows = []
-    for d_features in args.sparse_features:
-        for activation in ("topk", "batchtopk", "jumprelu"):
-            for active in args.active:
-                pair = {}
-                for decode in ("dense", "sparse"):
-                    cmd = ["sparse", str(args.threads[0]), str(d_features), activation, str(active), decode, str(steps)]
-                    pair[decode] = _run_worker(cmd)
-                row = {**pair["sparse"], "decode": "sparse vs dense"}
-                row["dense_seconds"], row["sparse_seconds"] = (
-                    pair["dense"]["seconds_per_step"],
-                    row.pop("seconds_per_step"),
-                )
-                row["sparse_over_dense"] = row["sparse_seconds"] / row["dense_seconds"]
-                row["dense_peak_rss_mib"], row["sparse_peak_rss_mib"] = (
-                    pair["dense"]["peak_rss_mib"],
-                    row.pop("peak_rss_mib"),
-                )
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
+    for spec in specs:
+        if deadline is not None and time.monotonic() > deadline:
+            row = {**spec, "device": device, "skipped": "time limit (--max-seconds) reached"}
+        else:
+            try:
+                row = worker_sparse(
+                    threads, spec["d_features"], spec["activation"], spec["active"], spec["decode"], steps,
+                    device, spec["precision"], spec["optimizer"], shape,
+                )  # fmt: skip
+            except Exception as exc:
+                row = {**spec, "device": device, "error": str(exc), "error_type": type(exc).__name__}
+            gc.collect()
+            if device.startswith("cuda") and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        _emit(row, out)
+        rows.append(row)
+    return rows
+
+
+def sparse_report(args: argparse.Namespace) -> dict:
+    """Dense vs sparse step time and peak memory per (d_features, activation, active share, ...).
+    cpu: one subprocess per step (peak RSS per row), dense and sparse paired in one row; cuda: the
+    rows of `sparse_specs` in this process, one row each."""
+    steps = args.steps or 3
+    acts = ["topk", "batchtopk", "jumprelu"]
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
+    if args.device != "cpu":
+        specs = sparse_specs(
+            args.sparse_features, acts, args.active, ["dense", "sparse"], args.optimizer, args.precision
+        )
+        return {"sparse_decode": run_in_process(specs, args.device, steps, args.threads[0], args.out, deadline)}
+    rows = []
+    specs = sparse_specs(args.sparse_features, acts, args.active, ["dense"], args.optimizer, args.precision)
+    for spec in sorted(specs, key=lambda s: (s["d_features"], acts.index(s["activation"]), s["active"])):
+        extra = [spec["precision"], spec["optimizer"]]
+        head = ["sparse", str(args.threads[0]), str(spec["d_features"]), spec["activation"], str(spec["active"])]
+        decodes = ["dense", "sparse"] if spec["precision"] == "fp32" else ["dense"]
+        pair = {decode: _run_worker([*head, decode, str(steps), *extra]) for decode in decodes}
+        row = next((r for r in pair.values() if "error" in r), None)
+        if row is not None:
+            row = {**spec, "decode": " vs ".join(decodes), "error": row["error"]}
+        elif "sparse" in pair:
+            row = {**pair["sparse"], "decode": "sparse vs dense"}
+            row["dense_seconds"], row["sparse_seconds"] = pair["dense"]["seconds_per_step"], row.pop("seconds_per_step")
+            row["sparse_over_dense"] = row["sparse_seconds"] / row["dense_seconds"]
+            row["dense_peak_rss_mib"], row["sparse_peak_rss_mib"] = pair["dense"]["peak_rss_mib"], row["peak_rss_mib"]
+            del row["peak_rss_mib"], row["seconds_per_step_all"]
+        else:
+            row = pair["dense"]
+        _emit(row, args.out)
+        rows.append(row)
     return {"sparse_decode": rows}
 
 
