@@ -100,6 +100,7 @@ def test_auto_picks_sparse_by_active_fraction(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [1]
     assert not DECODE["auto"](torch.ones(4, 4)) and DECODE["auto"](torch.zeros(4, 4))
     assert not DECODE["sparse"](torch.zeros(4, 4, dtype=torch.bfloat16))  # CSR kernels: fp32 / fp64 only
+    assert not DECODE["auto"](torch.zeros(4, 4, device="meta"))  # no crossover measured there (CUDA's): dense
 
 
 def _sharded_rank(rank: int, world: int, name: str) -> None:

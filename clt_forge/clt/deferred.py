@@ -1,4 +1,4 @@
-"""W_dec's gradient built one source block at a time inside its Adam step (`optim.decoder_grad=blocks`).
+"""W_dec's gradient built a few blocks at a time inside its Adam step (`optim.decoder_grad=blocks`).
 
 The one job of this file: train W_dec without ever holding a W_dec-sized gradient. W_dec is the
 CLT's largest tensor (F x L (L + 1) / 2 x D: 4.9 GB in fp32 at L=30, D=576, F=4,608), and a
@@ -7,14 +7,15 @@ training step otherwise holds it four times: the parameter, its gradient, Adam's
 The decode's backward (clt_forge/clt/model.py, sparse_decode.py) hands its W_dec gradient to a
 `DecoderGradSink`. This one keeps only what builds the gradient: z (or its sparse rows), the
 gradient of the reconstruction [B, L, D] and the norm terms' coefficients [L, F], all small. The
-gradient is then built per source layer l into one reused [F, (L - l) D] buffer, and:
-  - `square` (in the backward, when clipping needs it): the sum of squares of every block, so
+gradient is then built a chunk of (source, target) pairs at a time (a source layer's targets,
+CHUNK_ELEMENTS at most) into one reused buffer, and:
+  - `square` (in the backward, when clipping needs it): the sum of squares of every chunk, so
     global-norm clipping sees the exact same norm as with the full gradient;
-  - `adam_step` (after the optimizer's own step): the block again, times the clipping factor
-    `scale`, then torch's Adam update of that block of W_dec and its moments (same formula,
+  - `adam_step` (after the optimizer's own step): each chunk again, times the clipping factor
+    `scale`, then torch's Adam update of those pairs of W_dec and its moments (same formula,
     same state entries `step` / `exp_avg` / `exp_avg_sq` in the optimizer's state, so checkpoints
     and resumes are the same as with `full`; equal to torch's Adam to fp32 rounding).
-With clipping on, each block's gradient is computed twice (norm, then step): one more grad-W
+With clipping on, each chunk's gradient is computed twice (norm, then step): one more grad-W
 pass per step, which the sparse decode makes cheap (docs/performance.md, "Sparse decode").
 Adam still updates every row of W_dec each step, as dense Adam does: its moments move rows no
 feature touched, and the dead-feature term gives nearly every row a gradient anyway.
@@ -28,13 +29,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clt_forge.clt.sparse_decode import decoder_block_grad, source_block
+from clt_forge.clt.sparse_decode import decoder_block_grad
 from clt_forge.errors import CLTError
 
 if TYPE_CHECKING:
     from clt_forge.clt.model import CrossLayerTranscoder
 
-__all__ = ["DeferredDecoderGrad", "enable_deferred_decoder"]
+__all__ = ["CHUNK_ELEMENTS", "DeferredDecoderGrad", "enable_deferred_decoder"]
+
+CHUNK_ELEMENTS = 16 * 2**20  # the gradient buffer: 64 MiB in fp32 (one (source, target) pair if that is larger)
 
 
 @dataclass
@@ -60,7 +63,6 @@ class DeferredDecoderGrad:
         self.square: torch.Tensor | None = None
         self.scale: float | torch.Tensor = 1.0
         self._buffer: torch.Tensor | None = None
-        self._denom: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:  # scratch state: a copy of the CLT starts without it
         return {"clip": self.clip}
@@ -85,28 +87,37 @@ class DeferredDecoderGrad:
         self.pending = _Pending(W_dec, offsets, z_t, grad_recon, coef)
         if self.clip:
             square = torch.zeros((), dtype=torch.float64, device=W_dec.device)
-            for _, block in self._blocks():
-                square += torch.linalg.vector_norm(block, dtype=torch.float64).square()
+            for _, chunk in self._blocks():  # each chunk's norm in its dtype (as torch's clip), summed in float64
+                square += torch.linalg.vector_norm(chunk).double().square()
             self.square = square
         return None
 
-    def _blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(source, its gradient block [F, (L - source) D]) in the reused buffer, one at a time."""
+    def _blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(pair columns of W_dec, their gradient [F, n D]) in the reused buffer, one chunk at a
+        time: a source layer's targets in runs of at most CHUNK_ELEMENTS // (F D) (at least one)."""
         pending = self.pending
         assert pending is not None
         W_dec, offsets = pending.W_dec, pending.offsets
         d_features, d_model = W_dec.shape[0], W_dec.shape[2]
-        largest = d_features * (offsets[1] - offsets[0]) * d_model
-        if self._buffer is None or self._buffer.numel() < largest or self._buffer.dtype != W_dec.dtype:
-            self._buffer = W_dec.new_empty(largest)
-        for source in range(len(offsets) - 1):
-            block = self._buffer[: d_features * (offsets[source + 1] - offsets[source]) * d_model]
-            block = block.view(d_features, -1)
-            decoder_block_grad(block, W_dec, offsets, source, pending.z_t, pending.grad_recon, pending.coef)
-            yield source, block
+        n_layers = len(offsets) - 1
+        run = max(1, min(n_layers, CHUNK_ELEMENTS // (d_features * d_model)))
+        if (
+            self._buffer is None
+            or self._buffer.numel() != run * d_features * d_model
+            or self._buffer.dtype != W_dec.dtype
+        ):
+            self._buffer = W_dec.new_empty(run * d_features * d_model)
+        for source in range(n_layers):
+            z_source_t = pending.z_t(source)  # once per source: the sparse path builds a CSR matrix
+            for first in range(source, n_layers, run):
+                targets = range(first, min(first + run, n_layers))
+                chunk = self._buffer[: d_features * len(targets) * d_model].view(d_features, -1)
+                decoder_block_grad(chunk, W_dec, offsets, source, z_source_t, pending.grad_recon, pending.coef, targets)
+                start = offsets[source] + first - source
+                yield slice(start, start + len(targets)), chunk
 
     def adam_step(self, optimizer: torch.optim.Optimizer, W_dec: torch.Tensor) -> None:
-        """Adam on W_dec (a parameter of `optimizer` with no .grad), block by source layer, with
+        """Adam on W_dec (a parameter of `optimizer` with no .grad), chunk by chunk, with
         the gradient times `scale`; clears what the backward left. Nothing to do without one."""
         if self.pending is None:
             return
@@ -123,32 +134,24 @@ class DeferredDecoderGrad:
             state["exp_avg_sq"] = torch.zeros_like(W_dec, memory_format=torch.preserve_format)
         state["step"] += 1
         step = float(state["step"])
+        moments = (state["exp_avg"], state["exp_avg_sq"])
         lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # as torch's Adam
-        offsets = self.pending.offsets
+        d_features = W_dec.shape[0]
         with torch.no_grad():
-            for source, grad in self._blocks():
+            for pairs, grad in self._blocks():
                 if grad.dtype != W_dec.dtype:  # bf16 autocast: the decode ran on a bf16 copy
                     grad = grad.to(W_dec.dtype)
                 if not (isinstance(self.scale, float) and self.scale == 1.0):
                     grad.mul_(self.scale)
-                param = source_block(W_dec, offsets, source)
-                exp_avg = source_block(state["exp_avg"], offsets, source)
-                exp_avg_sq = source_block(state["exp_avg_sq"], offsets, source)
+                param, exp_avg, exp_avg_sq = (t[:, pairs].view(d_features, -1) for t in (W_dec, *moments))
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = self._denominator(grad)
-                torch.sqrt(exp_avg_sq, out=denom)
+                denom = torch.sqrt(exp_avg_sq, out=grad)  # the gradient is spent: its buffer takes the denominator
                 denom.div_(bias_correction2_sqrt).add_(eps)
                 param.addcdiv_(exp_avg, denom, value=-step_size)
         self.pending, self.square, self.scale = None, None, 1.0
-
-    def _denominator(self, like: torch.Tensor) -> torch.Tensor:
-        """A reused scratch block shaped like `like` for Adam's denominator."""
-        if self._denom is None or self._denom.numel() < like.numel() or self._denom.dtype != like.dtype:
-            self._denom = like.new_empty(like.numel())
-        return self._denom[: like.numel()].view_as(like)
 
 
 def enable_deferred_decoder(clt: CrossLayerTranscoder, clip: bool = True) -> DeferredDecoderGrad:

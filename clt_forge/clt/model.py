@@ -154,7 +154,7 @@ class GradBuffer:
         grad_w = self.take(W_dec)
         for source in range(len(offsets) - 1):  # offsets has n_layers + 1 entries
             dest = _source_block(grad_w, offsets, source)
-            decoder_block_grad(dest, W_dec, offsets, source, z_t, grad_recon, coef)
+            decoder_block_grad(dest, W_dec, offsets, source, z_t(source), grad_recon, coef)
         return grad_w
 
 

@@ -22,7 +22,8 @@ kernels are torch's CSR ops (MKL on CPU, cuSPARSE on CUDA) in fp32 / fp64; other
 densely. The decoder norms are computed exactly as the dense path does.
 
 `clt.decode` (DECODE, a registry of predicates on z): dense, sparse, or auto, which decodes
-sparsely when the active fraction of z is at most AUTO_MAX_ACTIVE, the crossover measured with
+sparsely when the active fraction of z is at most AUTO_MAX_ACTIVE of its device type (CPU only:
+dense on CUDA), the crossover measured with
 benchmarks/train_step.py --sparse (docs/performance.md, "Sparse decode").
 """
 
@@ -48,7 +49,10 @@ __all__ = [
     "norm_coef",
 ]
 
-AUTO_MAX_ACTIVE = 0.05  # measured crossover (docs/performance.md, "Sparse decode")
+# Measured crossover per device type (docs/performance.md, "Sparse decode"): on CPU sparse wins up
+# to ~5% active; on an H200 it never beat dense by more than ~12% (torch's CSR ops are bound by
+# host syncs and cuSPARSE's SDDMM), so elsewhere `auto` decodes densely.
+AUTO_MAX_ACTIVE = {"cpu": 0.05}
 SDDMM_MAX_FRACTION = 0.02  # above it grad z of a layer is one dense GEMM (benchmarks/train_step.py --sparse)
 SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # the ops used here are stable
@@ -68,9 +72,10 @@ def _sparse(z: torch.Tensor) -> bool:
 
 @DECODE.register("auto")
 def _auto(z: torch.Tensor) -> bool:
-    if z.dtype not in SPARSE_DTYPES:
+    limit = AUTO_MAX_ACTIVE.get(z.device.type)
+    if z.dtype not in SPARSE_DTYPES or limit is None:
         return False
-    return bool(torch.count_nonzero(z).item() <= AUTO_MAX_ACTIVE * z.numel())
+    return bool(torch.count_nonzero(z).item() <= limit * z.numel())
 
 
 def source_block(W_dec: torch.Tensor, offsets: list[int], source: int) -> torch.Tensor:
@@ -106,19 +111,23 @@ def decoder_block_grad(
     W_dec: torch.Tensor,
     offsets: list[int],
     source: int,
-    z_t: Callable[[int], torch.Tensor],
+    z_source_t: torch.Tensor,
     grad_recon: torch.Tensor | None,
     coef: torch.Tensor | None,
+    targets: range | None = None,
 ) -> None:
-    """dest [F, (L - source) D] = source `source`'s block of grad W_dec: the norm terms' part
-    first (coef * W), then z_t(source) [F, B] (dense, or sparse rows of the active features) @
-    the gradient of its targets, accumulated onto it."""
+    """dest [F, n D] = the gradient of source `source`'s decoders to `targets` (default all of
+    them, source..L-1: its whole block): the norm terms' part first (coef * W), then z_source_t
+    [F, B] (z[:, source] transposed: dense, or sparse rows of the active features) @ the gradient
+    of those targets, accumulated onto it."""
+    targets = targets if targets is not None else range(source, len(offsets) - 1)
     if coef is not None:
-        torch.mul(source_block(W_dec, offsets, source), coef[source, :, None], out=dest)
+        pairs = slice(offsets[source] + targets.start - source, offsets[source] + targets.stop - source)
+        torch.mul(W_dec[:, pairs].view(W_dec.shape[0], -1), coef[source, :, None], out=dest)
     else:
         dest.zero_()
     if grad_recon is not None:
-        dest.addmm_(z_t(source), grad_recon[:, source:].flatten(1))
+        dest.addmm_(z_source_t, grad_recon[:, targets.start : targets.stop].flatten(1))
 
 
 def decoder_weight_grad(
@@ -136,7 +145,7 @@ def decoder_weight_grad(
         return sink.gradient(W_dec, offsets, z_t, grad_recon, coef)
     grad_w = torch.empty_like(W_dec)
     for source in range(len(offsets) - 1):  # offsets has n_layers + 1 entries
-        decoder_block_grad(source_block(grad_w, offsets, source), W_dec, offsets, source, z_t, grad_recon, coef)
+        decoder_block_grad(source_block(grad_w, offsets, source), W_dec, offsets, source, z_t(source), grad_recon, coef)
     return grad_w
 
 
