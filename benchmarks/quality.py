@@ -106,9 +106,9 @@ def benchmark(args: argparse.Namespace, quant: str, overrides: list[str]) -> dic
         "budget": args.budget,
         "quant": quant,
         "overrides": overrides,
-        "steps": steps,
+        "steps": config.tokens // config.batch_size,  # the budget's tokens at the run's own batch size
         "batch_size": config.batch_size,
-        "tokens": steps * config.batch_size,
+        "tokens": config.tokens,
         "train_seconds": round(train_seconds, 1),
         "calibration_s_per_step": calibration,
         **evaluate(folder / "checkpoints" / "final", exact, modern, config, args),
