@@ -1,7 +1,7 @@
 """Label quality per explainer: mean score, mean control, share beating the control by 0.2, time.
 
     python benchmarks/autointerp_quality.py checkpoint=runs/demo/checkpoints/final features=16 \\
-        tokens=16384 explainers=tokens,local,openai
+        tokens=16384 explainers=tokens,local,openai [threads=2] [seed=0]
 
 One streaming pass (explainer=none) over `tokens` tokens for `features` random live features of the
 checkpoint (seeded), then, for each explainer, a copy of that database explained and scored
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def args() -> dict[str, str]:
     out = {"features": "16", "tokens": "16384", "explainers": "tokens,local,openai", "seed": "0", "checkpoint": ""}
+    out["threads"] = "2"
     out |= dict(a.split("=", 1) for a in sys.argv[1:])
     return out
 
@@ -55,7 +56,12 @@ def main() -> None:
     a = args()
     n, work = int(a["features"]), Path(tempfile.mkdtemp(prefix="autointerp_quality_"))
     graph = graph_of(a["checkpoint"], n, int(a["seed"]), work)
-    base = [f"checkpoint={a['checkpoint']}", f"tokens={a['tokens']}", f"features_from={graph}", "threads=2"]
+    base = [
+        f"checkpoint={a['checkpoint']}",
+        f"tokens={a['tokens']}",
+        f"features_from={graph}",
+        f"threads={a['threads']}",
+    ]
     start = time.perf_counter()
     run([*base, "explainer=none"], work / "pass")
     pass_s = time.perf_counter() - start
