@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clt_forge.clt import CLTOutput, CrossLayerTranscoder, LossTerms, clt_loss, init_encoder_bias, layer_metrics
+from clt_forge.clt.init import init_clt
 from clt_forge.clt.model import _DecodeWithNorms
 
 torch.set_num_threads(2)
@@ -254,6 +255,25 @@ def test_init_scales() -> None:
     assert model.W_dec.abs().max() > 0.9 / math.sqrt(3 * 64)
     assert torch.all(model.b_dec == 0) and torch.all(model.b_enc == 0)
     torch.testing.assert_close(model.jumprelu_threshold(), torch.full((3, 256), 0.05))
+
+
+def test_decoder_tied_encoder_init_reads_what_each_feature_writes_and_shards_alike() -> None:
+    n_layers, d_model, d_features = 3, 16, 300  # two seeded init blocks of 256
+    full = CrossLayerTranscoder(n_layers, d_model, d_features, init=False)
+    untied = CrossLayerTranscoder(n_layers, d_model, d_features, init=False)
+    init_clt(full, seed=7, encoder="decoder")
+    init_clt(untied, seed=7)
+    torch.testing.assert_close(full.W_dec, untied.W_dec)  # the decoders are untouched
+    norms = lambda m: torch.linalg.vector_norm(m.W_enc, dim=1)  # noqa: E731  [L, F]
+    torch.testing.assert_close(norms(full), norms(untied))  # each column keeps its norm
+    for layer in range(n_layers):
+        cosine = torch.nn.functional.cosine_similarity(full.W_enc[layer].t(), full.W_dec[:, full.offsets[layer]], dim=1)
+        torch.testing.assert_close(cosine, torch.ones(d_features))
+    shard = CrossLayerTranscoder(n_layers, d_model, 100, init=False)
+    init_clt(shard, seed=7, features=slice(200, 300), d_features=d_features, encoder="decoder")
+    torch.testing.assert_close(shard.W_enc, full.W_enc[..., 200:300])
+    with pytest.raises(ValueError, match="init_encoder='sideways'"):
+        init_clt(shard, encoder="sideways")
 
 
 @pytest.mark.parametrize(("d_features", "target_l0"), [(512, 16.0), (64, 5.5), (4, 0.5), (3, 2.0), (2, 5.0), (1, 1.0)])

@@ -19,7 +19,7 @@ from jaxtyping import Float
 if TYPE_CHECKING:
     from clt_forge.clt.model import CrossLayerTranscoder
 
-__all__ = ["init_clt", "init_encoder_bias"]
+__all__ = ["init_clt", "init_encoder_bias", "tie_encoder_to_decoder"]
 
 
 INIT_BLOCK = 256  # features per independently seeded block of a seeded init
@@ -34,8 +34,13 @@ def init_clt(
     seed: int | None = None,
     features: slice | None = None,
     d_features: int | None = None,
+    encoder: str = "uniform",
 ) -> None:
     """Weights uniform at the scales above, biases zero, threshold = `jumprelu_threshold` everywhere.
+
+    `encoder="decoder"` then turns each feature's encoder column (layer l) along its decoder
+    vector to the same layer l, keeping the column's norm: the encoder starts reading the
+    direction the feature writes (the tied initialisation of TopK SAEs; `clt.init_encoder`).
 
     With `seed`, the weights of global feature f come from a generator seeded by (seed, f // 256),
     so `model` may hold only the features `features` of a CLT with `d_features` features per
@@ -50,9 +55,12 @@ def init_clt(
     model.b_enc.zero_()
     model.b_dec.zero_()
     model.log_threshold.fill_(math.log(jumprelu_threshold))
+    if encoder not in ("uniform", "decoder"):
+        raise ValueError(f"clt.init_encoder={encoder!r}: use uniform or decoder.")
     if seed is None:
-        model.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
-        model.W_dec.uniform_(-dec_bound, dec_bound, generator=generator)
+        _init_weights(model, enc_bound, dec_bound, generator)
+        if encoder != "uniform":
+            tie_encoder_to_decoder(model)
         return
     features = features or slice(0, total)
     if features.stop - features.start != model.d_features:
@@ -66,6 +74,26 @@ def init_clt(
         local = slice(lo - features.start, hi - features.start)
         model.W_enc[:, :, local] = W_enc[:, :, lo - first : hi - first]
         model.W_dec[local] = W_dec[lo - first : hi - first]
+    if encoder != "uniform":
+        tie_encoder_to_decoder(model)
+
+
+def _init_weights(
+    model: CrossLayerTranscoder, enc_bound: float, dec_bound: float, generator: torch.Generator | None
+) -> None:
+    model.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
+    model.W_dec.uniform_(-dec_bound, dec_bound, generator=generator)
+
+
+@torch.no_grad()
+def tie_encoder_to_decoder(model: CrossLayerTranscoder) -> None:
+    """W_enc[l][:, f] <- ||W_enc[l][:, f]|| * W_dec[f, (l -> l)] / ||W_dec[f, (l -> l)]||, per layer.
+    Feature by feature, so a feature shard gets its slice of the full CLT's tied init."""
+    for layer in range(model.n_layers):
+        same_layer = model.W_dec[:, model.offsets[layer]]  # [F, D]: each feature's decoder to its own layer
+        direction = same_layer / torch.linalg.vector_norm(same_layer, dim=1, keepdim=True).clamp_min(1e-12)
+        norms = torch.linalg.vector_norm(model.W_enc[layer], dim=0)  # [F]
+        model.W_enc[layer] = (direction * norms[:, None]).t()
 
 
 @torch.no_grad()

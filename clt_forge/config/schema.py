@@ -127,6 +127,9 @@ class CLTConfig:
     jumprelu_threshold: float = 0.03  # initial threshold (normalised units)
     jumprelu_bandwidth: float = 1.0  # width of the rectangle kernel of the STE
     init_l0: float = 64.0  # target L0 per layer after encoder-bias init
+    init_encoder: str = (
+        "uniform"  # uniform, or decoder: each encoder column starts along its same-layer decoder (clt/init.py)
+    )
     activation: str = "jumprelu"  # a registered activation function (clt_forge/clt/activations.py)
     k: int = 0  # topk: features kept per layer per token; batchtopk: k x batch per layer
     decode: str = "auto"  # auto, dense or sparse: how the decoder runs (clt/sparse_decode.py)
@@ -136,6 +139,8 @@ class CLTConfig:
         from clt_forge.clt.sparse_decode import DECODE
 
         make_activation(self.activation, self.k)  # a ConfigError / ValueError naming the fix
+        if self.init_encoder not in ("uniform", "decoder"):
+            raise ValueError(f"clt.init_encoder={self.init_encoder!r}: use uniform or decoder.")
         DECODE.lookup(self.decode)
 
 

@@ -62,7 +62,10 @@ def check_resume(cfg: TrainConfig, out: Path) -> None:
     before = read_run_config(out)
     now = plain(cfg)
     keys = [("clt", k) for k in now["clt"]] + [("model", "name"), ("model", "d_model"), ("model", "n_layers")]
-    diffs = [f"{a}.{b}: {before[a][b]!r} -> {now[a][b]!r}" for a, b in keys if before[a][b] != now[a][b]]
+    # a key the recorded run lacks did not exist when it was written: not counted as a change
+    diffs = [
+        f"{a}.{b}: {before[a].get(b)!r} -> {now[a][b]!r}" for a, b in keys if before[a].get(b, now[a][b]) != now[a][b]
+    ]
     if diffs:
         raise CLTError(
             f"resume={out}: the architecture changed ({'; '.join(diffs)}); resume with the original settings."
@@ -197,7 +200,14 @@ def build_clt(
         k=cfg.clt.k,
         decode=cfg.clt.decode,
     )
-    init_clt(clt, cfg.clt.jumprelu_threshold, seed=cfg.seed, features=features, d_features=d_features)
+    init_clt(
+        clt,
+        cfg.clt.jumprelu_threshold,
+        seed=cfg.seed,
+        features=features,
+        d_features=d_features,
+        encoder=cfg.clt.init_encoder,
+    )
     return clt, None
 
 
