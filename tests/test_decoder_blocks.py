@@ -82,6 +82,18 @@ def test_without_clipping_only_one_pass_and_exact_to_for_loop_adam() -> None:
     assert torch.equal(blocks.W_dec, full.W_dec), "the same formula as torch's for-loop Adam, bit for bit"
 
 
+def test_blocks_under_bf16_autocast_follow_the_full_gradient() -> None:
+    """The decode runs on autocast's bf16 copy of W_dec; the chunks are built in bf16 and cast."""
+    full, blocks = make_clt("topk", "dense"), make_clt("topk", "dense")
+    enable_deferred_decoder(blocks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full_norms, _ = train_steps(full, "topk", False)
+        block_norms, _ = train_steps(blocks, "topk", False)
+    assert blocks.W_dec.dtype == torch.float32 and blocks.W_dec.grad is None
+    torch.testing.assert_close(block_norms, full_norms, rtol=1e-3, atol=0)
+    torch.testing.assert_close(blocks.W_dec, full.W_dec, rtol=1e-3, atol=1e-4)
+
+
 def test_a_second_backward_before_the_step_is_refused() -> None:
     clt = make_clt("topk", "dense")
     enable_deferred_decoder(clt)

@@ -87,8 +87,9 @@ class DeferredDecoderGrad:
         self.pending = _Pending(W_dec, offsets, z_t, grad_recon, coef)
         if self.clip:
             square = torch.zeros((), dtype=torch.float64, device=W_dec.device)
-            for _, chunk in self._blocks():  # each chunk's norm in its dtype (as torch's clip), summed in float64
-                square += torch.linalg.vector_norm(chunk).double().square()
+            low = W_dec.dtype in (torch.bfloat16, torch.float16)  # autocast: the full path's clip sees fp32
+            for _, chunk in self._blocks():  # each chunk's norm in fp32 (as torch's clip), summed in float64
+                square += torch.linalg.vector_norm(chunk, dtype=torch.float32 if low else None).double().square()
             self.square = square
         return None
 
