@@ -19,10 +19,11 @@ from jaxtyping import Float
 if TYPE_CHECKING:
     from clt_forge.clt.model import CrossLayerTranscoder
 
-__all__ = ["init_clt", "init_encoder_bias", "tie_encoder_to_decoder"]
+__all__ = ["INIT_ENCODERS", "check_init_encoder", "init_clt", "init_encoder_bias", "tie_encoder_to_decoder"]
 
 
 INIT_BLOCK = 256  # features per independently seeded block of a seeded init
+INIT_ENCODERS = ("uniform", "decoder")  # clt.init_encoder
 
 
 @torch.no_grad()
@@ -55,14 +56,26 @@ def init_clt(
     model.b_enc.zero_()
     model.b_dec.zero_()
     model.log_threshold.fill_(math.log(jumprelu_threshold))
-    if encoder not in ("uniform", "decoder"):
-        raise ValueError(f"clt.init_encoder={encoder!r}: use uniform or decoder.")
+    check_init_encoder(encoder)
     if seed is None:
-        _init_weights(model, enc_bound, dec_bound, generator)
-        if encoder != "uniform":
-            tie_encoder_to_decoder(model)
-        return
-    features = features or slice(0, total)
+        model.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
+        model.W_dec.uniform_(-dec_bound, dec_bound, generator=generator)
+    else:
+        _seeded_weights(model, enc_bound, dec_bound, seed, features or slice(0, total), total)
+    if encoder == "decoder":
+        tie_encoder_to_decoder(model)
+
+
+def check_init_encoder(encoder: str) -> None:
+    """`clt.init_encoder` is one of INIT_ENCODERS (else a ValueError naming the key and value)."""
+    if encoder not in INIT_ENCODERS:
+        raise ValueError(f"clt.init_encoder={encoder!r}: use {' or '.join(INIT_ENCODERS)}.")
+
+
+def _seeded_weights(
+    model: CrossLayerTranscoder, enc_bound: float, dec_bound: float, seed: int, features: slice, total: int
+) -> None:
+    """The uniform weights of features `features` of a `total`-feature CLT, by seeded blocks."""
     if features.stop - features.start != model.d_features:
         raise ValueError(f"features {features} do not match the model's {model.d_features} features")
     for block in range(features.start // INIT_BLOCK, (features.stop - 1) // INIT_BLOCK + 1):
@@ -74,15 +87,6 @@ def init_clt(
         local = slice(lo - features.start, hi - features.start)
         model.W_enc[:, :, local] = W_enc[:, :, lo - first : hi - first]
         model.W_dec[local] = W_dec[lo - first : hi - first]
-    if encoder != "uniform":
-        tie_encoder_to_decoder(model)
-
-
-def _init_weights(
-    model: CrossLayerTranscoder, enc_bound: float, dec_bound: float, generator: torch.Generator | None
-) -> None:
-    model.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
-    model.W_dec.uniform_(-dec_bound, dec_bound, generator=generator)
 
 
 @torch.no_grad()

@@ -58,8 +58,8 @@ from clt_forge.clt.sparse_decode import (
     DECODE,
     DecoderGradSink,
     SparseDecodeWithNorms,
-    decoder_block_grad,
     decoder_weight_grad,
+    full_decoder_grad,
 )
 from clt_forge.clt.sparse_decode import decoder_norms_packed as _decoder_norms_packed
 from clt_forge.clt.sparse_decode import source_block as _source_block
@@ -151,11 +151,7 @@ class GradBuffer:
         coef: torch.Tensor | None,
     ) -> torch.Tensor:
         """grad W_dec [F, P, D] in this buffer, block by source layer (a `DecoderGradSink`)."""
-        grad_w = self.take(W_dec)
-        for source in range(len(offsets) - 1):  # offsets has n_layers + 1 entries
-            dest = _source_block(grad_w, offsets, source)
-            decoder_block_grad(dest, W_dec, offsets, source, z_t(source), grad_recon, coef)
-        return grad_w
+        return full_decoder_grad(self.take(W_dec), W_dec, offsets, z_t, grad_recon, coef)
 
 
 class _DecodeWithNorms(torch.autograd.Function):

@@ -46,6 +46,7 @@ __all__ = [
     "decoder_block_grad",
     "decoder_norms_packed",
     "decoder_weight_grad",
+    "full_decoder_grad",
     "norm_coef",
 ]
 
@@ -143,7 +144,18 @@ def decoder_weight_grad(
     coef = norm_coef(norms, grad_norms)
     if sink is not None:
         return sink.gradient(W_dec, offsets, z_t, grad_recon, coef)
-    grad_w = torch.empty_like(W_dec)
+    return full_decoder_grad(torch.empty_like(W_dec), W_dec, offsets, z_t, grad_recon, coef)
+
+
+def full_decoder_grad(
+    grad_w: torch.Tensor,
+    W_dec: torch.Tensor,
+    offsets: list[int],
+    z_t: Callable[[int], torch.Tensor],
+    grad_recon: torch.Tensor | None,
+    coef: torch.Tensor | None,
+) -> torch.Tensor:
+    """grad W_dec [F, P, D] written into `grad_w`, block by source layer (`decoder_block_grad`)."""
     for source in range(len(offsets) - 1):  # offsets has n_layers + 1 entries
         decoder_block_grad(source_block(grad_w, offsets, source), W_dec, offsets, source, z_t(source), grad_recon, coef)
     return grad_w

@@ -136,11 +136,11 @@ class CLTConfig:
 
     def __post_init__(self) -> None:
         from clt_forge.clt.activations import make_activation
+        from clt_forge.clt.init import check_init_encoder
         from clt_forge.clt.sparse_decode import DECODE
 
         make_activation(self.activation, self.k)  # a ConfigError / ValueError naming the fix
-        if self.init_encoder not in ("uniform", "decoder"):
-            raise ValueError(f"clt.init_encoder={self.init_encoder!r}: use uniform or decoder.")
+        check_init_encoder(self.init_encoder)
         DECODE.lookup(self.decode)
 
 

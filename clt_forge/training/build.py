@@ -217,8 +217,8 @@ def decoder_grad_sink(cfg: TrainConfig, parallel: Parallel, clt: CrossLayerTrans
     if cfg.optim.decoder_grad == "full":
         return None
     needs_full = {
-        "sharding=ddp / fsdp (they reduce W_dec.grad across ranks)": parallel.world > 1
-        and parallel.mode not in (ShardingMode.single, ShardingMode.feature),
+        "sharding=ddp / fsdp (they reduce W_dec.grad across ranks)": parallel.mode
+        in (ShardingMode.ddp, ShardingMode.fsdp),
         "precision=fp16 (its loss scaler checks W_dec.grad for overflow)": cfg.precision is Precision.fp16,
         "finetune.from (its LoRA adapters take W_dec's gradient)": bool(cfg.finetune.source),
     }
