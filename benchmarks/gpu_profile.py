@@ -2,13 +2,15 @@
 
     PYTHONPATH=build/devdeps:. python benchmarks/gpu_profile.py --out DIR
 
-At L=30, D=576, B=256, F=4608, TopK at 1% active (as benchmarks/train_step.py --sparse): per
-variant the step time and the top kernels by CUDA time, written to DIR/profile-<variant>.txt.
+At L=30, D=576, B=256, F=4608, TopK at 1% active (as benchmarks/train_step.py --sparse): prints
+one JSON object, per variant the step time and the 15 ops / kernels with the most self time (CUDA
+time on a GPU, CPU time elsewhere); the full profiler tables go to DIR/profile-<variant>.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ SYNC = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
 ACTIVITIES = [torch.profiler.ProfilerActivity.CPU] + (
     [torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else []
 )
+
+VARIANTS = (("dense", False), ("sparse", False), ("sparse", True))  # (decode, decoder_grad=blocks)
 
 
 def variant(decode: str, blocks: bool, out: Path, d_features: int) -> dict:
@@ -62,7 +66,14 @@ def variant(decode: str, blocks: bool, out: Path, d_features: int) -> dict:
         sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=30, max_name_column_width=60
     )
     (out / f"profile-{name}.txt").write_text(table)
-    return {"variant": name, "seconds": seconds}
+    return {"variant": name, "seconds": seconds, "top_self_ms": _top(prof.key_averages(), 15)}
+
+
+def _top(events: list, n: int) -> list[dict]:
+    """The `n` ops / kernels with the most self time on the profiled device, in ms."""
+    attr = ("self_device_time_total", "self_cuda_time_total") if DEVICE == "cuda" else ("self_cpu_time_total",)
+    timed = [(e.key, next(getattr(e, a) for a in attr if hasattr(e, a)) / 1000.0) for e in events]
+    return [{"name": name, "ms": round(ms, 3)} for name, ms in sorted(timed, key=lambda t: -t[1])[:n]]
 
 
 def main() -> None:
@@ -71,8 +82,8 @@ def main() -> None:
     parser.add_argument("--d-features", type=int, default=4608)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for decode, blocks in (("dense", False), ("sparse", False), ("sparse", True)):
-        print(variant(decode, blocks, args.out, args.d_features), flush=True)
+    rows = [variant(decode, blocks, args.out, args.d_features) for decode, blocks in VARIANTS]
+    print(json.dumps({"device": DEVICE, "d_features": args.d_features, "variants": rows}, indent=1))
 
 
 if __name__ == "__main__":
