@@ -1,13 +1,16 @@
 """Label quality per explainer: mean score, mean control, share beating the control by 0.2, time.
 
     python benchmarks/autointerp_quality.py checkpoint=runs/demo/checkpoints/final features=16 \\
-        tokens=16384 explainers=tokens,local,openai [threads=2] [seed=0]
+        tokens=16384 explainers=tokens,local,openai [threads=2] [seed=0] [scorer=token|context]
+    python benchmarks/autointerp_quality.py checkpoint=runs/demo/checkpoints/final \
+        database=runs/demo/features/features.db explainers=tokens   # an existing database's features
 
 One streaming pass (explainer=none) over `tokens` tokens for `features` random live features of the
 checkpoint (seeded), then, for each explainer, a copy of that database explained and scored
 (`clt autointerp` resumes after the pass). openai runs against tests/openai_server.py's rule-based
 stand-in on 127.0.0.1 (its judge is that server too); tokens and local are judged by the embedded
-SmolLM2-135M (PMI judge). Prints one JSON object; docs/quality.md reports it.
+SmolLM2-135M (PMI judge). With `database=`, no pass: that database's collected features (every one)
+are explained and scored again, on a copy. Prints one JSON object; docs/quality.md reports it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def args() -> dict[str, str]:
     out = {"features": "16", "tokens": "16384", "explainers": "tokens,local,openai", "seed": "0", "checkpoint": ""}
-    out["threads"] = "2"
+    out |= {"threads": "2", "scorer": "token", "database": ""}
     out |= dict(a.split("=", 1) for a in sys.argv[1:])
     return out
 
@@ -55,19 +58,25 @@ def run(overrides: list[str], out: Path) -> None:
 def main() -> None:
     a = args()
     n, work = int(a["features"]), Path(tempfile.mkdtemp(prefix="autointerp_quality_"))
-    graph = graph_of(a["checkpoint"], n, int(a["seed"]), work)
     base = [
         f"checkpoint={a['checkpoint']}",
         f"tokens={a['tokens']}",
-        f"features_from={graph}",
         f"threads={a['threads']}",
+        f"scorer={a['scorer']}",
     ]
     start = time.perf_counter()
-    run([*base, "explainer=none"], work / "pass")
+    if a["database"]:
+        (work / "pass").mkdir()
+        shutil.copy(a["database"], work / "pass" / "features.db")
+        n = sys.maxsize
+    else:
+        base.append(f"features_from={graph_of(a['checkpoint'], n, int(a['seed']), work)}")
+        run([*base, "explainer=none"], work / "pass")
     pass_s = time.perf_counter() - start
     with closing(FeatureStore(work / "pass" / "features.db", create=False)) as store:
-        live = [k for k in store.features() if store.feature(*k)["status"] == "done"][:n]  # type: ignore[index]
+        live = [k for k in store.features() if store.feature(*k)["status"] != "dead"][:n]  # type: ignore[index]
     results: dict[str, object] = {"checkpoint": a["checkpoint"], "tokens": int(a["tokens"]), "features": len(live)}
+    results |= {"scorer": a["scorer"], "database": a["database"] or None}
     results["pass_seconds"] = round(pass_s, 1)
     for kind in a["explainers"].split(","):
         folder = work / kind
@@ -78,7 +87,8 @@ def main() -> None:
             with store.db:  # only the chosen live features are explained and scored
                 for table in ("features", "examples"):
                     store.db.execute(f"DELETE FROM {table} WHERE (layer, feature) NOT IN (VALUES {keep})")
-            store.set_status("collected", "done")
+            for status in ("done", "explained"):
+                store.set_status("collected", status)
             store.set_meta(finished=False)
         extra = [f"explainer={kind}"]
         server = None

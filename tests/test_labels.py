@@ -19,14 +19,20 @@ from openai_server import FakeOpenAIServer, mentions
 from clt_forge.artifacts.features import VERSION, Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer, make_explainer
 from clt_forge.autointerp.labels import choose_labels, rejection
-from clt_forge.autointerp.literal import Claim, LiteralJudge, claim
-from clt_forge.autointerp.prompts import detection_question, split_detection_question
+from clt_forge.autointerp.literal import ONLY_TOKEN, Claim, LiteralJudge, claim, preceding
+from clt_forge.autointerp.prompts import (
+    detection_question,
+    split_detection_question,
+    split_token_question,
+    token_question,
+)
 from clt_forge.autointerp.scoring import (
     CONTROL_FALLBACK,
     auroc,
     pick_control,
     score_with_control,
     spread,
+    token_items,
     verdict,
 )
 from clt_forge.autointerp.tokens import TokensExplainer, tokens_label
@@ -65,7 +71,8 @@ class KeywordJudge(Explainer):
         return [self.answers[1 : 1 + n] for _ in messages_batch]
 
     def judge(self, questions):
-        return [1.0 if mentions(*split_detection_question(q)) else 0.0 for q in questions]  # type: ignore[misc]
+        parts = [split_detection_question(q) or split_token_question(q)[:2] for q in questions]  # type: ignore[index]
+        return [1.0 if mentions(*p) else 0.0 for p in parts]
 
 
 # ---- the scorer ---------------------------------------------------------------------------------
@@ -145,6 +152,58 @@ def test_literal_judge_counts_claimed_tokens_and_hands_the_rest_to_its_fallback(
     firing, silent = NOT, QUIET
     scored = score_with_control(judge, tokens_label(evidence(NOT)), '"dog" (3/3 top contexts)', firing, silent)
     assert scored.score == 1.0 and scored.control < 0.5, scored  # "dog" is in a silent context
+
+
+# ---- the token scorer ---------------------------------------------------------------------------
+
+
+def test_token_question_marks_one_token_and_reads_back():
+    e = Example(["A", " cat", "\n", " <<x", " not", "."], [0, 0, 1, 0, 2, 0])
+    q = token_question('"not"', e, 4)
+    assert "A cat\\n < <x <<not>>." in q[-1]["content"]  # the text's own << is spaced out: one mark
+    assert split_token_question(q) == ('"not"', "not", "A cat\n < <x ")
+    assert split_token_question(token_question("newlines", e, 2)) == ("newlines", "\n", "A cat")
+    assert split_token_question(detection_question('"not"', e)) is None
+    assert split_detection_question(q) is None  # the context judges never mistake one for the other
+
+
+def test_token_items_mark_peaks_and_silent_tokens_of_every_context():
+    dense = Example(["a", "b", "c"], [1.0, 3.0, 2.0])  # fires on every token: no negative from it
+    firing = [*NOT, dense]
+    positives, negatives = token_items(firing, QUIET, seed=0)
+    assert [e.tokens[i] for e, i in positives] == [" not"] * 5 + ["b"]
+    assert len(negatives) == 5 + len(QUIET) and all(e.acts[i] == 0 for e, i in negatives)
+    assert token_items(firing, QUIET, seed=0) == (positives, negatives)  # seeded
+    assert [i for _, i in token_items(firing, QUIET, seed=1)[1]] != [i for _, i in negatives]
+
+
+def test_literal_judge_answers_token_questions_from_the_claim():
+    judge = LiteralJudge(ExplainerConfig(kind="literal"))
+    judge._fallback, judge._tokenizer = KeywordJudge(), WordTokenizer()
+    e = example("I do not know, not now.")
+    label = '"not" (5/5 top contexts), after "do" (4/5); promotes "know"'
+    assert preceding(label) == "do" and preceding('"not"; promotes ", after "x""') is None
+    questions = [
+        token_question(label, e, 2),  # "not" after "do"
+        token_question(label, e, 5),  # "not" after ","
+        token_question(label, e, 3),  # "know": promoted, not claimed
+        token_question('"not"', e, 5),
+        token_question("newlines", example("one\ntwo"), 1),
+        token_question("the word know", e, 3),  # no literal claim: the fallback (its own question form)
+    ]
+    assert judge.judge(questions) == [1.0, ONLY_TOKEN, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_token_scorer_scores_a_feature_without_silent_contexts():
+    judge = LiteralJudge(ExplainerConfig(kind="literal"))
+    judge._fallback, judge._tokenizer = KeywordJudge(), WordTokenizer()
+    label, control = tokens_label(evidence(NOT)), '"dog" (3/3 top contexts)'
+    scored = score_with_control(judge, label, control, NOT, QUIET, "token", seed=0)
+    assert (scored.score, scored.n_firing, scored.n_silent) == (1.0, 5, 9)
+    assert scored.control == 0.5  # "dog" is never a marked token: ties everywhere
+    alone = score_with_control(judge, label, control, NOT, [], "token", seed=0)  # every context fires
+    assert alone.score == 1.0 and alone.n_silent == 5
+    assert math.isnan(score_with_control(judge, label, control, NOT, []).score)  # the context scorer cannot
 
 
 # ---- the tokens explainer and the rejection rules ------------------------------------------------

@@ -1,12 +1,14 @@
 """Planted features on the embedded model (SmolLM2-135M-Instruct, offline): a CLT whose layer-0
 features read known directions (one word, a word class, newlines, never) goes through
 `clt autointerp explainer=tokens`; the evidence-only label must name each behaviour, and the scorer
-(the default judge of explainer=tokens: literal, literal.py) must rank each true label above another feature's (its control)."""
+(the default judge of explainer=tokens: literal, literal.py) must rank each true label above another
+feature's (its control), with the token scorer (the default) and with the context scorer."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +19,14 @@ from omegaconf import OmegaConf
 from clt_forge.artifacts.checkpoint import CheckpointInfo, save_checkpoint
 from clt_forge.artifacts.features import FeatureStore
 from clt_forge.artifacts.normalization import Normalization
+from clt_forge.autointerp.literal import LiteralJudge
 from clt_forge.autointerp.runner import AutoInterp
+from clt_forge.autointerp.scoring import score_store, verdict
 from clt_forge.autointerp.source import model_windows
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.config.compose import compose_stage
 from clt_forge.config.plain import plain
+from clt_forge.config.schema import ExplainerConfig
 from clt_forge.models.activations import hook_names
 from clt_forge.models.loading import load_model, model_config
 
@@ -98,6 +103,7 @@ def test_tokens_explainer_names_every_planted_feature(planted_run):
 
 
 def test_scorer_ranks_every_true_label_above_another_features(planted_run):
+    assert json.loads((planted_run.parent / "summary.json").read_text())["scorer"]["scored_on"] == "token"
     with FeatureStore(planted_run, create=False) as store:
         rows = [store.feature(0, f) for f, _ in PLANTED.values()]
     for row in rows:
@@ -107,3 +113,17 @@ def test_scorer_ranks_every_true_label_above_another_features(planted_run):
     summary = json.loads((planted_run.parent / "summary.json").read_text())
     assert summary["scorer"]["pairs"] == 3 and summary["scorer"]["mean_score"] > summary["scorer"]["mean_control"]
     assert summary["scorer"]["informative"], summary["scorer"]  # the mean difference clears 0.1 and 2 stderr
+
+
+def test_context_scorer_ranks_every_true_label_above_another_features(planted_run, tmp_path):
+    copy = shutil.copy(planted_run, tmp_path / "features.db")
+    with FeatureStore(copy, create=False) as store:
+        store.set_status("explained", "scored")
+        score_store(store, LiteralJudge(ExplainerConfig(kind="literal")), half=20, seed=0, scorer="context")
+        rows = [store.feature(0, f) for f, _ in PLANTED.values()]
+        summary = verdict(store.scores(), store.controls())
+    for row in rows:
+        assert row is not None and row["status"] == "scored"
+        print("context", row["feature"], row["explanation"], row["score"], row["score_control"])
+        assert not math.isnan(row["score"]) and row["score"] > row["score_control"], row
+    assert summary["pairs"] == 3 and summary["informative"], summary

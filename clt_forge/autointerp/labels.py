@@ -24,8 +24,8 @@ from itertools import pairwise
 from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.literal import quoted
-from clt_forge.autointerp.prompts import DEMOS, detection_question
-from clt_forge.autointerp.scoring import auroc
+from clt_forge.autointerp.prompts import DEMOS
+from clt_forge.autointerp.scoring import auroc, judged_items, question
 from clt_forge.autointerp.tokens import tokens_label
 
 __all__ = ["LabelChoice", "choose_labels", "quoted", "rejection"]
@@ -79,15 +79,17 @@ def choose_labels(
     evidence: Sequence[FeatureEvidence],
     candidates: int,
     silent: Sequence[Sequence[Example]],
+    scorer: str = "context",
 ) -> list[LabelChoice]:
-    """One label per feature (module docstring); `silent[i]`: feature i's selection silent contexts."""
+    """One label per feature (module docstring); `silent[i]`: feature i's selection silent contexts;
+    candidates are compared with `scorer`'s questions (scoring.py)."""
     choices = []
     for e, answers in zip(evidence, explainer.describe(evidence, candidates), strict=True):
         rejected = {a: why for a in answers if (why := rejection(a, e))}
         kept = [a for a in answers if a not in rejected]
         choice = LabelChoice(kept[0] if kept else tokens_label(e), len(answers), rejected, not kept)
         choices.append((choice, kept))
-    _select([c for c, _ in choices], [k for _, k in choices], judge, evidence, silent)
+    _select([c for c, _ in choices], [k for _, k in choices], judge, evidence, silent, scorer)
     return [c for c, _ in choices]
 
 
@@ -97,22 +99,24 @@ def _select(
     judge: Explainer,
     evidence: Sequence[FeatureEvidence],
     silent: Sequence[Sequence[Example]],
+    scorer: str,
 ) -> None:
     """Where several answers are acceptable, the one with the best AUROC on the selection contexts."""
-    jobs = []  # (feature, candidates, firing, silent)
+    jobs = []  # (feature, candidates, judged items, positives)
     for i, answers in enumerate(kept):
         firing, quiet = evidence[i].top_examples[:SELECT_FIRING], list(silent[i])[:SELECT_SILENT]
-        if len(answers) > 1 and firing and quiet:
-            jobs.append((i, answers, firing, quiet))
-    questions = [detection_question(a, x) for _, answers, f, q in jobs for a in answers for x in [*f, *q]]
+        items, n_pos = judged_items(firing, quiet, scorer)
+        if len(answers) > 1 and 0 < n_pos < len(items):
+            jobs.append((i, answers, items, n_pos))
+    questions = [question(a, x, at) for _, answers, items, _ in jobs for a in answers for x, at in items]
     if not questions:
         return
     p = iter(judge.judge(questions))
-    for i, answers, firing, quiet in jobs:
+    for i, answers, items, n_pos in jobs:
         best, best_auc = answers[0], -1.0
         for answer in answers:
-            scores = [next(p) for _ in range(len(firing) + len(quiet))]
-            auc = auroc(scores[: len(firing)], scores[len(firing) :])
+            scores = [next(p) for _ in items]
+            auc = auroc(scores[:n_pos], scores[n_pos:])
             if auc > best_auc:
                 best, best_auc = answer, auc
         choices[i].label = best

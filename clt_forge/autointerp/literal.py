@@ -15,6 +15,10 @@ on); a "punctuation:" or "capitalised words:" label claims the members it quotes
 context holds some punctuation or a capital, so the class itself tells nothing apart), a
 "numbers" / "newlines" label the class.
 
+Token questions (the token scorer, `prompts.token_question`: one marked token) are answered from the
+same claim on that token alone: P(yes) = 1 when the claim names it and the label's ", after "X""
+(if any) holds for the token before it, 0.75 when only the token matches, 0.
+
 Why: on planted features of the embedded model (one word, a punctuation class, newlines) the PMI
 judge ranked the true label's firing contexts above the silent ones barely better than another
 feature's label (AUROC 0.61-0.67 vs control 0.55-0.63; docs/quality.md), while the claim these
@@ -29,16 +33,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
-from clt_forge.autointerp.prompts import split_detection_question
+from clt_forge.autointerp.prompts import split_detection_question, split_token_question
 from clt_forge.autointerp.tokens import word_class
 from clt_forge.config.schema import ExplainerConfig
 
-__all__ = ["FALLBACK", "Claim", "LiteralJudge", "claim", "quoted"]
+__all__ = ["FALLBACK", "ONLY_TOKEN", "Claim", "LiteralJudge", "claim", "preceding", "quoted"]
 
 FALLBACK = "local"  # the model judge for explanations without a literal claim
 COUNT_HALF = 0.5  # P(yes) = n / (n + COUNT_HALF) for n claimed tokens in the text
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 _CLASS_CLAIMS = ("newlines", "numbers")  # classes a context can lack (unlike punctuation, capitals)
+_AFTER = re.compile(r', after "([^"]+)"')
+ONLY_TOKEN = 0.75  # P(yes) of a token question whose token matches but not the claimed preceding token
 
 
 def quoted(label: str) -> list[str]:
@@ -78,6 +84,13 @@ def claim(explanation: str) -> Claim | None:
     return Claim(keys) if keys else None  # a punctuation / capitals label without members: the model
 
 
+def preceding(explanation: str) -> str | None:
+    """The token an explanation says its feature fires after (', after "X"'), as a key; None: no such claim."""
+    core = explanation.split("; promotes")[0]
+    match = _AFTER.search(core)
+    return _key(match[1].replace("\\n", "\n")) if match else None
+
+
 @EXPLAINERS.register("literal")
 class LiteralJudge(Explainer):
     """Judges detection questions by their explanation's literal claim (module docstring); the rest,
@@ -110,6 +123,10 @@ class LiteralJudge(Explainer):
         scores: list[float | None] = [None] * len(questions)
         split = self._tokens()
         for i, question in enumerate(questions):
+            token_parts = split_token_question(question)
+            if token_parts is not None:
+                scores[i] = self._token_score(*token_parts, split)
+                continue
             parts = split_detection_question(question)
             said = claim(parts[0]) if parts else None
             if parts is not None and said is not None:
@@ -120,6 +137,18 @@ class LiteralJudge(Explainer):
             for i, s in zip(rest, self.fallback.judge([questions[i] for i in rest]), strict=True):
                 scores[i] = s
         return [float(s) for s in scores if s is not None]
+
+    @staticmethod
+    def _token_score(explanation: str, token: str, before: str, split: Callable[[str], list[str]]) -> float | None:
+        """P(yes) of a token question (module docstring); None: no literal claim, the model judges."""
+        said = claim(explanation)
+        if said is None:
+            return None
+        if not said.matches(token):
+            return 0.0
+        after = preceding(explanation)
+        previous = split(before.rstrip(" \t"))[-1:] if after is not None and before.strip() else []
+        return 1.0 if after is None or (previous and _key(previous[0]) == after) else ONLY_TOKEN
 
     def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
         return self.fallback.explain(messages_batch)

@@ -13,6 +13,8 @@ Detection, two protocols over the same explanation:
   explainers.py); `split_detection_question` recovers (explanation, text) from such a prompt.
 - `detection_messages`: every context in one numbered list, answered with the numbers of the
   contexts it fires on (for capable OpenAI-compatible endpoints); `parse_detection` reads the answer.
+- `token_question` (the token scorer): one context with one token in `<<` `>>`, "does the feature
+  fire on the marked token?"; `split_token_question` recovers (explanation, token, preceding text).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
     "parse_detection",
     "render_prompt",
     "split_detection_question",
+    "split_token_question",
+    "token_question",
 ]
 
 Message = dict[str, str]
@@ -44,6 +48,7 @@ MAX_EXPLANATION_CHARS = 120
 EXPLAIN_SYSTEM = "You explain what a feature of a language model detects. Answer with a short phrase only."
 QUESTION_SYSTEM = "Answer yes or no."
 QUESTION_END = "Does the feature fire on this text? Answer yes or no."
+TOKEN_QUESTION_END = "Does the feature fire on the token in << >>? Answer yes or no."
 LIST_SYSTEM = "You check an explanation of a language model feature against texts."
 
 
@@ -146,6 +151,45 @@ def split_detection_question(messages: Sequence[Message]) -> tuple[str, str] | N
         return None
     match = _QUESTION.match(messages[-1].get("content", ""))
     return (match["explanation"], match["text"]) if match else None
+
+
+def marked_text(example: Example, position: int) -> str:
+    """The context on one line (newlines as `\\n`) with the token at `position` in `<<` `>>` (its
+    leading whitespace outside); `<<` / `>>` elsewhere in the text are spaced out, so the mark is the
+    only one."""
+    parts = []
+    for i, token in enumerate(example.tokens):
+        token = token.replace("\n", "\\n").replace("<<", "< <").replace(">>", "> >")
+        if i == position:
+            stripped = token.lstrip()
+            token = token[: len(token) - len(stripped)] + "<<" + stripped + ">>"
+        parts.append(token)
+    return "".join(parts).strip()
+
+
+def token_question(explanation: str, example: Example, position: int) -> list[Message]:
+    """One context, one marked token, one yes/no question (the form `split_token_question` reads)."""
+    content = f"Explanation: {explanation}\nText: {marked_text(example, position)}\n{TOKEN_QUESTION_END}"
+    return [{"role": "system", "content": QUESTION_SYSTEM}, {"role": "user", "content": content}]
+
+
+_TOKEN_QUESTION = re.compile(
+    r"\AExplanation: (?P<explanation>[^\n]*)\nText: (?P<before>[^\n]*?)<<(?P<token>[^\n]*?)>>[^\n]*\n"
+    + re.escape(TOKEN_QUESTION_END)
+    + r"\Z"
+)
+
+
+def split_token_question(messages: Sequence[Message]) -> tuple[str, str, str] | None:
+    """(explanation, marked token, text before it) of a `token_question` prompt, newlines restored;
+    None for any other prompt."""
+    if not messages:
+        return None
+    match = _TOKEN_QUESTION.match(messages[-1].get("content", ""))
+    if not match:
+        return None
+    restore = lambda text: text.replace("\\n", "\n")  # noqa: E731
+    return match["explanation"], restore(match["token"]), restore(match["before"])
 
 
 def detection_messages(explanation: str, examples: Sequence[Example]) -> list[Message]:

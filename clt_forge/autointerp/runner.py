@@ -33,6 +33,7 @@ from clt_forge.artifacts.graph import NodeKind, parse_node
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
 from clt_forge.autointerp.explainers import NO_EXPLAINER, Explainer, make_explainer, validate_kinds
 from clt_forge.autointerp.labels import SELECT_SILENT
+from clt_forge.autointerp.scoring import SCORERS
 from clt_forge.autointerp.source import check_sources, dataset_windows, grouped, model_windows
 from clt_forge.config.schema import AutointerpConfig
 from clt_forge.errors import CLTError
@@ -79,6 +80,10 @@ class AutoInterp:
         cfg = self.cfg
         if cfg.explain:
             validate_kinds(cfg.explainer)  # a typo fails now, not after the pass
+        if cfg.scorer not in SCORERS:
+            raise CLTError(
+                f"scorer={cfg.scorer!r}: use one of {', '.join(SCORERS)} (docs/quality.md, 'Feature labels')."
+            )
         out = Path(out) if out is not None else output_dir(cfg)
         if cfg.merge:
             return self._finish(Path(cfg.merge))
@@ -228,7 +233,7 @@ class AutoInterp:
                 group = pending[start : start + batch]
                 evidence = [store.evidence(layer, feature) for layer, feature in group]
                 silent = [e.non_activating[half:] for e in evidence]  # not the scorer's contexts
-                choices = choose_labels(explainer, judge, evidence, cfg.explainer.candidates, silent)
+                choices = choose_labels(explainer, judge, evidence, cfg.explainer.candidates, silent, cfg.scorer)
                 for (layer, feature), choice in zip(group, choices, strict=True):
                     store.set_explanation(layer, feature, choice.label)
                     rejected += len(choice.rejected)
@@ -238,9 +243,10 @@ class AutoInterp:
                     f"explanations: {rejected} answers rejected; the tokens label replaced {fallbacks} of {len(pending)}."
                 )
             if cfg.score:
-                score_store(store, judge, half, cfg.seed)
+                score_store(store, judge, half, cfg.seed, cfg.scorer)
                 used = getattr(judge, "judge_model", judge)  # the tokens kind's own judge
-                store.set_meta(scorer="auroc", judge=_judge_kind(cfg), judge_protocol=getattr(used, "protocol", None))
+                protocol = getattr(used, "protocol", None)
+                store.set_meta(scorer="auroc", scored_on=cfg.scorer, judge=_judge_kind(cfg), judge_protocol=protocol)
         finally:
             if judge is not explainer:
                 judge.close()
@@ -275,6 +281,7 @@ class AutoInterp:
             meta = store.meta()
             scorer = {
                 "kind": meta.get("scorer", "auroc"),
+                "scored_on": meta.get("scored_on", "context"),  # databases before the token scorer: context
                 "judge": meta.get("judge"),
                 "protocol": meta.get("judge_protocol"),
             }

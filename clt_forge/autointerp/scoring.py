@@ -12,6 +12,15 @@ explanation (`pick_control`). A judge that cannot read explanations gives score 
 scorer whose mean score does not beat its mean control by INFORMATIVE_MARGIN (and by two standard
 errors of the paired differences) is reported as uninformative (`verdict`).
 
+Two scorers (`scorer`), each with its control:
+- `context` (the above): does the feature fire anywhere in this text?
+- `token` (delphi's fuzzing, one token at a time): each held-out firing context with the token where
+  it peaks in `<<` `>>` (positives), and each context, firing or silent, with one token where the
+  feature is 0 marked (negatives, seeded); "does the feature fire on the marked token?"
+  (`prompts.token_question`). A claim about a common token ("the", a newline) can be scored here
+  (in context detection nearly every text holds one), and so can a feature that fires somewhere in
+  every context (no silent context: its negatives come from its firing contexts' silent tokens).
+
 Also kept: balanced accuracy at P(yes) > 0.5 (`detection_score`, the TPR / TNR columns) and the
 list protocol (`list_detection_score`: every context in one numbered list, for capable endpoints).
 """
@@ -28,22 +37,26 @@ from tqdm import tqdm
 
 from clt_forge.artifacts.features import Example, FeatureStore
 from clt_forge.autointerp.explainers import Explainer
-from clt_forge.autointerp.prompts import detection_messages, detection_question, parse_detection
+from clt_forge.autointerp.prompts import detection_messages, detection_question, parse_detection, token_question
 
 __all__ = [
     "CONTROL_FALLBACK",
     "GOOD_SCORE",
     "INFORMATIVE_MARGIN",
+    "SCORERS",
     "DetectionScore",
     "FeatureScore",
     "auroc",
     "detection_score",
+    "judged_items",
     "list_detection_score",
     "pick_control",
+    "question",
     "score_store",
     "score_with_control",
     "spread",
     "summarize",
+    "token_items",
     "verdict",
 ]
 
@@ -52,6 +65,7 @@ INFORMATIVE_MARGIN = 0.1  # mean score - mean control below this: the scorer is 
 BEATS_CONTROL = 0.2  # the summary reports the share of features whose score beats their control by this
 CONTROL_FALLBACK = "dates and numbers in a list"  # the control when no other feature has an explanation
 SHARE_GOOD = f"share_ge_{GOOD_SCORE}"
+SCORERS = ("context", "token")
 
 
 @dataclass(frozen=True)
@@ -145,29 +159,63 @@ class FeatureScore:
         return self.score - self.control
 
 
+def token_items(
+    firing: Sequence[Example], silent: Sequence[Example], seed: int
+) -> tuple[list[tuple[Example, int]], list[tuple[Example, int]]]:
+    """The token scorer's (context, marked position) pairs: each firing context at its peak
+    (positives); each context, firing then silent, at one seeded position where the feature is 0
+    (negatives; none from a context without one)."""
+    rng = random.Random(seed)
+    positives = [(e, max(range(len(e.acts)), key=e.acts.__getitem__)) for e in firing if e.max_act > 0]
+    negatives = []
+    for example in [*firing, *silent]:
+        zeros = [i for i, act in enumerate(example.acts) if act <= 0]
+        if zeros:
+            negatives.append((example, rng.choice(zeros)))
+    return positives, negatives
+
+
+def judged_items(
+    firing: Sequence[Example], silent: Sequence[Example], scorer: str = "context", seed: int = 0
+) -> tuple[list[tuple[Example, int | None]], int]:
+    """What `scorer` asks about: (context, marked position; None for the context scorer) pairs,
+    positives first, and how many positives."""
+    if scorer == "token":
+        positives, negatives = token_items(firing, silent, seed)
+        return [*positives, *negatives], len(positives)
+    return [(e, None) for e in [*firing, *silent]], len(firing)
+
+
+def question(explanation: str, example: Example, at: int | None) -> list[dict[str, str]]:
+    """The detection question of one judged item (`judged_items`)."""
+    return detection_question(explanation, example) if at is None else token_question(explanation, example, at)
+
+
 def score_with_control(
     explainer: Explainer,
     explanation: str,
     control: str,
     firing: Sequence[Example],
     silent: Sequence[Example],
+    scorer: str = "context",
+    seed: int = 0,
 ) -> FeatureScore:
-    """One judge call: every context asked about `explanation` and about `control`."""
-    contexts = list(firing) + list(silent)
-    if not contexts:
-        return FeatureScore(math.nan, math.nan, math.nan, math.nan, 0, 0)
-    questions = [detection_question(text, example) for text in (explanation, control) for example in contexts]
-    p = explainer.judge(questions)
-    n_f, n = len(firing), len(contexts)
+    """One judge call: every item of `scorer` (`judged_items`) asked about `explanation` and about
+    `control`; NaN scores (and no call) without both positives and negatives."""
+    items, n_pos = judged_items(firing, silent, scorer, seed)
+    n = len(items)
+    if not n_pos or n_pos == n:
+        return FeatureScore(math.nan, math.nan, math.nan, math.nan, n_pos, n - n_pos)
+    p = explainer.judge([question(text, example, at) for text in (explanation, control) for example, at in items])
     mine, theirs = p[:n], p[n:]
-    rates = DetectionScore.from_judgements([i < n_f for i in range(n)], [s > 0.5 for s in mine])
+    rates = DetectionScore.from_judgements([i < n_pos for i in range(n)], [s > 0.5 for s in mine])
     return FeatureScore(
-        auroc(mine[:n_f], mine[n_f:]),
-        auroc(theirs[:n_f], theirs[n_f:]),
+        auroc(mine[:n_pos], mine[n_pos:]),
+        auroc(theirs[:n_pos], theirs[n_pos:]),
         rates.true_positive_rate,
         rates.true_negative_rate,
-        n_f,
-        len(silent),
+        n_pos,
+        n - n_pos,
     )
 
 
@@ -215,17 +263,19 @@ def verdict(scores: Sequence[float | None], controls: Sequence[float | None]) ->
     return out
 
 
-def score_store(store: FeatureStore, judge: Explainer, half: int, seed: int) -> None:
-    """Score every explained feature of `store`: `half` firing contexts spread over its activations
-    and `half` silent ones, with its explanation and with a control (`pick_control`)."""
+def score_store(store: FeatureStore, judge: Explainer, half: int, seed: int, scorer: str = "context") -> None:
+    """Score every explained feature of `store` with `scorer` (module docstring): `half` firing
+    contexts spread over its activations and `half` silent ones, with its explanation and with a
+    control (`pick_control`)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer={scorer!r}: use one of {', '.join(SCORERS)}.")
     explanations = store.explanations()
     for layer, feature in tqdm(store.with_status("explained"), desc="scoring", unit="feature"):
         evidence = store.evidence(layer, feature)
         control = pick_control((layer, feature), explanations, seed)
         firing, silent = spread(evidence.activating, half), evidence.non_activating[:half]
-        if not firing or not silent:  # no AUROC without both sides: nothing to ask the judge
-            firing, silent = [], []
-        result = score_with_control(judge, explanations[layer, feature], control, firing, silent)
+        item_seed = seed * 1_000_003 + layer * 100_003 + feature
+        result = score_with_control(judge, explanations[layer, feature], control, firing, silent, scorer, item_seed)
         store.set_score(
             layer, feature, result.score, result.true_positive_rate, result.true_negative_rate, result.control
         )

@@ -306,6 +306,7 @@ class AutointerpConfig(PipelineConfig):
 class AttributionSettings:
     """circuit-tracer's `attribute` options and the pruning thresholds: AttributionRunner's settings,
     and (inherited) the keys of `clt attribute`."""
+    scorer: str = "token"  # token: is the marked token one it fires on; context: does it fire in this text
 
     max_n_logits: int = 10  # at most this many output logits become attribution targets
     desired_logit_prob: float = 0.95  # ... or fewer, once they cover this probability
