@@ -87,7 +87,7 @@ def main() -> None:
             with store.db:  # only the chosen live features are explained and scored
                 for table in ("features", "examples"):
                     store.db.execute(f"DELETE FROM {table} WHERE (layer, feature) NOT IN (VALUES {keep})")
-            for status in ("done", "explained"):
+            for status in ("done", "explained", "scored"):
                 store.set_status("collected", status)
             store.set_meta(finished=False)
         extra = [f"explainer={kind}"]

@@ -29,6 +29,7 @@ from clt_forge.autointerp.prompts import (
 from clt_forge.autointerp.scoring import (
     CONTROL_FALLBACK,
     auroc,
+    explainer_evidence,
     pick_control,
     score_with_control,
     spread,
@@ -122,7 +123,10 @@ def test_literal_claims_read_the_quoted_tokens_or_the_class_before_after_and_pro
     assert claim('the word "King"') == Claim(frozenset({"king"}))
     assert claim('punctuation: "?" (9/30 sampled), ";" (7/30 sampled)') == Claim(frozenset({"?", ";"}))
     assert claim('newlines (4/4 top contexts); promotes "And"') == Claim(frozenset(), "newlines")
-    assert claim('numbers: "1" (1/5), "2" (1/5)') == Claim(frozenset(), "numbers")
+    assert claim('numbers: "1" (1/5), "2" (1/5)') == Claim(frozenset({"1", "2"}), "numbers")
+    typical = '"not" (5/5 top contexts), after "do" (4/5); typical: "no" (3/9 sampled), "\\n" (2/9); promotes "be"'
+    assert claim(typical) == Claim(frozenset({"not", "no", "\n"})) and preceding(typical) == "do"
+    assert claim('newlines (4/4 top contexts); typical: "the" (2/9 sampled)') == Claim(frozenset({"the"}), "newlines")
     assert claim("words about royalty") is None and claim("punctuation marks") is None
 
 
@@ -218,6 +222,27 @@ def test_tokens_label_names_the_dominant_token_preceding_token_and_decoder():
     newlines = tokens_label(evidence([example(f"line {i}\nnext", ["\n"]) for i in range(4)], []))
     assert newlines.startswith("newlines (4/4"), newlines
     assert tokens_label(evidence([])) == ""
+
+
+def test_tokens_label_names_the_typical_tokens_of_its_sampled_firing_contexts():
+    weak = [example(f"we saw {w} there", [w], act=0.5) for w in ("no", "no", "never", "no", "nothing")] + NOT[:1]
+    label = tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=weak))
+    assert label == '"not" (5/5 top contexts), after "do" (4/5); typical: "no" (3/6 sampled), "never" (1/6)'
+    assert (
+        tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=NOT))
+        == '"not" (5/5 top contexts), after "do" (4/5)'
+    )
+
+
+def test_explainers_never_read_the_contexts_a_label_is_scored_on():
+    firing = [example(f"word{i} here", [f"word{i}"], act=float(i + 1)) for i in range(40)]
+    e = FeatureEvidence(0, 1, top_examples=NOT, activating=firing, non_activating=QUIET * 3, top_tokens=[("x", 99)])
+    seen = explainer_evidence(e, half=4)
+    scored = spread(firing, 4)
+    assert len(seen.activating) == 36 and not {id(x) for x in scored} & {id(x) for x in seen.activating}
+    assert seen.non_activating == (QUIET * 3)[4:]  # the scorer's silent contexts are the first `half`
+    assert dict(seen.top_tokens)[" not"] == 5 and "x" not in dict(seen.top_tokens)  # recounted: top + unscored
+    assert not {t for t, _ in seen.top_tokens} & {x.tokens[0] for x in scored}
 
 
 def test_tokens_label_names_a_class_whose_top_contexts_favour_one_member():

@@ -172,8 +172,9 @@ def test_clt_autointerp_explainer_openai_against_transformers_serve(server, data
         "tokens": "4000",
         "out": str(out),
         "explainer.base_url": server,
-        # the budget: tests/test_autointerp.py's text; 5 top contexts, 8 held-out (4 firing, 4 silent) judged
-        # with the label and with its control: 16 questions per feature
+        # the budget: tests/test_autointerp.py's text; 5 top contexts, 8 held-out (4 firing, 4 silent); the
+        # token scorer marks the 4 peaks and one silent token of each context holding one (4-8), each judged
+        # with the label and with its control: 16-24 questions per feature
         "data": "classic",
         "data.context_size": "32",
         "top_k": "5",
@@ -195,7 +196,7 @@ def test_clt_autointerp_explainer_openai_against_transformers_serve(server, data
         assert record is not None and record["status"] == "scored", record
         assert record["explanation"].strip(), record
         assert 0.0 <= record["score"] <= 1.0 and 0.0 <= record["score_control"] <= 1.0, record
-    assert int(line.group(2)) == 2 * 2 * 8, result.stdout[-2000:]  # every question went to the server
+    assert 2 * 2 * (4 + 4) <= int(line.group(2)) <= 2 * 2 * (4 + 8), result.stdout[-2000:]  # all went to the server
 
 
 def test_protocol_is_reported_against_the_stand_in(capsys):

@@ -9,11 +9,12 @@ claim ("words about royalty") go to the model judge `FALLBACK` (the local PMI ju
 prompts that are not detection questions. (As `explainer.kind=literal` the fallback also writes the
 explanations: the local model's labels, judged literally.)
 
-What counts as the claim: the explanation before "; promotes" (what the decoder writes is not
-where the feature fires) and before ", after" (the preceding token is where it fires from, not
-on); a "punctuation:" or "capitalised words:" label claims the members it quotes (nearly every
-context holds some punctuation or a capital, so the class itself tells nothing apart), a
-"numbers" / "newlines" label the class.
+What counts as the claim: the tokens the explanation quotes before "; promotes" (what the decoder
+writes is not where the feature fires), its ', after "X" (n/m)' part left out (the preceding
+token is where it fires from, not on); so the tokens explainer's "typical" tokens count too. A
+"punctuation:" or "capitalised words:" label claims the members it quotes (nearly every context
+holds some punctuation or a capital, so the class itself tells nothing apart), a "numbers" /
+"newlines" label the class (and any token it quotes).
 
 Token questions (the token scorer, `prompts.token_question`: one marked token) are answered from the
 same claim on that token alone: P(yes) = 1 when the claim names it and the label's ", after "X""
@@ -44,6 +45,7 @@ COUNT_HALF = 0.5  # P(yes) = n / (n + COUNT_HALF) for n claimed tokens in the te
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 _CLASS_CLAIMS = ("newlines", "numbers")  # classes a context can lack (unlike punctuation, capitals)
 _AFTER = re.compile(r', after "([^"]+)"')
+_AFTER_PART = re.compile(r', after "[^"]+"(?: \(\d+/\d+\))?')  # removed before reading the claim
 ONLY_TOKEN = 0.75  # P(yes) of a token question whose token matches but not the claimed preceding token
 
 
@@ -65,23 +67,22 @@ class Claim:
     word_class: str | None = None
 
     def matches(self, token: str) -> bool:
-        if self.word_class == "newlines":
-            return "\n" in token
-        if self.word_class is not None:
-            return word_class(token) == self.word_class
+        if self.word_class == "newlines" and "\n" in token:
+            return True
+        if self.word_class not in (None, "newlines") and word_class(token) == self.word_class:
+            return True
         return _key(token) in self.tokens
 
 
 def claim(explanation: str) -> Claim | None:
     """What `explanation` claims its feature fires on (module docstring); None: no literal claim."""
-    core = explanation.split("; promotes")[0].split(", after ")[0].strip()
-    lowered = core.lower()
-    for name in _CLASS_CLAIMS:
-        if lowered.startswith(name):
-            return Claim(frozenset(), name)
+    core = _AFTER_PART.sub("", explanation.split("; promotes")[0]).strip()
     names = [q.replace("\\n", "\n") for q in quoted(core)]
     keys = frozenset(_key(n) for n in names if n.strip() or "\n" in n)
-    return Claim(keys) if keys else None  # a punctuation / capitals label without members: the model
+    named_class = next((name for name in _CLASS_CLAIMS if core.lower().startswith(name)), None)
+    if named_class is None and not keys:
+        return None  # a punctuation / capitals label without members: the model
+    return Claim(keys, named_class)
 
 
 def preceding(explanation: str) -> str | None:

@@ -33,7 +33,7 @@ from clt_forge.artifacts.graph import NodeKind, parse_node
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
 from clt_forge.autointerp.explainers import NO_EXPLAINER, Explainer, make_explainer, validate_kinds
 from clt_forge.autointerp.labels import SELECT_SILENT
-from clt_forge.autointerp.scoring import SCORERS
+from clt_forge.autointerp.scoring import SCORERS, explainer_evidence
 from clt_forge.autointerp.source import check_sources, dataset_windows, grouped, model_windows
 from clt_forge.config.schema import AutointerpConfig
 from clt_forge.errors import CLTError
@@ -231,8 +231,8 @@ class AutoInterp:
             batch = 8
             for start in tqdm(range(0, len(pending), batch), desc="explaining", unit="batch"):
                 group = pending[start : start + batch]
-                evidence = [store.evidence(layer, feature) for layer, feature in group]
-                silent = [e.non_activating[half:] for e in evidence]  # not the scorer's contexts
+                evidence = [explainer_evidence(store.evidence(layer, feature), half) for layer, feature in group]
+                silent = [e.non_activating for e in evidence]  # not the scorer's contexts
                 choices = choose_labels(explainer, judge, evidence, cfg.explainer.candidates, silent, cfg.scorer)
                 for (layer, feature), choice in zip(group, choices, strict=True):
                     store.set_explanation(layer, feature, choice.label)

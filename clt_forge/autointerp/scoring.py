@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tqdm import tqdm
 
-from clt_forge.artifacts.features import Example, FeatureStore
+from clt_forge.artifacts.features import Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.prompts import detection_messages, detection_question, parse_detection, token_question
 
@@ -48,6 +49,7 @@ __all__ = [
     "FeatureScore",
     "auroc",
     "detection_score",
+    "explainer_evidence",
     "judged_items",
     "list_detection_score",
     "pick_control",
@@ -57,6 +59,7 @@ __all__ = [
     "spread",
     "summarize",
     "token_items",
+    "unscored",
     "verdict",
 ]
 
@@ -66,6 +69,7 @@ BEATS_CONTROL = 0.2  # the summary reports the share of features whose score bea
 CONTROL_FALLBACK = "dates and numbers in a list"  # the control when no other feature has an explanation
 SHARE_GOOD = f"share_ge_{GOOD_SCORE}"
 SCORERS = ("context", "token")
+TOP_TOKENS = 10  # tokens counted in an explainer's `top_tokens` (as the feature database stores them)
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,23 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
         i = j
     n_pos, n_neg = len(positive), len(negative)
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def unscored(examples: Sequence[Example], n: int) -> list[Example]:
+    """The firing contexts `spread(examples, n)` leaves out: what the explainer may read (it never
+    sees the contexts its label is scored on)."""
+    scored = {id(e) for e in spread(examples, n)}
+    return [e for e in examples if id(e) not in scored]
+
+
+def explainer_evidence(evidence: FeatureEvidence, half: int) -> FeatureEvidence:
+    """What an explainer may read of a feature scored with `half` firing and `half` silent contexts:
+    its top contexts, the firing contexts the scorer leaves out (`unscored`), the silent ones after
+    the scorer's, and `top_tokens` counted over those contexts alone (the token where each peaks)."""
+    rest = unscored(evidence.activating, half)
+    peaks = Counter(e.tokens[e.acts.index(e.max_act)] for e in [*evidence.top_examples, *rest] if e.max_act > 0)
+    top_tokens = peaks.most_common(TOP_TOKENS)
+    return replace(evidence, activating=rest, non_activating=evidence.non_activating[half:], top_tokens=top_tokens)
 
 
 def spread(examples: Sequence[Example], n: int) -> list[Example]:
