@@ -4,6 +4,7 @@
         tokens=16384 explainers=tokens,local,openai [threads=2] [seed=0] [scorer=token|context]
     python benchmarks/autointerp_quality.py checkpoint=runs/demo/checkpoints/final \
         database=runs/demo/features/features.db explainers=tokens   # an existing database's features
+Any other KEY=VALUE is passed to `clt autointerp` (e.g. per_quantile=30).
 
 One streaming pass (explainer=none) over `tokens` tokens for `features` random live features of the
 checkpoint (seeded), then, for each explainer, a copy of that database explained and scored
@@ -32,6 +33,9 @@ from clt_forge.autointerp.runner import AutoInterp
 from clt_forge.config.compose import compose_stage
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+OWN = {"features", "tokens", "explainers", "seed", "checkpoint", "threads", "scorer", "database"}
 
 
 def args() -> dict[str, str]:
@@ -63,6 +67,7 @@ def main() -> None:
         f"tokens={a['tokens']}",
         f"threads={a['threads']}",
         f"scorer={a['scorer']}",
+        *(f"{k}={v}" for k, v in a.items() if k not in OWN),  # any other KEY=VALUE: an autointerp override
     ]
     start = time.perf_counter()
     if a["database"]:

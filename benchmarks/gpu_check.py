@@ -20,9 +20,10 @@ train_step.jsonl (one row per line, appended as measured), gpu_check.json (every
   c. train_step: benchmarks/train_step.py's --sparse step in this process at d_features 4608
      (L=30, D=576, B=256), 3 timed steps after one warm-up, most telling rows first: per active
      share (1%, 2%, 5%), per activation (topk, batchtopk, jumprelu), decode dense/sparse x
-     optimizer dense/deferred, fp32; then dense decode in bf16 at 1% per activation. Each row:
-     seconds per step, peak GPU memory (allocated GiB / GB, reserved), or an error (OOM,
-     deferred unavailable). Rows after --max-seconds (from the script's start) are skipped.
+     optimizer dense/deferred/deferred-bf16 (deferred with W_dec's Adam first moment in bf16),
+     fp32; then dense decode in bf16 at 1% per activation. Each row: seconds per step, peak GPU
+     memory (allocated GiB / GB, reserved), or an error (OOM, deferred unavailable). Rows after
+     --max-seconds (from the script's start) are skipped.
 --quick shrinks everything (F=256, L=6, D=128, B=64, 1 step) so it runs on a CPU.
 """
 
@@ -162,7 +163,7 @@ def train_rows(device: str, quick: bool, out: Path, deadline: float) -> list[dic
     import train_step
 
     features, steps, shape = ([256], 1, (6, 128, 64)) if quick else ([4608], 3, train_step.SPARSE_SHAPE)
-    decodes, optimizers = ["dense", "sparse"], ["dense", "deferred"]
+    decodes, optimizers = ["dense", "sparse"], ["dense", "deferred", "deferred-bf16"]
     specs = []
     for active in (0.01, 0.02, 0.05):
         specs += train_step.sparse_specs(features, ACTIVATIONS, [active], decodes, optimizers, ["fp32"])

@@ -14,14 +14,15 @@ The one job of this file: print one JSON object to stdout with
 Each measurement runs in its own subprocess, so peak RSS (ru_maxrss) is per configuration.
 
 --sparse instead times one step at L=30, d_model=576, batch 256 per (d_features, activation,
-active share, decode dense|sparse, --optimizer dense|deferred, --precision fp32|bf16). bf16 runs
-the forward and loss under torch.autocast (as training/runner.py does) and has dense-decode rows
-only (the sparse decode runs dense for non-fp32 dtypes). deferred calls
+active share, decode dense|sparse, --optimizer dense|deferred|deferred-bf16, --precision fp32|bf16).
+bf16 runs the forward and loss under torch.autocast (as training/runner.py does) and has dense-decode
+rows only (the sparse decode runs dense for non-fp32 dtypes). deferred calls
 clt_forge.clt.deferred.enable_deferred_decoder(model) and, after optimizer.step(),
-model.decoder_grad.adam_step(optimizer, model.W_dec); where that import fails its rows record
-{"error": "unavailable: ..."}. On cpu each step runs in a subprocess (peak RSS per row) and dense
-and sparse share a row; on --device cuda the rows run in this process one after another (CUDA
-starts once), timed between torch.cuda.synchronize() calls, with peak GPU memory
+model.decoder_grad.adam_step(optimizer, model.W_dec); deferred-bf16 the same with W_dec's Adam
+first moment in bfloat16 (optim.decoder_grad=blocks optim.exp_avg_dtype=bfloat16); where that
+import fails its rows record {"error": "unavailable: ..."}. On cpu each step runs in a subprocess
+(peak RSS per row) and dense and sparse share a row; on --device cuda the rows run in this process
+one after another (CUDA starts once), timed between torch.cuda.synchronize() calls, with peak GPU memory
 (max_memory_allocated from the model's build, in bytes, GiB and GB; max_memory_reserved);
 everything is freed between rows, a failing row (OOM) records {"error": ...} and the run goes
 on, and rows after --max-seconds are skipped with a note. Rows go to stderr as they come and,
@@ -32,8 +33,8 @@ with --out FILE, are appended to FILE as JSON lines at once (a timeout keeps the
     .venv/bin/python benchmarks/train_step.py --layouts  # also compare decoder layouts
     .venv/bin/python benchmarks/train_step.py --sparse --threads 1 --sparse-features 576 1152
                                                         # dense vs sparse decode per activation
-    python benchmarks/train_step.py --sparse --device cuda --sparse-features 4608 --optimizer dense deferred \
-        --precision fp32 bf16 --out rows.jsonl                     # on a GPU (benchmarks/gpu_check.py runs it)
+    python benchmarks/train_step.py --sparse --device cuda --sparse-features 4608 \
+        --optimizer dense deferred deferred-bf16 --precision fp32 bf16 --out rows.jsonl  # on a GPU (gpu_check.py)
 
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
 d_features=1536, batch 512. Inputs are synthetic random activations.
@@ -310,7 +311,8 @@ def worker_sparse(
     about `active` of the features on: topk / batchtopk with k = active * F; jumprelu with b_enc
     shifted so that share of pre-activations exceeds theta = 0.03 (a trained-like CLT, default
     bandwidth). bf16: forward and loss under autocast. deferred: W_dec's Adam step block by block
-    (clt_forge.clt.deferred). On cuda: synchronized timing and peak GPU memory from model build."""
+    (clt_forge.clt.deferred); deferred-bf16: with its first moment in bf16. On cuda: synchronized
+    timing and peak GPU memory from model build."""
     import contextlib
 
     import torch
@@ -320,7 +322,7 @@ def worker_sparse(
     from clt_forge.clt.model import CrossLayerTranscoder
 
     enable_deferred = None
-    if optimizer_mode == "deferred":
+    if optimizer_mode in ("deferred", "deferred-bf16"):
         try:
             from clt_forge.clt.deferred import enable_deferred_decoder as enable_deferred
         except ImportError as exc:
@@ -337,7 +339,8 @@ def worker_sparse(
         n_layers, d_model, d_features, activation=activation, k=k, decode=decode, device=device
     )
     if enable_deferred is not None:
-        enable_deferred(model)
+        exp_avg_dtype = torch.bfloat16 if optimizer_mode == "deferred-bf16" else torch.float32
+        enable_deferred(model, exp_avg_dtype=exp_avg_dtype)
     x = torch.randn(batch, n_layers, d_model, device=device)
     y = torch.randn(batch, n_layers, d_model, device=device) * 0.1
     if activation == "jumprelu":
@@ -423,7 +426,9 @@ def main() -> None:
     parser.add_argument("--active", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="active shares, --sparse")
     parser.add_argument("--device", default="cpu", help="--sparse only: cpu (a subprocess per step) or cuda")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="--sparse")
-    parser.add_argument("--optimizer", nargs="+", choices=["dense", "deferred"], default=["dense"], help="--sparse")
+    parser.add_argument(
+        "--optimizer", nargs="+", choices=["dense", "deferred", "deferred-bf16"], default=["dense"], help="--sparse"
+    )
     parser.add_argument("--out", help="--sparse: also append each row to this file as one JSON line")
     parser.add_argument("--max-seconds", type=float, default=None, help="--sparse cuda: skip rows after this")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
 """`optim.decoder_grad=blocks` (clt_forge/clt/deferred.py): W_dec is trained without a W_dec-sized
 gradient, and the run is the one `full` trains (fp32 rounding only): clipping norms, weights and
 Adam moments after several steps for every activation and both decodes, on one process and
-under feature sharding (gloo, 2 ranks), and end to end through `clt train` and a resume."""
+under feature sharding (gloo, 2 ranks), and end to end through `clt train` and a resume. With
+optim.exp_avg_dtype=bfloat16 W_dec's first moment is bf16: close to the fp32 run, resumed exactly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import pytest
 import torch
 from gloo import spawn_ranks
+from safetensors.torch import load_file
 from test_sparse_decode import SETTINGS, make_clt
 from test_train import dataset, train, train_config, train_records  # noqa: F401  (dataset: a module fixture)
 
@@ -26,6 +28,7 @@ from clt_forge.training import CLTTrainingRunner, load_checkpoint
 L, D, F, B = 4, 16, 64, 48
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 CLIP = 0.5  # below the gradient norms here: every step clips
+LR = 1e-2
 
 
 def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -33,12 +36,14 @@ def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(B, L, D, generator=generator), torch.randn(B, L, D, generator=generator)) for _ in range(n)]
 
 
-def train_steps(clt: CrossLayerTranscoder, name: str, fused: bool, clip=None) -> tuple[list[float], torch.optim.Adam]:
-    """Three Adam steps with global-norm clipping; returns the norms before clipping."""
+def train_steps(
+    clt: CrossLayerTranscoder, name: str, fused: bool, clip=None, steps: int = 3
+) -> tuple[list[float], torch.optim.Adam]:
+    """`steps` Adam steps (lr LR) with global-norm clipping; returns the norms before clipping."""
     clip = clip or (lambda: Parallel(dist_env({}, cuda=False)).clip_grad_norm(clt, CLIP))
-    optimizer = torch.optim.Adam([p for p in clt.parameters() if p.requires_grad], lr=1e-2, fused=fused)
+    optimizer = torch.optim.Adam([p for p in clt.parameters() if p.requires_grad], lr=LR, fused=fused)
     norms = []
-    for x, y in batches(3):
+    for x, y in batches(steps):
         out = clt(x)
         terms = clt_loss(out, y, out.decoder_norms, clt.jumprelu_threshold(), **SETTINGS[name][2])
         optimizer.zero_grad(set_to_none=True)
@@ -94,6 +99,32 @@ def test_blocks_under_bf16_autocast_follow_the_full_gradient() -> None:
     torch.testing.assert_close(blocks.W_dec, full.W_dec, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["jumprelu", "topk"])
+def test_bf16_exp_avg_stays_bf16_and_trains_close_to_fp32_moments(name: str) -> None:
+    """optim.exp_avg_dtype=bfloat16: W_dec's first moment is a bf16 tensor, rounded to nearest from
+    the fp32 update, and exp_avg_sq stays fp32. Step 1 moves W_dec exactly as the fp32 run (its
+    update uses the unrounded m). Later steps read the stored m, off by bf16's rounding (relative
+    2^-8 at most): at worst 0.67 and 1.19 x LR x 2^-8 in the updates of steps 2 and 3 (through the
+    bias corrections and v_hat, for fixed gradients), 1.85 in all; the tolerance 3 x LR x 2^-8
+    leaves the rest to the gradients of the slightly different weights. Measured: 0.65 after step 2,
+    1.42 / 1.60 after step 3 (jumprelu / topk), while W_dec moved up to 0.03 (250x the tolerance)."""
+    for steps in (1, 3):
+        fp32, bf16 = make_clt(name, "dense"), make_clt(name, "dense")
+        enable_deferred_decoder(fp32)
+        enable_deferred_decoder(bf16, exp_avg_dtype=torch.bfloat16)
+        _, fp32_opt = train_steps(fp32, name, False, steps=steps)
+        _, bf16_opt = train_steps(bf16, name, False, steps=steps)
+        state, reference = bf16_opt.state[bf16.W_dec], fp32_opt.state[fp32.W_dec]
+        assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.float32
+        assert float(state["step"]) == steps
+        if steps == 1:
+            assert torch.equal(state["exp_avg"], reference["exp_avg"].to(torch.bfloat16)), "round to nearest"
+            assert torch.equal(bf16.W_dec, fp32.W_dec)
+    assert not torch.equal(bf16.W_dec, fp32.W_dec), "the option changes the run"
+    torch.testing.assert_close(bf16.W_dec, fp32.W_dec, rtol=0, atol=3 * LR * 2**-8)
+    assert (fp32.W_dec - make_clt(name, "dense").W_dec).abs().max() > 100 * 3 * LR * 2**-8, "W_dec did move"
+
+
 def test_a_second_backward_before_the_step_is_refused() -> None:
     clt = make_clt("topk", "dense")
     enable_deferred_decoder(clt)
@@ -147,6 +178,40 @@ def test_clt_train_with_blocks_equals_full_and_resumes_a_full_run(dataset, tmp_p
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m, run=run: f"{run.name}: {m}")
     curve = lambda run: [r["grad_norm"] for r in train_records(run)]  # noqa: E731
     torch.testing.assert_close(curve(blocks), curve(full), rtol=1e-4, atol=1e-6)  # clipping saw W_dec's part
+
+
+def test_clt_train_with_bf16_exp_avg_resumes_exactly_and_across_settings(dataset, tmp_path):  # noqa: F811
+    """A bf16-moment run killed after its step-5 checkpoint and resumed ends with the very weights
+    of the uninterrupted run; a float32 run's checkpoint resumes with bfloat16 (exp_avg cast down)
+    and a bfloat16 run's with decoder_grad=full (cast up: torch's fused Adam wants fp32)."""
+    tokens, bf16 = "tokens=1280", ["optim.decoder_grad=blocks", "optim.exp_avg_dtype=bfloat16"]  # 10 steps
+    whole = train(dataset, tmp_path / "whole", tokens, "checkpoint_every=5", *bf16)
+    fp32 = train(dataset, tmp_path / "fp32", tokens, "checkpoint_every=5", "optim.decoder_grad=blocks")
+    final = lambda run: load_checkpoint(run / "checkpoints" / "final")[0].state_dict()  # noqa: E731
+    expected = final(whole)
+    assert not torch.equal(expected["W_dec"], final(fp32)["W_dec"])
+    runs = {"resumed": (whole, bf16), "from-fp32": (fp32, bf16), "to-full": (whole, ["optim.decoder_grad=full"])}
+    for name, (source, settings) in runs.items():
+        run = tmp_path / name
+        shutil.copytree(source, run)
+        shutil.rmtree(run / "checkpoints" / "final")
+        CLTTrainingRunner(train_config(dataset, run, tokens, f"resume={run}", *settings)).run()
+        got = final(run)
+        if name == "resumed":
+            for key, value in expected.items():
+                assert torch.equal(got[key], value), f"{key}: the resumed bf16 run left the uninterrupted one"
+            state = load_file(run / "checkpoints" / "final" / "training_state.safetensors")["exp_avg.W_dec"]
+            assert torch.equal(state, state.bfloat16().float()), "written as fp32, holding bf16 values"
+        else:  # half the steps with the other moment dtype: the same run to bf16 rounding of m (test above)
+            # measured: W_dec within 7.8e-6, the rest 1.2e-7, where one step moves W_dec up to lr = 2e-4
+            torch.testing.assert_close(got, expected, rtol=0, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_bf16_exp_avg_refused_without_blocks(dataset, tmp_path):  # noqa: F811
+    with pytest.raises(CLTError, match=r"optim\.exp_avg_dtype=bfloat16 needs optim\.decoder_grad=blocks"):
+        train_config(dataset, tmp_path / "full", "optim.exp_avg_dtype=bfloat16")
+    with pytest.raises(ValueError, match=r"optim\.exp_avg_dtype='float16': use float32 or bfloat16"):
+        train_config(dataset, tmp_path / "bad", "optim.decoder_grad=blocks", "optim.exp_avg_dtype=float16")
 
 
 def test_blocks_refused_with_fp16_and_finetuning(dataset, tmp_path):  # noqa: F811

@@ -19,6 +19,15 @@ With clipping on, each chunk's gradient is computed twice (norm, then step): one
 pass per step, which the sparse decode makes cheap (docs/performance.md, "Sparse decode").
 Adam still updates every row of W_dec each step, as dense Adam does: its moments move rows no
 feature touched, and the dead-feature term gives nearly every row a gradient anyway.
+
+`exp_avg_dtype=torch.bfloat16` (`optim.exp_avg_dtype=bfloat16`) keeps W_dec's first moment m in
+bf16, half its fp32 size (2.47 GB at the shape above): each chunk of m is upcast into an fp32
+buffer, updated with the same formula (the update uses that fp32 value) and stored back rounded to
+nearest. m = beta1 m + (1 - beta1) g keeps each update in bf16's 8-bit mantissa at beta1 = 0.9;
+the second moment stays fp32 (at beta2 = 0.999 an update is 0.1% of its value, below bf16's
+resolution: rounding to nearest would freeze it). Checkpoints store the moments in fp32 either way
+(write_tensors: bf16 values upcast exactly); a resume casts exp_avg to this dtype as it loads it
+(training/resume.py, on the CPU), and `adam_step` casts a state left in the other dtype.
 """
 
 from __future__ import annotations
@@ -55,20 +64,23 @@ class DeferredDecoderGrad:
     """The `DecoderGradSink` of `optim.decoder_grad=blocks` (see the module docstring).
 
     `clip`: whether the backward also computes the gradient's sum of squares (`square`), for
-    global-norm clipping; the clipping then sets `scale` (1 when it does not clip)."""
+    global-norm clipping; the clipping then sets `scale` (1 when it does not clip).
+    `exp_avg_dtype`: the dtype W_dec's Adam first moment is kept in (float32 or bfloat16)."""
 
-    def __init__(self, clip: bool = True) -> None:
+    def __init__(self, clip: bool = True, exp_avg_dtype: torch.dtype = torch.float32) -> None:
         self.clip = clip
+        self.exp_avg_dtype = exp_avg_dtype
         self.pending: _Pending | None = None
         self.square: torch.Tensor | None = None
         self.scale: float | torch.Tensor = 1.0
         self._buffer: torch.Tensor | None = None
+        self._moment: torch.Tensor | None = None  # bf16 exp_avg: one chunk of it in fp32
 
     def __getstate__(self) -> dict:  # scratch state: a copy of the CLT starts without it
-        return {"clip": self.clip}
+        return {"clip": self.clip, "exp_avg_dtype": self.exp_avg_dtype}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["clip"])  # type: ignore[misc]
+        self.__init__(state["clip"], state.get("exp_avg_dtype", torch.float32))  # type: ignore[misc]
 
     def gradient(
         self,
@@ -131,8 +143,11 @@ class DeferredDecoderGrad:
         if not state:
             on_device = group.get("fused") or group.get("capturable")  # where torch's Adam keeps `step`
             state["step"] = torch.zeros((), dtype=torch.float32, device=W_dec.device if on_device else None)
-            state["exp_avg"] = torch.zeros_like(W_dec, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(W_dec, dtype=self.exp_avg_dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(W_dec, memory_format=torch.preserve_format)
+        elif state["exp_avg"].dtype != self.exp_avg_dtype:  # resumed from a run with the other setting
+            state["exp_avg"] = state["exp_avg"].to(self.exp_avg_dtype)
+        low = self.exp_avg_dtype != W_dec.dtype  # bf16 exp_avg: each chunk updated in fp32 (self._moment)
         state["step"] += 1
         step = float(state["step"])
         moments = (state["exp_avg"], state["exp_avg_sq"])
@@ -146,19 +161,30 @@ class DeferredDecoderGrad:
                     grad = grad.to(W_dec.dtype)
                 if not (isinstance(self.scale, float) and self.scale == 1.0):
                     grad.mul_(self.scale)
-                param, exp_avg, exp_avg_sq = (t[:, pairs].view(d_features, -1) for t in (W_dec, *moments))
+                param, stored, exp_avg_sq = (t[:, pairs].view(d_features, -1) for t in (W_dec, *moments))
+                exp_avg = self._upcast(stored) if low else stored
                 exp_avg.lerp_(grad, 1 - beta1)
+                if low:
+                    stored.copy_(exp_avg)  # rounded to nearest (even)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = torch.sqrt(exp_avg_sq, out=grad)  # the gradient is spent: its buffer takes the denominator
                 denom.div_(bias_correction2_sqrt).add_(eps)
                 param.addcdiv_(exp_avg, denom, value=-step_size)
         self.pending, self.square, self.scale = None, None, 1.0
 
+    def _upcast(self, stored: torch.Tensor) -> torch.Tensor:
+        """`stored` (a chunk of the bf16 exp_avg) in fp32, in a buffer reused across chunks."""
+        if self._moment is None or self._moment.numel() < stored.numel() or self._moment.device != stored.device:
+            self._moment = torch.empty(stored.numel(), dtype=torch.float32, device=stored.device)
+        return self._moment[: stored.numel()].view(stored.shape).copy_(stored)
 
-def enable_deferred_decoder(clt: CrossLayerTranscoder, clip: bool = True) -> DeferredDecoderGrad:
+
+def enable_deferred_decoder(
+    clt: CrossLayerTranscoder, clip: bool = True, exp_avg_dtype: torch.dtype = torch.float32
+) -> DeferredDecoderGrad:
     """Route `clt`'s W_dec gradient to a new `DeferredDecoderGrad` (returned): W_dec.grad stays
-    None, and `adam_step` after each optimizer step updates W_dec."""
-    sink = DeferredDecoderGrad(clip)
+    None, and `adam_step` after each optimizer step updates W_dec (its exp_avg in `exp_avg_dtype`)."""
+    sink = DeferredDecoderGrad(clip, exp_avg_dtype)
     clt.decoder_grad = sink
     clt.grad_buffer = None  # no full-size gradient buffer is kept either
     return sink

@@ -20,6 +20,7 @@ from omegaconf import MISSING
 
 from clt_forge.artifacts.quant_spec import QuantSpec
 from clt_forge.config.schedules import SparsityConfig
+from clt_forge.errors import ConfigError
 
 
 class DType(StrEnum):
@@ -199,10 +200,18 @@ class OptimConfig:
     decoder_grad: str = (
         "full"  # full: W_dec.grad as one tensor; blocks: built per source layer in Adam (clt/deferred.py)
     )
+    exp_avg_dtype: str = "float32"  # W_dec's Adam first moment: float32, or bfloat16 (decoder_grad=blocks only)
 
     def __post_init__(self) -> None:
         if self.decoder_grad not in ("full", "blocks"):
             raise ValueError(f"optim.decoder_grad={self.decoder_grad!r}: use full or blocks.")
+        if self.exp_avg_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"optim.exp_avg_dtype={self.exp_avg_dtype!r}: use float32 or bfloat16.")
+        if self.exp_avg_dtype != "float32" and self.decoder_grad != "blocks":
+            raise ConfigError(
+                f"optim.exp_avg_dtype={self.exp_avg_dtype} needs optim.decoder_grad=blocks (it is "
+                f"{self.decoder_grad}: torch's Adam keeps its moments in the parameter's dtype)."
+            )
 
 
 @dataclass
@@ -297,6 +306,7 @@ class AutointerpConfig(PipelineConfig):
     explain: bool = True  # run the explainer
     score: bool = True  # run the detection scorer
     score_examples: int = 40  # held-out contexts per feature shown to the scorer (half firing, half silent)
+    scorer: str = "token"  # token: is the marked token one it fires on; context: does it fire in this text
     dry_run: bool = False  # print one explanation prompt and stop
     export: str | None = None  # also write circuit-tracer feature JSON files here
     merge: str | None = None  # only merge the per-worker databases in this folder
@@ -306,7 +316,6 @@ class AutointerpConfig(PipelineConfig):
 class AttributionSettings:
     """circuit-tracer's `attribute` options and the pruning thresholds: AttributionRunner's settings,
     and (inherited) the keys of `clt attribute`."""
-    scorer: str = "token"  # token: is the marked token one it fires on; context: does it fire in this text
 
     max_n_logits: int = 10  # at most this many output logits become attribution targets
     desired_logit_prob: float = 0.95  # ... or fewer, once they cover this probability
@@ -356,6 +365,7 @@ class DemoConfig(PipelineConfig):
     lr: float = 4e-3  # training learning rate (cosine schedule; docs/quality.md)
     layer_weights: list[float] = field(default_factory=lambda: [10.0])  # train.layer_weights (docs/quality.md)
     autointerp_tokens: int = 65_536  # tokens scanned for feature examples
+    autointerp_per_quantile: int = 30  # per_quantile of autointerp: more sampled contexts for the tokens label
     max_feature_nodes: int = 256  # features attributed (most influential first)
     eval_windows: int = 16  # held-out windows the replacement model is scored on (quality.json)
 

@@ -83,7 +83,7 @@ def run(cfg: DemoConfig) -> Path:
         attribute_stage.run(stage_config(AttributeConfig, cfg, attribute))
 
     autointerp: dict[str, Any] = {"checkpoint": final, "activations": acts, "out": features, "features_from": graph}
-    autointerp["tokens"] = cfg.autointerp_tokens
+    autointerp |= {"tokens": cfg.autointerp_tokens, "per_quantile": cfg.autointerp_per_quantile}
     if _step(4, "autointerp", autointerp, done=(features / "summary.json").is_file()):
         from clt_forge.autointerp.runner import AutoInterp
 

@@ -225,4 +225,4 @@ def decoder_grad_sink(cfg: TrainConfig, parallel: Parallel, clt: CrossLayerTrans
     for reason, applies in needs_full.items():
         if applies:
             raise CLTError(f"optim.decoder_grad=blocks does not work with {reason}; use optim.decoder_grad=full.")
-    return enable_deferred_decoder(clt)
+    return enable_deferred_decoder(clt, exp_avg_dtype=getattr(torch, cfg.optim.exp_avg_dtype))

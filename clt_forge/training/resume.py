@@ -11,6 +11,7 @@ Both the step-* checkpoints and the final one carry it, so a finished run can be
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ def restore(
         else:
             weights = read_tensors(found, WEIGHTS_STEM, info, features, device=device)
             clt.load_state_dict({k: v for k, v in weights.items() if not k.startswith("norm.")})
-    tensors = read_tensors(found, STATE_STEM, info, features, device=device)
+    tensors = read_tensors(found, STATE_STEM, info, features)  # on the CPU: load_optimizer_state casts, then moves
     dead.load({"tokens": state["dead_tokens"], "last_fired": tensors.pop("dead.last_fired").cpu()})
     torch.set_rng_state(state["rng"])
     readers, world = state["readers"], parallel.data_world
@@ -152,13 +153,17 @@ def load_optimizer_state(
     clt: CrossLayerTranscoder,
     resumed: Resumed,
     device: torch.device,
+    exp_avg_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> None:
     """Adam state from checkpoint tensors (this rank's features; FSDP takes its own shard) and
-    the loss scaler's scale and growth tracker."""
+    the loss scaler's scale and growth tracker. The moments take their parameter's dtype, or for
+    exp_avg the one `exp_avg_dtypes` names (optim.exp_avg_dtype=bfloat16: W_dec's), cast before
+    they reach the device; each is dropped from `resumed` once loaded."""
     for name, param in clt.named_parameters():
         if f"exp_avg.{name}" not in resumed.moments:
             continue
-        pair = [resumed.moments[f"{kind}.{name}"].to(device) for kind in ("exp_avg", "exp_avg_sq")]
+        dtypes = {"exp_avg": (exp_avg_dtypes or {}).get(name, param.dtype), "exp_avg_sq": param.dtype}
+        pair = [resumed.moments.pop(f"{kind}.{name}").to(dtype).to(device) for kind, dtype in dtypes.items()]
         if hasattr(param, "device_mesh"):  # an FSDP2 DTensor parameter
             from torch.distributed.tensor import distribute_tensor
 

@@ -173,7 +173,8 @@ class CLTTrainingRunner:
         self.deferred = decoder_grad_sink(cfg, self.parallel, self.clt)
         self.scaler = self.parallel.grad_scaler(cfg.precision is Precision.fp16, cfg.grad_scale_init)
         if self.resumed is not None:
-            load_optimizer_state(self.optimizer, self.scaler, self.clt, self.resumed, self.parallel.device)
+            exp_avg = {"W_dec": self.deferred.exp_avg_dtype} if self.deferred is not None else {}
+            load_optimizer_state(self.optimizer, self.scaler, self.clt, self.resumed, self.parallel.device, exp_avg)
 
     # -- the loop ---------------------------------------------------------------------------
     def _train(self, batches: Iterator[ActivationBatch], start_step: int, held_out: HeldOut) -> None:
