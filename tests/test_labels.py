@@ -306,6 +306,21 @@ def test_unknown_explainer_kind_fails_at_start_up(tmp_path):
     assert "typo" in done.stderr + done.stdout and "checkpoint" not in (done.stderr + done.stdout).split("typo")[0]
 
 
+def test_unknown_scorer_fails_before_any_work(tmp_path):
+    from omegaconf import OmegaConf
+
+    from clt_forge.autointerp.runner import AutoInterp
+    from clt_forge.autointerp.scoring import score_store
+    from clt_forge.config.compose import compose_stage
+
+    cfg = OmegaConf.to_object(compose_stage("autointerp", ["scorer=tokens", f"checkpoint={tmp_path}/none"]))
+    with pytest.raises(CLTError, match=r"scorer='tokens': use one of context, token"):
+        AutoInterp(cfg).run(out=tmp_path / "out")  # before the checkpoint is even looked for
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CLTError, match="scorer='fuzz'"):
+        score_store(None, KeywordJudge(), half=4, seed=0, scorer="fuzz")  # type: ignore[arg-type]
+
+
 # ---- the feature database ---------------------------------------------------------------------------
 
 

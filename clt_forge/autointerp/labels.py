@@ -23,10 +23,9 @@ from itertools import pairwise
 
 from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.explainers import Explainer
-from clt_forge.autointerp.literal import quoted
 from clt_forge.autointerp.prompts import DEMOS
 from clt_forge.autointerp.scoring import auroc, judged_items, question
-from clt_forge.autointerp.tokens import tokens_label
+from clt_forge.autointerp.tokens import quoted, tokens_label
 
 __all__ = ["LabelChoice", "choose_labels", "quoted", "rejection"]
 

@@ -35,27 +35,16 @@ from typing import Any
 
 from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
 from clt_forge.autointerp.prompts import split_detection_question, split_token_question
-from clt_forge.autointerp.tokens import word_class
+from clt_forge.autointerp.tokens import WHOLE_CLASSES, quoted, token_key, word_class
 from clt_forge.config.schema import ExplainerConfig
 
-__all__ = ["FALLBACK", "ONLY_TOKEN", "Claim", "LiteralJudge", "claim", "preceding", "quoted"]
+__all__ = ["FALLBACK", "ONLY_TOKEN", "Claim", "LiteralJudge", "claim", "preceding"]
 
 FALLBACK = "local"  # the model judge for explanations without a literal claim
 COUNT_HALF = 0.5  # P(yes) = n / (n + COUNT_HALF) for n claimed tokens in the text
-_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
-_CLASS_CLAIMS = ("newlines", "numbers")  # classes a context can lack (unlike punctuation, capitals)
 _AFTER = re.compile(r', after "([^"]+)"')
 _AFTER_PART = re.compile(r', after "[^"]+"(?: \(\d+/\d+\))?')  # removed before reading the claim
 ONLY_TOKEN = 0.75  # P(yes) of a token question whose token matches but not the claimed preceding token
-
-
-def quoted(label: str) -> list[str]:
-    """The strings a label quotes ("..." or “...”), as written (\\n for a newline)."""
-    return [a or b for a, b in _QUOTED.findall(label)]
-
-
-def _key(token: str) -> str:
-    return token.strip().lower() if token.strip() else token
 
 
 @dataclass(frozen=True)
@@ -71,15 +60,15 @@ class Claim:
             return True
         if self.word_class not in (None, "newlines") and word_class(token) == self.word_class:
             return True
-        return _key(token) in self.tokens
+        return token_key(token) in self.tokens
 
 
 def claim(explanation: str) -> Claim | None:
     """What `explanation` claims its feature fires on (module docstring); None: no literal claim."""
     core = _AFTER_PART.sub("", explanation.split("; promotes")[0]).strip()
     names = [q.replace("\\n", "\n") for q in quoted(core)]
-    keys = frozenset(_key(n) for n in names if n.strip() or "\n" in n)
-    named_class = next((name for name in _CLASS_CLAIMS if core.lower().startswith(name)), None)
+    keys = frozenset(token_key(n) for n in names if n.strip() or "\n" in n)
+    named_class = next((name for name in WHOLE_CLASSES if core.lower().startswith(name)), None)
     if named_class is None and not keys:
         return None  # a punctuation / capitals label without members: the model
     return Claim(keys, named_class)
@@ -89,7 +78,7 @@ def preceding(explanation: str) -> str | None:
     """The token an explanation says its feature fires after (', after "X"'), as a key; None: no such claim."""
     core = explanation.split("; promotes")[0]
     match = _AFTER.search(core)
-    return _key(match[1].replace("\\n", "\n")) if match else None
+    return token_key(match[1].replace("\\n", "\n")) if match else None
 
 
 @EXPLAINERS.register("literal")
@@ -149,7 +138,7 @@ class LiteralJudge(Explainer):
             return 0.0
         after = preceding(explanation)
         previous = split(before.rstrip(" \t"))[-1:] if after is not None and before.strip() else []
-        return 1.0 if after is None or (previous and _key(previous[0]) == after) else ONLY_TOKEN
+        return 1.0 if after is None or (previous and token_key(previous[0]) == after) else ONLY_TOKEN
 
     def explain(self, messages_batch: Sequence[Messages]) -> list[str]:
         return self.fallback.explain(messages_batch)

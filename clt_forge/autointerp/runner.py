@@ -33,7 +33,7 @@ from clt_forge.artifacts.graph import NodeKind, parse_node
 from clt_forge.autointerp.collect import HIST_EDGES, Collector, Contexts, FeatureSlice
 from clt_forge.autointerp.explainers import NO_EXPLAINER, Explainer, make_explainer, validate_kinds
 from clt_forge.autointerp.labels import SELECT_SILENT
-from clt_forge.autointerp.scoring import SCORERS, explainer_evidence
+from clt_forge.autointerp.scoring import check_scorer, explainer_evidence
 from clt_forge.autointerp.source import check_sources, dataset_windows, grouped, model_windows
 from clt_forge.config.schema import AutointerpConfig
 from clt_forge.errors import CLTError
@@ -80,10 +80,7 @@ class AutoInterp:
         cfg = self.cfg
         if cfg.explain:
             validate_kinds(cfg.explainer)  # a typo fails now, not after the pass
-        if cfg.scorer not in SCORERS:
-            raise CLTError(
-                f"scorer={cfg.scorer!r}: use one of {', '.join(SCORERS)} (docs/quality.md, 'Feature labels')."
-            )
+        check_scorer(cfg.scorer)
         out = Path(out) if out is not None else output_dir(cfg)
         if cfg.merge:
             return self._finish(Path(cfg.merge))

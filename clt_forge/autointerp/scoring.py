@@ -39,6 +39,7 @@ from tqdm import tqdm
 from clt_forge.artifacts.features import Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.prompts import detection_messages, detection_question, parse_detection, token_question
+from clt_forge.errors import CLTError
 
 __all__ = [
     "CONTROL_FALLBACK",
@@ -48,6 +49,7 @@ __all__ = [
     "DetectionScore",
     "FeatureScore",
     "auroc",
+    "check_scorer",
     "detection_score",
     "explainer_evidence",
     "judged_items",
@@ -136,6 +138,12 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
         i = j
     n_pos, n_neg = len(positive), len(negative)
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def check_scorer(scorer: str) -> None:
+    """A CLTError naming `scorer` unless it is one of SCORERS."""
+    if scorer not in SCORERS:
+        raise CLTError(f"scorer={scorer!r}: use one of {', '.join(SCORERS)} (docs/quality.md, 'Feature labels').")
 
 
 def unscored(examples: Sequence[Example], n: int) -> list[Example]:
@@ -288,8 +296,7 @@ def score_store(store: FeatureStore, judge: Explainer, half: int, seed: int, sco
     """Score every explained feature of `store` with `scorer` (module docstring): `half` firing
     contexts spread over its activations and `half` silent ones, with its explanation and with a
     control (`pick_control`)."""
-    if scorer not in SCORERS:
-        raise ValueError(f"scorer={scorer!r}: use one of {', '.join(SCORERS)}.")
+    check_scorer(scorer)
     explanations = store.explanations()
     for layer, feature in tqdm(store.with_status("explained"), desc="scoring", unit="feature"):
         evidence = store.evidence(layer, feature)

@@ -37,7 +37,7 @@ from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
 from clt_forge.config.schema import ExplainerConfig
 
-__all__ = ["TokensExplainer", "tokens_label", "word_class"]
+__all__ = ["WHOLE_CLASSES", "TokensExplainer", "quoted", "token_key", "tokens_label", "word_class"]
 
 LISTED_SHARE = 0.8  # list dominant tokens until they cover this share of the top contexts
 MAX_TOKENS = 3
@@ -47,6 +47,8 @@ PRECEDING_SHARE = 0.5  # a preceding token holding this share is named
 MAX_PROMOTED = 3
 TYPICAL_SHARE = 0.8  # name sampled firing tokens until the named ones cover this share of the sample
 MAX_TYPICAL = 8
+WHOLE_CLASSES = ("newlines", "numbers")  # classes a label claims whole (a context can lack them, unlike punctuation)
+_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 DEFAULT_JUDGE = "literal"  # literal claims checked on the text, the rest judged by local (literal.py)
 
 CLASSES: list[tuple[str, Callable[[str], bool]]] = [
@@ -67,8 +69,14 @@ def _shown(token: str) -> str:
     return token.replace("\n", "\\n").strip() or repr(token)
 
 
-def _key(token: str) -> str:
+def token_key(token: str) -> str:
+    """How tokens are compared: stripped and lower-cased (whitespace-only tokens as they are)."""
     return token.strip().lower() if token.strip() else token
+
+
+def quoted(label: str) -> list[str]:
+    """The strings a label quotes ("..." or “...”), as written (\\n for a newline)."""
+    return [a or b for a, b in _QUOTED.findall(label)]
 
 
 def _peaks(examples: Sequence[Example]) -> list[tuple[str, str | None]]:
@@ -84,10 +92,10 @@ def _peaks(examples: Sequence[Example]) -> list[tuple[str, str | None]]:
 
 def _counted(tokens: Sequence[str]) -> list[tuple[str, int]]:
     """(display form, count), most common first; case / leading-space variants merged."""
-    counts = Counter(_key(t) for t in tokens)
+    counts = Counter(token_key(t) for t in tokens)
     forms: dict[str, Counter[str]] = {}
     for t in tokens:
-        forms.setdefault(_key(t), Counter())[_shown(t)] += 1
+        forms.setdefault(token_key(t), Counter())[_shown(t)] += 1
     return [(forms[k].most_common(1)[0][0], c) for k, c in counts.most_common()]
 
 
@@ -132,9 +140,9 @@ def tokens_label(evidence: FeatureEvidence) -> str:
 def _typical(sampled: Sequence[Example], named: str) -> str:
     """The "typical" part of a label (module docstring); "" when the named tokens already cover the sample."""
     tokens = [token for token, _ in _peaks(sampled)]
-    already = {_key(q.replace("\\n", "\n")) for q in re.findall(r'"([^"]+)"', named)}
+    already = {token_key(q.replace("\\n", "\n")) for q in quoted(named)}
     classes = _named_classes(named)
-    covered = [t for t in tokens if _key(t) in already or word_class(t) in classes]
+    covered = [t for t in tokens if token_key(t) in already or word_class(t) in classes]
     listed: list[str] = []
     total, done = len(tokens), len(covered)
     for form, count in _counted([t for t in tokens if t not in covered]):
@@ -147,7 +155,7 @@ def _typical(sampled: Sequence[Example], named: str) -> str:
 
 def _named_classes(label: str) -> set[str]:
     """The classes a label claims as a whole (newlines, numbers): their members need no naming."""
-    return {name for name in ("newlines", "numbers") if label.startswith(name)}
+    return {name for name in WHOLE_CLASSES if label.startswith(name)}
 
 
 def _broad_class(top_tokens: Sequence[tuple[str, int]], name: str) -> tuple[list[tuple[str, int]], int] | None:
