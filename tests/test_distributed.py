@@ -23,12 +23,14 @@ L, D, F, B = 3, 16, 10, 32
 COEFFICIENTS = {"l0_coefficient": 0.3, "c": 2.0, "dead_coefficient": 0.01}
 
 
-def full_clt() -> CrossLayerTranscoder:
+def full_clt(skip: bool = False) -> CrossLayerTranscoder:
     torch.manual_seed(0)
-    clt = CrossLayerTranscoder(L, D, F, jumprelu_threshold=0.05)
+    clt = CrossLayerTranscoder(L, D, F, jumprelu_threshold=0.05, skip=skip)
     with torch.no_grad():
         clt.b_enc.normal_(0, 0.1)
         clt.b_dec.normal_(0, 0.1)
+        if clt.W_skip is not None:
+            clt.W_skip.normal_(0, 0.1)
     return clt
 
 
@@ -37,15 +39,15 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, L, D, generator=generator), torch.randn(B, L, D, generator=generator)
 
 
-def _grads_rank(rank: int, world: int) -> None:
+def _grads_rank(rank: int, world: int, skip: bool) -> None:
     x, y = batch()
-    reference = full_clt()
+    reference = full_clt(skip)
     out = reference(x)
     terms = clt_loss(out, y, out.decoder_norms, reference.jumprelu_threshold(), **COEFFICIENTS)
     terms.total.backward()
     reference_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in reference.parameters()))
 
-    sharded = FeatureShardedCLT(shard_clt(full_clt(), rank, world))
+    sharded = FeatureShardedCLT(shard_clt(full_clt(skip), rank, world))
     local_terms, logged = sharded.loss(sharded(x), y, **COEFFICIENTS)
     local_terms.total.backward()
     for name in ("total", "mse", "sparsity", "dead"):
@@ -58,15 +60,19 @@ def _grads_rank(rank: int, world: int) -> None:
     torch.testing.assert_close(grads["log_threshold"], expected["log_threshold"][:, cols], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads["W_dec"], expected["W_dec"][cols], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads["b_dec"], expected["b_dec"], rtol=1e-5, atol=1e-6)
+    if skip:  # replicated like b_dec: the full gradient on every rank
+        torch.testing.assert_close(grads["W_skip"], expected["W_skip"], rtol=1e-5, atol=1e-6)
+    else:
+        assert "W_skip" not in grads
     norm = sharded.clip_grad_norm_(max_norm=1e-3)
     torch.testing.assert_close(norm.double(), reference_norm, rtol=1e-5, atol=1e-6)
     clipped = torch.sqrt(sum(g.double().square().sum() for g in grads.values() if g is not None))
     assert clipped < 1e-3, "clipping scales by the global norm, not each rank's"
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_feature_sharded_gradients_equal_the_single_process_ones(world):
-    spawn_ranks(_grads_rank, world)
+@pytest.mark.parametrize(("world", "skip"), [(2, False), (3, False), (2, True)])
+def test_feature_sharded_gradients_equal_the_single_process_ones(world, skip):
+    spawn_ranks(_grads_rank, world, skip)
 
 
 def test_feature_slices_cover_every_feature_once():
@@ -183,22 +189,22 @@ def stepped_runner(mode: str, out: str, rank: int, world: int, parallel=None, ex
     return runner, results, grads
 
 
-def single_reference(out: str):
+def single_reference(out: str, extra=()):
     from clt_forge.distributed.parallel import Parallel
     from clt_forge.distributed.setup import dist_env
 
-    return stepped_runner("single", out, 0, 1, parallel=Parallel(dist_env({}, cuda=False)))
+    return stepped_runner("single", out, 0, 1, parallel=Parallel(dist_env({}, cuda=False)), extra=extra)
 
 
-def mode_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+def mode_worker(rank: int, world: int, port: int, mode: str, out: str, extra=()) -> None:
     from dataclasses import asdict
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    reference, expected_results, expected_grads = single_reference(out)
-    runner, results, grads = stepped_runner(mode, out, rank, world)
+    reference, expected_results, expected_grads = single_reference(out, extra)
+    runner, results, grads = stepped_runner(mode, out, rank, world, extra=extra)
     try:
         cols = runner.features
         for step in range(STEPS):
@@ -224,12 +230,16 @@ def mode_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
         runner.close()
 
 
-@pytest.mark.parametrize("mode", ["feature", "ddp", "fsdp"])
-def test_each_sharding_mode_trains_like_one_process(mode, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [("feature", ()), ("ddp", ()), ("fsdp", ()), ("feature", ("clt.skip=true",)), ("fsdp", ("clt.skip=true",))],
+    ids=["feature", "ddp", "fsdp", "feature-skip", "fsdp-skip"],
+)
+def test_each_sharding_mode_trains_like_one_process(mode, extra, tmp_path):
     """Same global batches (ddp/fsdp: each rank half of them): per-step loss terms, L0, gradient
     norm, every parameter's gradient (after clipping by the global norm) and the final weights
-    match the single-process runner."""
-    mp.spawn(mode_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+    match the single-process runner; with a skip connection (replicated W_skip) too."""
+    mp.spawn(mode_worker, args=(2, free_port(), mode, str(tmp_path), extra), nprocs=2, join=True)
 
 
 def dead_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:

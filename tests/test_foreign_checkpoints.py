@@ -87,12 +87,8 @@ def test_circuit_tracer_folder_loads_with_equal_features_and_reconstruction(tmp_
         assert "relu" in info.train["imported"]["activation"]
 
 
-def test_skip_connections_and_partial_thresholds_are_refused(tmp_path):
-    folder = write_circuit_tracer(tmp_path / "skip", circuit_tracer_clt())
-    save_file({"W_skip_0": torch.zeros(D, D)}, folder / "W_skip_0.safetensors")
-    with pytest.raises(CLTError, match=r"W_skip_0\.safetensors.*skip connections are not supported"):
-        load_checkpoint(folder)
-
+def test_partial_thresholds_negative_thresholds_and_other_kinds_are_refused(tmp_path):
+    """(A skip connection in some layers only: tests/test_skip.py.)"""
     folder = write_circuit_tracer(tmp_path / "mixed", circuit_tracer_clt())
     keys = {"W_enc_1": torch.randn(F, D), "b_enc_1": torch.zeros(F), "b_dec_1": torch.zeros(D)}
     save_file(keys, folder / "W_enc_1.safetensors")  # layer 1 lost its threshold

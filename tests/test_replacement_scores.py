@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clt_forge.artifacts.normalization import Normalization
@@ -10,13 +11,17 @@ from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.evaluation.replacement import replacement_scores
 
 
-def random_clt(model, d_features: int = 16, seed: int = 0) -> tuple[CrossLayerTranscoder, Normalization]:
+def random_clt(
+    model, d_features: int = 16, seed: int = 0, skip: bool = False
+) -> tuple[CrossLayerTranscoder, Normalization]:
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    clt = CrossLayerTranscoder(n_layers, d_model, d_features)
+    clt = CrossLayerTranscoder(n_layers, d_model, d_features, skip=skip)
     init_clt(clt, jumprelu_threshold=0.05, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         clt.W_dec.mul_(3.0)
         clt.b_enc.fill_(0.1)
+        if clt.W_skip is not None:
+            clt.W_skip.normal_(0, 0.5 / d_model**0.5, generator=torch.Generator().manual_seed(seed + 1))
     scale = torch.full((n_layers,), 0.5)
     return clt, Normalization(scale, scale * 2)
 
@@ -52,10 +57,11 @@ def test_a_zero_clt_is_zero_ablation_of_the_mlps_after_bos(tiny_model):
     assert scores.positions == tokens.shape[0] * (tokens.shape[1] - 1)
 
 
-def test_all_layers_replaced_is_the_fixed_point_of_the_clt_forward(tiny_model):
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_all_layers_replaced_is_the_fixed_point_of_the_clt_forward(tiny_model, skip):
     """Independent path: record the replaced run's MLP inputs, feed them through clt.forward (the
     training path, all layers at once) and patch those reconstructions in: the same logits."""
-    clt, norm = random_clt(tiny_model)
+    clt, norm = random_clt(tiny_model, skip=skip)
     clt.eval()
     tokens = windows(tiny_model)
     scores = replacement_scores(tiny_model, clt, norm, tokens, per_layer=False)
@@ -93,8 +99,9 @@ def test_all_layers_replaced_is_the_fixed_point_of_the_clt_forward(tiny_model):
     assert abs(scores.kl - kl) < 1e-4 * max(1.0, kl) and abs(scores.top1 - top1) < 1e-9
 
 
-def test_one_layer_replaced_uses_the_original_runs_features(tiny_model):
-    clt, norm = random_clt(tiny_model)
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_one_layer_replaced_uses_the_original_runs_features(tiny_model, skip):
+    clt, norm = random_clt(tiny_model, skip=skip)
     clt.eval()
     tokens = windows(tiny_model)
     scores = replacement_scores(tiny_model, clt, norm, tokens)

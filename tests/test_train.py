@@ -172,6 +172,14 @@ def test_resume_with_another_architecture_is_refused(dataset, tmp_path):
         train(dataset, tmp_path / "other", "tokens=1280", f"resume={run}", "clt.d_features=128")
 
 
+def test_skip_connection_trains_and_a_resume_keeps_it(dataset, tmp_path):
+    run = train(dataset, tmp_path / "run", "tokens=1280", "checkpoint_every=5", "clt.skip=true")
+    clt, _, _ = load_checkpoint(run / "checkpoints" / "final")
+    assert clt.W_skip is not None and clt.W_skip.abs().max() > 0, "W_skip starts at zero and was trained"
+    with pytest.raises(CLTError, match=r"clt.skip: True -> False"):
+        train(dataset, tmp_path / "other", "tokens=1280", f"resume={run}")
+
+
 def test_lora_finetuning_trains_only_low_rank_adapters(dataset, tmp_path):
     base_run = train(dataset, tmp_path / "base", "tokens=2560")
     base, _, _ = load_checkpoint(base_run / "checkpoints" / "final")

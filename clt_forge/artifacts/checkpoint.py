@@ -5,7 +5,8 @@ never sees a half-written one; a crash leaves the previous checkpoint untouched)
 
     clt.safetensors     W_enc [L, D, F], b_enc [L, F], log_threshold [L, F],
                         W_dec [F, L(L+1)/2, D] (packed source-major: see clt_forge/clt/model.py),
-                        b_dec [L, D], norm.in_scale [L], norm.out_scale [L] (float32)
+                        b_dec [L, D], norm.in_scale [L], norm.out_scale [L] (float32),
+                        and W_skip [L, D, D] for a CLT with a skip connection (clt.skip)
     config.json         {"format", "version", "n_layers", "d_model", "d_features", "bandwidth",
                          "model": {...}, "hooks": {...}, "step", "tokens", "metrics", "train": {...}}
     training_state.pt   optional, for exact resume: step, reader positions, RNG state, ...
@@ -15,7 +16,7 @@ never sees a half-written one; a crash leaves the previous checkpoint untouched)
 
 A feature-sharded run (clt_forge/distributed/checkpoint.py) writes one
 clt.shard-RRR-of-WWW.safetensors per rank instead of clt.safetensors (rank r's contiguous
-feature slice of W_enc, b_enc, log_threshold, W_dec; b_dec and norm.* in every shard), likewise
+feature slice of W_enc, b_enc, log_threshold, W_dec; b_dec, W_skip and norm.* in every shard), likewise
 training_state.shard-RRR-of-WWW.safetensors, and lists the slices in config.json's "shards".
 `read_tensors` reads any feature range from either layout (only the shards that overlap it), so
 `load_checkpoint` gives every consumer the full CLT and a resumed run of any world size reads
@@ -200,6 +201,17 @@ def read_info(folder: str | Path) -> CheckpointInfo:
     return CheckpointInfo(**raw)
 
 
+def has_skip(folder: str | Path) -> bool:
+    """Whether the checkpoint's CLT has a skip connection (W_skip), from tensor headers only."""
+    folder = locate(folder)
+    reader = foreign_reader(folder)
+    if reader is not None:
+        return bool(reader.read_header(folder).imported.get("skip"))
+    path = weight_files(folder, read_info(folder))[0][0]
+    with safe_open(path, "pt") as handle:
+        return "W_skip" in handle.keys()  # noqa: SIM118 (a safetensors handle, not a dict)
+
+
 def load_checkpoint(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[CrossLayerTranscoder, Normalization, CheckpointInfo]:
@@ -215,7 +227,13 @@ def load_checkpoint(
     # Built on the meta device and given the read tensors: no second, uninitialised CLT is
     # allocated (on a GPU, torch.empty takes real memory at once).
     clt = CrossLayerTranscoder(
-        info.n_layers, info.d_model, info.d_features, bandwidth=info.bandwidth, device="meta", init=False
+        info.n_layers,
+        info.d_model,
+        info.d_features,
+        bandwidth=info.bandwidth,
+        device="meta",
+        init=False,
+        skip="W_skip" in tensors,
     )
     clt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("norm.")}, assign=True)
     return clt, Normalization.from_state(tensors), info

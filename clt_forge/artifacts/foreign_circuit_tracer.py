@@ -7,11 +7,16 @@ The folder (circuit_tracer.transcoder.cross_layer_transcoder: `to_safetensors` /
     W_enc_{l}.safetensors   W_enc_{l} [F, D], b_enc_{l} [F], b_dec_{l} [D], optional
                             threshold_{l} [F] (JumpReLU z = h * (h > threshold); absent: ReLU)
     W_dec_{l}.safetensors   W_dec_{l} [F, L - l, D] (targets l .. L-1)
+    W_skip_{l}.safetensors  optional: W_skip_{l} [D, D], a skip connection y_l += x_l @ W_skip_{l}
+                            (the key may also sit in W_enc_{l}.safetensors)
 
 for l = 0 .. L-1. The weights are in raw model units, so the normalisation factors are 1.
 Mapping to ours: W_enc[l] = W_enc_{l}^T, log_threshold[l] = log(threshold_{l}) (a ReLU CLT is
 exactly JumpReLU with theta = 0, log_threshold = -inf: h * (h > 0) = ReLU(h)), W_dec's source-l
-block = W_dec_{l}. Skip connections (W_skip) are refused: our CLT has none. Each layer's
+block = W_dec_{l}, W_skip[l] = W_skip_{l} (every layer or none). circuit-tracer's CLT holds a
+skip connection as W_skip [L, D, D] (inputs @ W_skip[l]), but its `load_clt` reads no skip from
+disk; the per-layer W_skip_{l} files are the convention of converted skip CLTs (e.g. of Gemma
+Scope 2's affine_skip_connection) and what `clt export` writes. Each layer's
 matrices are read a chunk of rows at a time with plain file reads (artifacts/tensor_file.py: no
 memory map) and cast to float32 as they are copied into place, so loading holds the float32 CLT
 plus one chunk (64 MiB), never a second copy of a layer or of the file
@@ -75,15 +80,45 @@ def layer_count(folder: Path) -> int:
     return n_layers
 
 
-def refuse_skip(folder: Path, keys: dict[int, list[str]]) -> None:
-    skip_files = sorted(p.name for p in folder.glob("W_skip*.safetensors"))
-    skip_keys = [key for layer_keys in keys.values() for key in layer_keys if key.startswith("W_skip")]
-    if skip_files or skip_keys:
-        where = skip_files[0] if skip_files else f"key {skip_keys[0]} in W_enc_*.safetensors"
+def skip_files(folder: Path, n_layers: int) -> list[Path] | None:
+    """Each layer's file holding W_skip_{l} (its own W_skip_{l}.safetensors, else W_enc_{l}'s), or
+    None for a CLT without a skip connection; a skip in some layers only is refused."""
+    found: list[Path | None] = []
+    for layer in range(n_layers):
+        own = folder / f"W_skip_{layer}.safetensors"
+        encoder = folder / f"W_enc_{layer}.safetensors"
+        if own.is_file():
+            found.append(own)
+        else:
+            with safe_open(encoder, "pt") as handle:
+                found.append(encoder if f"W_skip_{layer}" in handle.keys() else None)  # noqa: SIM118
+    present = [layer for layer, path in enumerate(found) if path is not None]
+    if not present:
+        return None
+    if len(present) != n_layers:
+        lacking = next(layer for layer, path in enumerate(found) if path is None)
         raise CLTError(
-            f"circuit-tracer CLT {folder} has skip connections ({where}): clt-forge's CLT has no "
-            "skip (W_skip) term, so it cannot represent this transcoder; skip connections are not supported."
+            f"circuit-tracer CLT {folder}: layer {present[0]} has a skip connection (W_skip_{present[0]}) and "
+            f"layer {lacking} has none (no W_skip_{lacking}.safetensors, no W_skip_{lacking} key in "
+            f"W_enc_{lacking}.safetensors); a skip connection is in every layer or in none."
         )
+    return [path for path in found if path is not None]
+
+
+def read_skip(folder: Path, n_layers: int, d_model: int, device: str | torch.device = "cpu") -> torch.Tensor | None:
+    """W_skip [L, D, D] (float32, raw units) from the folder's W_skip_{l} tensors, or None."""
+    files = skip_files(folder, n_layers)
+    if files is None:
+        return None
+    W_skip = torch.empty(n_layers, d_model, d_model, device=device)
+    for layer, path in enumerate(files):
+        tensors = TensorFile(path)
+        if tensors.shape(f"W_skip_{layer}") != [d_model, d_model]:
+            raise CLTError(
+                f"{path}: W_skip_{layer} is {tensors.shape(f'W_skip_{layer}')}; expected [{d_model}, {d_model}]."
+            )
+        W_skip[layer] = tensors.read(f"W_skip_{layer}")
+    return W_skip
 
 
 def read_header(folder: Path) -> ForeignHeader:
@@ -95,7 +130,7 @@ def read_header(folder: Path) -> ForeignHeader:
             keys[layer] = list(handle.keys())
             if layer == 0:
                 d_features, d_model = handle.get_slice(f"W_enc_{layer}").get_shape()
-    refuse_skip(folder, keys)
+    skip = skip_files(folder, n_layers) is not None  # a partial skip connection fails here, before any weight
     with_threshold = [layer for layer in range(n_layers) if f"threshold_{layer}" in keys[layer]]
     if with_threshold and len(with_threshold) != n_layers:
         lacking = next(layer for layer in range(n_layers) if layer not in with_threshold)
@@ -116,7 +151,7 @@ def read_header(folder: Path) -> ForeignHeader:
         bandwidth=1.0,  # the STE kernel width: only a finetune uses it (circuit-tracer's default is 2)
         model=model,
         hooks=block_hooks(n_layers, config["feature_input_hook"], config["feature_output_hook"]),
-        imported={"format": FORMAT, "folder": str(folder.resolve()), "activation": activation},
+        imported={"format": FORMAT, "folder": str(folder.resolve()), "activation": activation, "skip": skip},
     )
 
 
@@ -156,6 +191,7 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
         for start, stop, rows in decoder.chunks(f"W_dec_{layer}"):  # source layer's slot of the packed W_dec
             W_dec[start:stop, offsets[layer] : offsets[layer + 1]] = rows
     ones = torch.ones(L, device=device)
+    skip = read_skip(folder, L, D, device)
     return {
         "W_enc": W_enc,
         "b_enc": b_enc,
@@ -164,6 +200,7 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
         "b_dec": b_dec,
         "norm.in_scale": ones,
         "norm.out_scale": ones.clone(),
+        **({} if skip is None else {"W_skip": skip}),
     }
 
 

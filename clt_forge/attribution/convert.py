@@ -8,6 +8,7 @@ into the weights and the converted transcoder maps raw MLP inputs to raw MLP out
     b_enc'[l] = b_enc[l],  threshold'[l] = exp(log_threshold[l])
     W_dec'[l][:, t - l] = W_dec[l -> t] * out_scale[t]   [F, L - l, D]
     b_dec'[t] = b_dec[t] * out_scale[t]
+    W_skip'[l] = W_skip[l] * out_scale[l] / in_scale[l]   [D, D]  (a CLT with clt.skip; inputs @ W_skip'[l])
 
 JumpReLU is z = h * (h > threshold) in both libraries, so features agree exactly too.
 
@@ -24,7 +25,10 @@ activation: `load_checkpoint` gives this JumpReLU CLT, the one attribution uses.
 On disk (`export_circuit_tracer`) we write what circuit-tracer's `load_clt` reads back:
 W_enc_{l}.safetensors (W_enc_{l}, b_enc_{l}, b_dec_{l}, threshold_{l}) and
 W_dec_{l}.safetensors (W_dec_{l}), plus the config.yaml its hub loader expects
-(model_kind: cross_layer_transcoder and the hook names).
+(model_kind: cross_layer_transcoder and the hook names). A CLT with a skip connection also gets
+W_skip_{l}.safetensors (W_skip_{l} [D, D]). circuit-tracer 0.5's `load_clt` does not read them
+(its on-disk CLT has no skip): `to_circuit_tracer(folder)` loads such a folder with the skip
+attached, and clt-forge's own readers (foreign_circuit_tracer.py) read it back whole.
 
 Hooks: a checkpoint of ours reads `mlp.hook_in` and writes `mlp.hook_out`; an imported one
 (circuit-tracer's format, CLT-Forge's: clt_forge/artifacts/foreign_*.py) keeps the hooks it
@@ -89,6 +93,7 @@ class FoldedWeights:
     threshold: torch.Tensor  # [L, F]
     W_dec: list[torch.Tensor]  # W_dec[l]: [F, L - l, D]
     b_dec: torch.Tensor  # [L, D]
+    W_skip: torch.Tensor | None = None  # [L, D, D], raw units: y_l += x_l @ W_skip[l]
 
 
 @torch.no_grad()
@@ -109,6 +114,7 @@ def fold(clt: CrossLayerTranscoder, norm: Normalization, in_place: bool = False)
         threshold=clt.jumprelu_threshold().float().cpu(),
         W_dec=[w.cpu() for w in W_dec],
         b_dec=(clt.b_dec.float() * out_scale[:, None]).cpu(),
+        W_skip=_fold_skip(clt, in_scale, out_scale),
     )
 
 
@@ -129,7 +135,14 @@ def fold_in_place(clt: CrossLayerTranscoder, norm: Normalization) -> FoldedWeigh
         threshold=clt.jumprelu_threshold().detach().float().cpu(),
         W_dec=[clt.decoder(source).detach().cpu() for source in range(clt.n_layers)],
         b_dec=(clt.b_dec.detach().float() * out_scale[:, None]).cpu(),
+        W_skip=_fold_skip(clt, in_scale, out_scale),
     )
+
+
+def _fold_skip(clt: CrossLayerTranscoder, in_scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor | None:
+    if clt.W_skip is None:
+        return None
+    return (clt.W_skip.detach().float() * (out_scale / in_scale)[:, None, None]).cpu()
 
 
 @torch.no_grad()
@@ -149,8 +162,14 @@ def to_circuit_tracer(
     decoder rows are read from W_dec_{l}.safetensors when attribution needs them."""
     folder = None if isinstance(checkpoint, tuple) else locate(checkpoint)
     if folder is not None and foreign_reader(folder) is foreign_circuit_tracer:
-        input_hook, output_hook = declared_hooks(read_info(folder))  # refuses what load_checkpoint refuses
-        return load_clt(str(folder), input_hook, output_hook, scan, torch.device(device), dtype, lazy_decoder=True)
+        header = read_info(folder)  # refuses what load_checkpoint refuses
+        input_hook, output_hook = declared_hooks(header)
+        loaded = load_clt(str(folder), input_hook, output_hook, scan, torch.device(device), dtype, lazy_decoder=True)
+        skip = foreign_circuit_tracer.read_skip(folder, header.n_layers, header.d_model)
+        if skip is not None:  # load_clt reads no skip connection from disk
+            loaded.W_skip = torch.nn.Parameter(skip.to(device=device, dtype=dtype), requires_grad=False)
+            loaded.skip_connection = True
+        return loaded
     clt, norm, info = _load(checkpoint)
     input_hook, output_hook = declared_hooks(info)
     weights = fold(clt, norm, in_place=folder is not None)
@@ -161,6 +180,7 @@ def to_circuit_tracer(
         clt.d_features,
         clt.d_model,
         activation_function="jump_relu",
+        skip_connection=weights.W_skip is not None,
         lazy_decoder=False,
         lazy_encoder=False,
         feature_input_hook=input_hook,
@@ -175,6 +195,7 @@ def to_circuit_tracer(
         "b_dec": weights.b_dec,
         "activation_function.threshold": weights.threshold[:, None, :].contiguous(),
         **{f"W_dec.{source}": decoder for source, decoder in enumerate(weights.W_dec)},
+        **({} if weights.W_skip is None else {"W_skip": weights.W_skip}),
     }
     converted.load_state_dict(state, assign=True)
     return converted.to(device=torch.device(device), dtype=dtype)
@@ -201,6 +222,10 @@ def export_circuit_tracer(checkpoint: str | Path | tuple[CrossLayerTranscoder, N
             save_file(encoder, scratch / f"W_enc_{layer}.safetensors")
             decoder = weights.W_dec[layer].contiguous()  # a view of the packed W_dec when folded in place
             save_file({f"W_dec_{layer}": decoder}, scratch / f"W_dec_{layer}.safetensors")
+            if weights.W_skip is not None:
+                save_file(
+                    {f"W_skip_{layer}": weights.W_skip[layer].contiguous()}, scratch / f"W_skip_{layer}.safetensors"
+                )
         (scratch / "config.yaml").write_text(
             "model_kind: cross_layer_transcoder\n"
             f"feature_input_hook: {input_hook}\n"

@@ -37,7 +37,8 @@ def init_clt(
     d_features: int | None = None,
     encoder: str = "uniform",
 ) -> None:
-    """Weights uniform at the scales above, biases zero, threshold = `jumprelu_threshold` everywhere.
+    """Weights uniform at the scales above, biases and the skip connection (W_skip) zero,
+    threshold = `jumprelu_threshold` everywhere.
 
     `encoder="decoder"` then turns each feature's encoder column (layer l) along its decoder
     vector to the same layer l, keeping the column's norm: the encoder starts reading the
@@ -55,6 +56,8 @@ def init_clt(
     dec_bound = 1.0 / math.sqrt(model.n_layers * model.d_model)
     model.b_enc.zero_()
     model.b_dec.zero_()
+    if model.W_skip is not None:
+        model.W_skip.zero_()
     model.log_threshold.fill_(math.log(jumprelu_threshold))
     check_init_encoder(encoder)
     if seed is None:

@@ -14,6 +14,15 @@ Shapes (B = tokens in the batch, L = n_layers, D = d_model, F = d_features, P = 
     b_enc, log_threshold   [L, F]      jumprelu_threshold = exp(log_threshold)
     W_dec                  [F, P, D]   packed decoders, one slot per (source l, target t >= l)
     b_dec                  [L, D]
+    W_skip                 [L, D, D]   optional (`skip=True`): y_hat[:, l] += x[:, l] @ W_skip[l]
+
+Skip connection. With `skip=True` every layer also gets a linear map from its MLP input to its
+MLP output (the skip transcoder of Paulo, Shabalin and Belrose 2025, arXiv:2501.18823, which
+circuit-tracer's CLT carries as W_skip with the same shape and product). It starts at zero;
+the features then learn what the best linear map of each layer leaves. In attribution graphs
+the skip is a linear path through the MLP, like attention's frozen OV path: circuit-tracer
+passes gradients through it (to the MLP input) and counts it in the reconstruction, not in the
+error nodes.
 
 Decoder layout. W_dec packs the P (source, target) pairs with t >= l along dim 1, source-major:
 source l owns pairs offsets[l] .. offsets[l + 1] - 1 (targets l .. L-1 in order; see
@@ -206,7 +215,7 @@ class CrossLayerTranscoder(nn.Module):
     """A CLT: features read the MLP input of layer l and write to the MLP outputs of layers >= l.
 
     Parameters (see the module docstring for the shapes and the packed decoder layout):
-    W_enc, b_enc, log_threshold, W_dec, b_dec. `bandwidth` is the JumpReLU STE kernel width eps;
+    W_enc, b_enc, log_threshold, W_dec, b_dec, and W_skip when `skip`. `bandwidth` is the JumpReLU STE kernel width eps;
     the weights are initialised by `clt_forge.clt.init.init_clt` with `jumprelu_threshold`
     (call `init_encoder_bias` with a batch afterwards to start at a chosen L0); with
     `init=False` they are left uninitialised, for a caller that fills every parameter itself.
@@ -234,6 +243,7 @@ class CrossLayerTranscoder(nn.Module):
         activation: str = "jumprelu",
         k: int = 0,
         decode: str = "auto",
+        skip: bool = False,
     ) -> None:
         super().__init__()
         self.n_layers = n_layers
@@ -248,6 +258,7 @@ class CrossLayerTranscoder(nn.Module):
         self.log_threshold = nn.Parameter(torch.empty(n_layers, d_features, **kw))
         self.W_dec = nn.Parameter(torch.empty(d_features, self.n_pairs, d_model, **kw))
         self.b_dec = nn.Parameter(torch.empty(n_layers, d_model, **kw))
+        self.W_skip: nn.Parameter | None = nn.Parameter(torch.empty(n_layers, d_model, d_model, **kw)) if skip else None
         self.grad_buffer: GradBuffer | None = GradBuffer()  # set to None to allocate W_dec.grad afresh
         self.decoder_grad: DecoderGradSink | None = None  # set: W_dec's gradient goes there instead
         self.activation_name, self.k, self.decode_mode = activation, k, decode
@@ -330,8 +341,16 @@ class CrossLayerTranscoder(nn.Module):
                 return SparseDecodeWithNorms.apply(z, W_dec, self.offsets, sink, with_norms, grad_needed)
             return _DecodeWithNorms.apply(z, W_dec, self.offsets, sink, with_norms)
 
+    def skip(self, x: Float[torch.Tensor, "batch n_layers d_model"]) -> Float[torch.Tensor, "batch n_layers d_model"]:
+        """The skip connection's term x[:, l] @ W_skip[l] of every layer (zeros without one)."""
+        if self.W_skip is None:
+            return torch.zeros_like(x)
+        return torch.bmm(x.transpose(0, 1), self.W_skip).transpose(0, 1)
+
     def forward(self, x: Float[torch.Tensor, "batch n_layers d_model"]) -> CLTOutput:
-        """Encode, activate, decode; also returns the decoder norms the loss needs."""
+        """Encode, activate, decode (+ the skip term); also returns the decoder norms the loss needs."""
         h, activated = self.encode_activated(x)
         recon, norms = self.decode_with_norms(activated.features, grad_needed=activated.grad_needed)
+        if self.W_skip is not None:
+            recon = recon + self.skip(x)
         return CLTOutput(h, activated.features, recon, norms, l0_penalty=self.activation.l0_penalty)

@@ -134,6 +134,7 @@ class CLTConfig:
     activation: str = "jumprelu"  # a registered activation function (clt_forge/clt/activations.py)
     k: int = 0  # topk: features kept per layer per token; batchtopk: k x batch per layer
     decode: str = "auto"  # auto, dense or sparse: how the decoder runs (clt/sparse_decode.py)
+    skip: bool = False  # a linear skip connection per layer, MLP input -> output (W_skip; clt/model.py)
 
     def __post_init__(self) -> None:
         from clt_forge.clt.activations import make_activation

@@ -1,7 +1,7 @@
 """Feature sharding (the paper's scheme), applied from outside the plain CLT module.
 
 Each rank owns a contiguous slice of every layer's features: its rows of W_enc (columns here,
-W_enc is [L, D, F]), b_enc, log_threshold and W_dec; b_dec is replicated. A rank encodes and
+W_enc is [L, D, F]), b_enc, log_threshold and W_dec; b_dec (and W_skip) are replicated. A rank encodes and
 decodes with its slice only, and the partial reconstructions are summed across ranks.
 
 Gradients. The loss every rank computes is `mse(global reconstruction) + its own sparsity and
@@ -13,9 +13,10 @@ A rank's sparsity and dead terms depend only on its own parameters, so their gra
 local and exact. Activations that rank all of a layer's features (TopK, BatchTopK) see every
 rank's candidates through `all_gather_last` (no gradient: it only picks the cutoff), so each rank
 keeps exactly its slice of the unsharded CLT's active set; the sparse decode then runs on each
-rank's active slice. b_dec's gradient comes from the replicated mse and is equal on every rank.
+rank's active slice. b_dec's and W_skip's gradients come from the replicated mse and are equal on every
+rank (the skip term, like b_dec, is added once, after the all-reduce).
 Logged totals all-reduce the local terms; the global gradient norm sums the sharded parameters'
-squared norms across ranks and counts b_dec once.
+squared norms across ranks and counts b_dec and W_skip once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 SHARDED = ("W_enc", "b_enc", "log_threshold", "W_dec")
-REPLICATED = ("b_dec",)
+REPLICATED = ("b_dec", "W_skip")
 
 
 def feature_slice(d_features: int, rank: int, world: int) -> slice:
@@ -102,12 +103,15 @@ def shard_clt(full: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTr
         activation=full.activation_name,
         k=full.k,
         decode=full.decode_mode,
+        skip=full.W_skip is not None,
     )
     local.W_enc.copy_(full.W_enc[:, :, cols])
     local.b_enc.copy_(full.b_enc[:, cols])
     local.log_threshold.copy_(full.log_threshold[:, cols])
     local.W_dec.copy_(full.W_dec[cols])
     local.b_dec.copy_(full.b_dec)
+    if local.W_skip is not None and full.W_skip is not None:
+        local.W_skip.copy_(full.W_skip)
     return local
 
 
@@ -125,6 +129,8 @@ class FeatureShardedCLT(nn.Module):
         z = activated.features
         partial, norms = self.local.decode_with_norms(z, bias=False, grad_needed=activated.grad_needed)
         reconstruction = all_reduce_sum(partial, self.group) + self.local.b_dec
+        if self.local.W_skip is not None:
+            reconstruction = reconstruction + self.local.skip(x)
         return CLTOutput(h, z, reconstruction, norms, l0_penalty=self.local.activation.l0_penalty)
 
     def loss(
@@ -141,10 +147,10 @@ class FeatureShardedCLT(nn.Module):
         return local, logged
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global-norm clipping across ranks: sharded parameters summed over ranks, b_dec once."""
+        """Global-norm clipping across ranks: sharded parameters summed over ranks, b_dec and W_skip once."""
         params = dict(self.local.named_parameters())
         sharded = [g for n in SHARDED if (g := params[n].grad) is not None]
-        replicated = [g for n in REPLICATED if (g := params[n].grad) is not None]
+        replicated = [g for n in REPLICATED if n in params and (g := params[n].grad) is not None]
         return clip_global_norm(
             sharded, replicated, max_norm, deferred_sink(self.local), lambda t: dist.all_reduce(t, group=self.group)
         )

@@ -63,12 +63,15 @@ class _Replacer:
         h[:, layer] = h_layer  # every activation acts per (token, layer) at inference
         return clt.activation(h, clt, None).features[:, layer]
 
-    def reconstruction(self, target: int, features: list[torch.Tensor]) -> torch.Tensor:
-        """The CLT's MLP output of `target` [tokens, D] from the features of layers 0..target."""
+    def reconstruction(self, target: int, features: list[torch.Tensor], mlp_in: torch.Tensor) -> torch.Tensor:
+        """The CLT's MLP output of `target` [tokens, D] from the features of layers 0..target and,
+        for a CLT with a skip connection, `target`'s own MLP input [tokens, D]."""
         clt = self.clt
         recon = clt.b_dec[target].expand(features[0].shape[0], -1).clone()
         for source in range(target + 1):
             recon += features[source] @ clt.decoder(source)[:, target - source]
+        if clt.W_skip is not None:
+            recon += (mlp_in / self.in_scale[target]) @ clt.W_skip[target]
         return recon * self.out_scale[target]
 
 
@@ -103,7 +106,7 @@ def replacement_scores(
             if per_layer:
                 features = [replacer.features(s, inputs[s].flatten(0, 1)) for s in range(n_layers)]
                 for layer in range(n_layers):
-                    recon = replacer.reconstruction(layer, features).view_as(inputs[layer])
+                    recon = replacer.reconstruction(layer, features, inputs[layer].flatten(0, 1)).view_as(inputs[layer])
                     patch = {layer: _replace_with(recon)}
                     sums[2 + 2 * layer : 4 + 2 * layer] += _compare(clean, _run(model, tokens, patch))
             positions += tokens.shape[0] * (tokens.shape[1] - 1)
@@ -134,7 +137,7 @@ def _all_layers_hooks(replacer: _Replacer, n_layers: int) -> dict[int, Hook]:
         def replace(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             mlp_in = args[0][:, 1:].float()
             features.append(replacer.features(layer, mlp_in.flatten(0, 1)))
-            recon = replacer.reconstruction(layer, features).view_as(mlp_in)
+            recon = replacer.reconstruction(layer, features, mlp_in.flatten(0, 1)).view_as(mlp_in)
             return _replace_with(recon)(module, args, output)
 
         return replace

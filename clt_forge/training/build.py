@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from clt_forge.artifacts.activations import HELD_OUT, atomic_write, block_relative, check_dataset_hooks, read_manifest
-from clt_forge.artifacts.checkpoint import check_model_matches, load_checkpoint, read_info
+from clt_forge.artifacts.checkpoint import check_model_matches, has_skip, load_checkpoint, read_info
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.artifacts.reader import check_compatible
 from clt_forge.clt import CrossLayerTranscoder, init_clt
@@ -49,12 +49,13 @@ def write_run_config(cfg: TrainConfig, run: Path) -> None:
 
 
 def resolve_finetune(cfg: TrainConfig) -> None:
-    """A finetune trains its checkpoint's CLT, whatever clt.d_features / clt.jumprelu_bandwidth
-    say: put the checkpoint's width and STE bandwidth into `cfg`, so the run config, the
-    logger's config and each checkpoint's `train` record what was trained."""
+    """A finetune trains its checkpoint's CLT, whatever clt.d_features / clt.jumprelu_bandwidth /
+    clt.skip say: put the checkpoint's width, STE bandwidth and skip connection into `cfg`, so the
+    run config, the logger's config and each checkpoint's `train` record what was trained."""
     if cfg.finetune.source:
         info = read_info(cfg.finetune.source)
         cfg.clt.d_features, cfg.clt.jumprelu_bandwidth = info.d_features, info.bandwidth
+        cfg.clt.skip = has_skip(cfg.finetune.source)
 
 
 def check_resume(cfg: TrainConfig, out: Path) -> None:
@@ -199,6 +200,7 @@ def build_clt(
         activation=cfg.clt.activation,
         k=cfg.clt.k,
         decode=cfg.clt.decode,
+        skip=cfg.clt.skip,
     )
     init_clt(
         clt,

@@ -108,6 +108,11 @@ def restore(
                 params[name].copy_(value)
         else:
             weights = read_tensors(found, WEIGHTS_STEM, info, features, device=device)
+            if ("W_skip" in weights) != (clt.W_skip is not None):
+                raise CLTError(
+                    f"{found}: the checkpoint was trained with clt.skip={'W_skip' in weights} and this run has "
+                    f"clt.skip={clt.W_skip is not None}; resume with the setting it was trained with."
+                )
             clt.load_state_dict({k: v for k, v in weights.items() if not k.startswith("norm.")})
     tensors = read_tensors(found, STATE_STEM, info, features)  # on the CPU: load_optimizer_state casts, then moves
     dead.load({"tokens": state["dead_tokens"], "last_fired": tensors.pop("dead.last_fired").cpu()})
