@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from clt_forge.artifacts.checkpoint import CheckpointInfo, has_skip, load_checkpoint, read_info, save_checkpoint
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.attribution.convert import export_circuit_tracer, to_circuit_tracer
-from clt_forge.clt.init import fit_skip, init_clt
+from clt_forge.clt.init import init_clt
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.errors import CLTError
 
@@ -135,18 +135,3 @@ def test_export_and_conversion_keep_the_skip_in_raw_units(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         from_disk = to_circuit_tracer(exported)
         torch.testing.assert_close(ct_reconstruction(from_disk, x), want, rtol=1e-5, atol=1e-5)
-
-
-def test_fit_skip_recovers_an_affine_map_exactly():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(400, L, D, generator=generator) * 2 + 1
-    A = torch.randn(L, D, D, generator=generator)
-    b = torch.randn(L, D, generator=generator)
-    y = torch.stack([x[:, layer] @ A[layer] + b[layer] for layer in range(L)], dim=1)
-    clt = CrossLayerTranscoder(L, D, F, skip=True)
-    fit_skip(clt, x, y, ridge=0.0)
-    assert clt.W_skip is not None
-    torch.testing.assert_close(clt.W_skip, A, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(clt.b_dec, b, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="no skip connection"):
-        fit_skip(CrossLayerTranscoder(L, D, F), x, y)

@@ -19,14 +19,7 @@ from jaxtyping import Float
 if TYPE_CHECKING:
     from clt_forge.clt.model import CrossLayerTranscoder
 
-__all__ = [
-    "INIT_ENCODERS",
-    "check_init_encoder",
-    "fit_skip",
-    "init_clt",
-    "init_encoder_bias",
-    "tie_encoder_to_decoder",
-]
+__all__ = ["INIT_ENCODERS", "check_init_encoder", "init_clt", "init_encoder_bias", "tie_encoder_to_decoder"]
 
 
 INIT_BLOCK = 256  # features per independently seeded block of a seeded init
@@ -158,28 +151,3 @@ def init_encoder_bias(
         cut = torch.where(counts >= batch, ordered[-1] - spread, 0.5 * (kth + nxt))
         cut = torch.where(counts <= 0, ordered[0] + spread, cut)
         model.b_enc[layer] = theta[layer] - cut
-
-
-@torch.no_grad()
-def fit_skip(
-    model: CrossLayerTranscoder,
-    x: Float[torch.Tensor, "batch n_layers d_model"],
-    y: Float[torch.Tensor, "batch n_layers d_model"],
-    ridge: float = 1e-4,
-) -> None:
-    """W_skip[l] and b_dec[l] <- the least-squares affine map x[:, l] -> y[:, l] (`clt.init_skip_tokens`):
-    the best the skip connection alone can do on these tokens, so the features start on what it
-    leaves. In float64, on centred data, with the Gram matrix's diagonal raised by `ridge` times
-    its mean (a batch of a few thousand tokens against d_model = 576 is well determined, but an
-    input direction the batch never uses must stay at zero)."""
-    if model.W_skip is None:
-        raise ValueError("fit_skip: the CLT has no skip connection (clt.skip=false)")
-    for layer in range(model.n_layers):
-        inputs, targets = x[:, layer].double(), y[:, layer].double()
-        x_mean, y_mean = inputs.mean(0), targets.mean(0)
-        centred = inputs - x_mean
-        gram = centred.T @ centred
-        gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
-        weight = torch.linalg.solve(gram, centred.T @ (targets - y_mean))
-        model.W_skip[layer] = weight.to(model.W_skip.dtype)
-        model.b_dec[layer] = (y_mean - x_mean @ weight).to(model.b_dec.dtype)

@@ -135,7 +135,6 @@ class CLTConfig:
     k: int = 0  # topk: features kept per layer per token; batchtopk: k x batch per layer
     decode: str = "auto"  # auto, dense or sparse: how the decoder runs (clt/sparse_decode.py)
     skip: bool = False  # a linear skip connection per layer, MLP input -> output (W_skip; clt/model.py)
-    init_skip_tokens: int = 0  # clt.skip: fit W_skip, b_dec by least squares on this many tokens first (0: zeros)
 
     def __post_init__(self) -> None:
         from clt_forge.clt.activations import make_activation

@@ -29,7 +29,6 @@ import torch
 from clt_forge.artifacts.checkpoint import CheckpointInfo
 from clt_forge.artifacts.reader import ActivationBatch
 from clt_forge.clt import init_encoder_bias
-from clt_forge.clt.init import fit_skip
 from clt_forge.config.plain import plain
 from clt_forge.config.schema import Precision, TrainConfig
 from clt_forge.distributed.parallel import Parallel, start_parallel
@@ -127,14 +126,12 @@ class CLTTrainingRunner:
         if start_step == 0:
             self.log.truncate_after(-1)
         batches: Iterator[ActivationBatch] = iter(self.store)
-        first = [next(batches)]
+        first = next(batches)
         if start_step == 0 and not cfg.finetune.source:
-            self.init_encoder_bias(self.normalization.inputs(first[0].mlp_in.to(parallel.device)))
-            if self.clt.W_skip is not None and cfg.clt.init_skip_tokens > 0:
-                first += self.init_skip(first[0], batches)
+            self.init_encoder_bias(self.normalization.inputs(first.mlp_in.to(parallel.device)))
         self.prepare()
         try:
-            self._train(itertools.chain(first, batches), start_step, held_out)
+            self._train(itertools.chain([first], batches), start_step, held_out)
         finally:
             self.log.close()
         if parallel.main:
@@ -161,22 +158,6 @@ class CLTTrainingRunner:
         init_encoder_bias(
             self.clt, x, self.cfg.clt.init_l0, generator, features=self.features, d_features=self.d_features
         )
-
-    def init_skip(self, first: ActivationBatch, batches: Iterator[ActivationBatch]) -> list[ActivationBatch]:
-        """Step 0, `clt.init_skip_tokens`: W_skip and b_dec fitted by least squares on the first
-        batches (global batches: every rank fits the same). Returns the batches read after `first`,
-        which training then uses as usual."""
-        read = [first]
-        while sum(len(b.tokens) for b in read) * self.parallel.data_world < self.cfg.clt.init_skip_tokens:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            read.append(batch)
-        device = self.parallel.device
-        x = self.parallel.global_batch(torch.cat([self.normalization.inputs(b.mlp_in.to(device)) for b in read]))
-        y = self.parallel.global_batch(torch.cat([self.normalization.outputs(b.mlp_out.to(device)) for b in read]))
-        fit_skip(self.clt, x, y)
-        return read[1:]
 
     def prepare(self) -> None:
         """Wrap the CLT for its sharding mode, make the optimizer and the fp16 loss scaler (with
