@@ -11,7 +11,8 @@ checkpoint (seeded), then, for each explainer, a copy of that database explained
 (`clt autointerp` resumes after the pass). openai runs against tests/openai_server.py's rule-based
 stand-in on 127.0.0.1 (its judge is that server too); tokens and local are judged by the embedded
 SmolLM2-135M (PMI judge). With `database=`, no pass: that database's collected features (every one)
-are explained and scored again, on a copy. Prints one JSON object; docs/quality.md reports it.
+are explained and scored again, on a copy (`save_pass=PATH` keeps a pass's database for that).
+Prints one JSON object; docs/quality.md reports it.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from clt_forge.config.compose import compose_stage
 REPO = Path(__file__).resolve().parents[1]
 
 
-OWN = {"features", "tokens", "explainers", "seed", "checkpoint", "threads", "scorer", "database"}
+OWN = {"features", "tokens", "explainers", "seed", "checkpoint", "threads", "scorer", "database", "save_pass"}
 
 
 def args() -> dict[str, str]:
     out = {"features": "16", "tokens": "16384", "explainers": "tokens,local,openai", "seed": "0", "checkpoint": ""}
-    out |= {"threads": "2", "scorer": "token", "database": ""}
+    out |= {"threads": "2", "scorer": "token", "database": "", "save_pass": ""}
     out |= dict(a.split("=", 1) for a in sys.argv[1:])
     return out
 
@@ -78,6 +79,9 @@ def main() -> None:
         base.append(f"features_from={graph_of(a['checkpoint'], n, int(a['seed']), work)}")
         run([*base, "explainer=none"], work / "pass")
     pass_s = time.perf_counter() - start
+    if a["save_pass"]:  # the pass's database, to explain and score the same features again (database=)
+        Path(a["save_pass"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / "pass" / "features.db", a["save_pass"])
     with closing(FeatureStore(work / "pass" / "features.db", create=False)) as store:
         live = [k for k in store.features() if store.feature(*k)["status"] != "dead"][:n]  # type: ignore[index]
     results: dict[str, object] = {"checkpoint": a["checkpoint"], "tokens": int(a["tokens"]), "features": len(live)}
