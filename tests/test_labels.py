@@ -225,9 +225,17 @@ def test_tokens_label_names_the_dominant_token_preceding_token_and_decoder():
 
 
 def test_tokens_label_names_the_typical_tokens_of_its_sampled_firing_contexts():
-    weak = [example(f"we saw {w} there", [w], act=0.5) for w in ("no", "no", "never", "no", "nothing")] + NOT[:1]
-    label = tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=weak))
-    assert label == '"not" (5/5 top contexts), after "do" (4/5); typical: "no" (3/6 sampled), "never" (1/6)'
+    """Sampled peaks, most common first, only those more common at the feature's peaks than where it
+    is silent: "the" peaks as often as "never" but is a quarter of the zero positions, so naming it
+    would tell nothing apart."""
+    peaks = ("no", "no", "never", "no", "nothing", "never", "the", "the")
+    weak = [example(f"we saw {w} there", [w], act=0.5) for w in peaks] + NOT[:1]
+    silent = [example("the dog and the cat saw the town and the sea")] * 5
+    label = tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=weak, non_activating=silent))
+    typical = 'typical: "no" (3/9 sampled), "never" (2/9)'
+    assert label == f'"not" (5/5 top contexts), after "do" (4/5); {typical}, "nothing" (1/9)'
+    without_silent = tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=weak))
+    assert without_silent.endswith(f'{typical}, "the" (2/9), "nothing" (1/9)'), without_silent
     assert (
         tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=NOT))
         == '"not" (5/5 top contexts), after "do" (4/5)'
