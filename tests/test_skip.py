@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder as CTTranscoder
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from clt_forge.artifacts.checkpoint import CheckpointInfo, has_skip, load_checkpoint, read_info, save_checkpoint
 from clt_forge.artifacts.normalization import Normalization
@@ -82,8 +82,6 @@ def test_circuit_tracer_skip_clt_reads_as_ours_and_partial_skip_is_refused(tmp_p
         for layer in range(L):
             if in_encoder_file:  # the key beside the encoder's
                 path = folder / f"W_enc_{layer}.safetensors"
-                from safetensors.torch import load_file
-
                 save_file({**load_file(path), f"W_skip_{layer}": ct.W_skip[layer].detach()}, path)
             else:
                 save_file({f"W_skip_{layer}": ct.W_skip[layer].detach()}, folder / f"W_skip_{layer}.safetensors")

@@ -80,38 +80,39 @@ def layer_count(folder: Path) -> int:
     return n_layers
 
 
-def skip_files(folder: Path, n_layers: int) -> list[Path] | None:
-    """Each layer's file holding W_skip_{l} (its own W_skip_{l}.safetensors, else W_enc_{l}'s), or
-    None for a CLT without a skip connection; a skip in some layers only is refused."""
-    found: list[Path | None] = []
-    for layer in range(n_layers):
-        own = folder / f"W_skip_{layer}.safetensors"
-        encoder = folder / f"W_enc_{layer}.safetensors"
-        if own.is_file():
-            found.append(own)
-        else:
-            with safe_open(encoder, "pt") as handle:
-                found.append(encoder if f"W_skip_{layer}" in handle.keys() else None)  # noqa: SIM118
-    present = [layer for layer, path in enumerate(found) if path is not None]
-    if not present:
-        return None
-    if len(present) != n_layers:
-        lacking = next(layer for layer, path in enumerate(found) if path is None)
+def skip_file(folder: Path, layer: int) -> Path:
+    """Where layer `layer`'s W_skip_{layer} is: its own W_skip_{layer}.safetensors, else W_enc_{layer}'s."""
+    own = folder / f"W_skip_{layer}.safetensors"
+    return own if own.is_file() else folder / f"W_enc_{layer}.safetensors"
+
+
+def skip_connection(folder: Path, encoder_keys: dict[int, list[str]]) -> bool:
+    """Whether the CLT has a skip connection, from the file names and each W_enc_{l}'s keys
+    (`encoder_keys`, read by `read_header`); a skip in some layers only is refused."""
+    present = [
+        layer
+        for layer, keys in encoder_keys.items()
+        if f"W_skip_{layer}" in keys or (folder / f"W_skip_{layer}.safetensors").is_file()
+    ]
+    if present and len(present) != len(encoder_keys):
+        lacking = next(layer for layer in encoder_keys if layer not in present)
         raise CLTError(
             f"circuit-tracer CLT {folder}: layer {present[0]} has a skip connection (W_skip_{present[0]}) and "
             f"layer {lacking} has none (no W_skip_{lacking}.safetensors, no W_skip_{lacking} key in "
             f"W_enc_{lacking}.safetensors); a skip connection is in every layer or in none."
         )
-    return [path for path in found if path is not None]
+    return bool(present)
 
 
-def read_skip(folder: Path, n_layers: int, d_model: int, device: str | torch.device = "cpu") -> torch.Tensor | None:
-    """W_skip [L, D, D] (float32, raw units) from the folder's W_skip_{l} tensors, or None."""
-    files = skip_files(folder, n_layers)
-    if files is None:
+def read_skip(folder: Path, header: ForeignHeader, device: str | torch.device = "cpu") -> torch.Tensor | None:
+    """W_skip [L, D, D] (float32, raw units) from the folder's W_skip_{l} tensors, or None when the
+    header found no skip connection."""
+    if not header.imported.get("skip"):
         return None
+    n_layers, d_model = header.n_layers, header.d_model
     W_skip = torch.empty(n_layers, d_model, d_model, device=device)
-    for layer, path in enumerate(files):
+    for layer in range(n_layers):
+        path = skip_file(folder, layer)
         tensors = TensorFile(path)
         if tensors.shape(f"W_skip_{layer}") != [d_model, d_model]:
             raise CLTError(
@@ -130,7 +131,7 @@ def read_header(folder: Path) -> ForeignHeader:
             keys[layer] = list(handle.keys())
             if layer == 0:
                 d_features, d_model = handle.get_slice(f"W_enc_{layer}").get_shape()
-    skip = skip_files(folder, n_layers) is not None  # a partial skip connection fails here, before any weight
+    skip = skip_connection(folder, keys)  # a partial skip connection fails here, before any weight is read
     with_threshold = [layer for layer in range(n_layers) if f"threshold_{layer}" in keys[layer]]
     if with_threshold and len(with_threshold) != n_layers:
         lacking = next(layer for layer in range(n_layers) if layer not in with_threshold)
@@ -191,7 +192,7 @@ def read_weights(folder: Path, header: ForeignHeader, device: str | torch.device
         for start, stop, rows in decoder.chunks(f"W_dec_{layer}"):  # source layer's slot of the packed W_dec
             W_dec[start:stop, offsets[layer] : offsets[layer + 1]] = rows
     ones = torch.ones(L, device=device)
-    skip = read_skip(folder, L, D, device)
+    skip = read_skip(folder, header, device)
     return {
         "W_enc": W_enc,
         "b_enc": b_enc,

@@ -50,7 +50,7 @@ from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 from safetensors.torch import save_file
 
 from clt_forge.artifacts import foreign_circuit_tracer
-from clt_forge.artifacts.checkpoint import CheckpointInfo, foreign_reader, load_checkpoint, locate, read_info
+from clt_forge.artifacts.checkpoint import CheckpointInfo, foreign_info, foreign_reader, load_checkpoint, locate
 from clt_forge.artifacts.normalization import Normalization
 from clt_forge.clt.model import CrossLayerTranscoder
 
@@ -162,10 +162,10 @@ def to_circuit_tracer(
     decoder rows are read from W_dec_{l}.safetensors when attribution needs them."""
     folder = None if isinstance(checkpoint, tuple) else locate(checkpoint)
     if folder is not None and foreign_reader(folder) is foreign_circuit_tracer:
-        header = read_info(folder)  # refuses what load_checkpoint refuses
-        input_hook, output_hook = declared_hooks(header)
+        header = foreign_circuit_tracer.read_header(folder)  # refuses what load_checkpoint refuses
+        input_hook, output_hook = declared_hooks(foreign_info(header))
         loaded = load_clt(str(folder), input_hook, output_hook, scan, torch.device(device), dtype, lazy_decoder=True)
-        skip = foreign_circuit_tracer.read_skip(folder, header.n_layers, header.d_model)
+        skip = foreign_circuit_tracer.read_skip(folder, header)
         if skip is not None:  # load_clt reads no skip connection from disk
             loaded.W_skip = torch.nn.Parameter(skip.to(device=device, dtype=dtype), requires_grad=False)
             loaded.skip_connection = True

@@ -139,7 +139,7 @@ def tokens_label(evidence: FeatureEvidence) -> str:
 
 
 def _typical(sampled: Sequence[Example], silent: Sequence[Example], named: str) -> str:
-    """The "typical" part of a label (module docstring); "" when the named tokens already cover the sample."""
+    """The "typical" part of a label (module docstring); "" when no distinctive token is left to name."""
     tokens = [token for token, _ in _peaks(sampled)]
     already = {token_key(q.replace("\\n", "\n")) for q in quoted(named)}
     classes = _named_classes(named)
