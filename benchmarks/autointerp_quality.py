@@ -8,9 +8,11 @@ Any other KEY=VALUE is passed to `clt autointerp` (e.g. per_quantile=30).
 
 One streaming pass (explainer=none) over `tokens` tokens for `features` random live features of the
 checkpoint (seeded), then, for each explainer, a copy of that database explained and scored
-(`clt autointerp` resumes after the pass). openai runs against tests/openai_server.py's rule-based
-stand-in on 127.0.0.1 (its judge is that server too); tokens and local are judged by the embedded
-SmolLM2-135M (PMI judge). With `database=`, no pass: that database's collected features (every one)
+(`clt autointerp` resumes after the pass). Per explainer: mean score and control, the share of
+features beating the control by 0.2, time per feature, and how many labels quote a token absent
+from the feature's top contexts (tokens.in_top_contexts; issue 19 asks for none). openai runs
+against tests/openai_server.py's rule-based stand-in on 127.0.0.1 (its judge is that server too);
+tokens and local are judged by the embedded SmolLM2-135M (PMI judge). With `database=`, no pass: that database's collected features (every one)
 are explained and scored again, on a copy (`save_pass=PATH` keeps a pass's database for that).
 Prints one JSON object; docs/quality.md reports it.
 """
@@ -31,6 +33,7 @@ from omegaconf import OmegaConf
 from clt_forge.artifacts.checkpoint import load_checkpoint
 from clt_forge.artifacts.features import FeatureStore
 from clt_forge.autointerp.runner import AutoInterp
+from clt_forge.autointerp.tokens import in_top_contexts, quoted
 from clt_forge.config.compose import compose_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +57,16 @@ def graph_of(checkpoint: str, n: int, seed: int, folder: Path) -> Path:
     path = folder / "graph.json"
     path.write_text(json.dumps({"nodes": nodes}))
     return path
+
+
+def naming_absent_tokens(store: FeatureStore, keys: list[tuple[int, int]]) -> list[str]:
+    """The features ("layer/feature") whose label quotes a token absent from their top contexts."""
+    out = []
+    for la, f in keys:
+        label, evidence = store.feature(la, f)["explanation"] or "", store.evidence(la, f)  # type: ignore[index]
+        if any(not in_top_contexts(name, evidence) for name in quoted(label)):
+            out.append(f"{la}/{f}")
+    return out
 
 
 def run(overrides: list[str], out: Path) -> None:
@@ -118,6 +131,7 @@ def main() -> None:
         scorer = summary["scorer"]
         with closing(FeatureStore(folder / "features.db", create=False)) as store:
             labels = {f"{la}/{f}": store.feature(la, f)["explanation"] for la, f in live[:5]}  # type: ignore[index]
+            absent = naming_absent_tokens(store, live)
         results[kind] = {
             "mean_score": scorer.get("mean_score"),
             "mean_control": scorer.get("mean_control"),
@@ -125,6 +139,7 @@ def main() -> None:
             "informative": scorer.get("informative"),
             "scored": scorer.get("pairs"),
             "seconds_per_feature": round(seconds / max(len(live), 1), 2),
+            "labels_naming_absent_tokens": len(absent),
             "example_labels": labels,
         }
     print(json.dumps(results, indent=1))

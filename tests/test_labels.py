@@ -36,7 +36,7 @@ from clt_forge.autointerp.scoring import (
     token_items,
     verdict,
 )
-from clt_forge.autointerp.tokens import TokensExplainer, tokens_label
+from clt_forge.autointerp.tokens import TokensExplainer, in_top_contexts, quoted, tokens_label
 from clt_forge.config.schema import ExplainerConfig
 from clt_forge.errors import CLTError
 
@@ -226,20 +226,36 @@ def test_tokens_label_names_the_dominant_token_preceding_token_and_decoder():
 
 def test_tokens_label_names_the_typical_tokens_of_its_sampled_firing_contexts():
     """Sampled peaks, most common first, only those more common at the feature's peaks than where it
-    is silent: "the" peaks as often as "never" but is a quarter of the zero positions, so naming it
-    would tell nothing apart."""
+    is silent ("the" peaks as often as "never" but is a quarter of the zero positions, so naming it
+    would tell nothing apart) and found in the top contexts ("nothing" is not: "no" there is a word,
+    not the start of "nothing")."""
     peaks = ("no", "no", "never", "no", "nothing", "never", "the", "the")
     weak = [example(f"we saw {w} there", [w], act=0.5) for w in peaks] + NOT[:1]
     silent = [example("the dog and the cat saw the town and the sea")] * 5
-    label = tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=weak, non_activating=silent))
+    top = [*NOT[:4], example("She did not go, no, never, to the end.", ["not"])]
+    label = tokens_label(FeatureEvidence(0, 1, top_examples=top, activating=weak, non_activating=silent))
     typical = 'typical: "no" (3/9 sampled), "never" (2/9)'
-    assert label == f'"not" (5/5 top contexts), after "do" (4/5); {typical}, "nothing" (1/9)'
-    without_silent = tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=weak))
-    assert without_silent.endswith(f'{typical}, "the" (2/9), "nothing" (1/9)'), without_silent
+    assert label == f'"not" (5/5 top contexts), after "do" (4/5); {typical}'
+    assert rejection(label, FeatureEvidence(0, 1, top_examples=top)) is None
+    without_silent = tokens_label(FeatureEvidence(0, 1, top_examples=top, activating=weak))
+    assert without_silent.endswith(f'{typical}, "the" (2/9)'), without_silent
+    assert (
+        tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=weak))
+        == '"not" (5/5 top contexts), after "do" (4/5)'
+    )
     assert (
         tokens_label(FeatureEvidence(0, 1, top_examples=NOT, activating=NOT))
         == '"not" (5/5 top contexts), after "do" (4/5)'
     )
+
+
+def test_in_top_contexts_matches_tokens_and_whole_words():
+    baths = Example(["the", " b", "aths", "\n"], [0.0, 1.0, 0.0, 0.0])
+    e = FeatureEvidence(0, 1, top_examples=[*NOT, baths], top_logits=[" be"])
+    assert all(in_top_contexts(name, e) for name in ("not", "Not", "know", "\\n", ".", "be", "baths", "b", "aths"))
+    assert not any(in_top_contexts(name, e) for name in ("no", "kn", "now", "bath", "?", "' '"))
+    spaced = FeatureEvidence(0, 1, top_examples=[Example(["a", " ", "b"], [0.0, 1.0, 0.0])])
+    assert in_top_contexts("' '", spaced) and not in_top_contexts("'\\n'", spaced)
 
 
 def test_explainers_never_read_the_contexts_a_label_is_scored_on():
@@ -254,13 +270,13 @@ def test_explainers_never_read_the_contexts_a_label_is_scored_on():
 
 
 def test_tokens_label_names_a_class_whose_top_contexts_favour_one_member():
-    """Top contexts all "?" but the feature fires on ": ; ? !" alike (its counted firing tokens):
+    """Top contexts all peak on "?" but the feature fires on ": ; ? !" alike (its counted firing tokens):
     the class is named, with the members it fires on; when "?" also dominates the firing tokens, the
     label stays the token."""
-    questions = [example(f"Why {w}? Tell me", ["?"]) for w in ("so", "not", "now", "here", "then")]
-    spread_out = FeatureEvidence(0, 1, questions, top_tokens=[("?", 9), (":", 8), (";", 7), ("!", 6)])
-    label = tokens_label(spread_out)
-    assert label.startswith('punctuation: "?" (9/30 sampled), ":" (8/30 sampled), ";" (7/30 sampled)'), label
+    questions = [example(f"Why {w}? Tell me: yes; no", ["?"]) for w in ("so", "not", "now", "here", "then")]
+    spread_out = FeatureEvidence(0, 1, questions, top_tokens=[("?", 9), (":", 8), ("!", 7), (";", 6)])
+    label = tokens_label(spread_out)  # "!" is not in the top contexts, so it is not named
+    assert label.startswith('punctuation: "?" (9/30 sampled), ":" (8/30 sampled), ";" (6/30 sampled)'), label
     one_member = FeatureEvidence(0, 1, questions, top_tokens=[("?", 25), (":", 3), ("!", 2)])
     assert tokens_label(one_member).startswith('"?" (5/5 top contexts)'), tokens_label(one_member)
 
@@ -355,3 +371,10 @@ def test_version_1_database_is_upgraded_and_scores_keep_their_control(tmp_path):
     assert record["score_difference"] == pytest.approx(0.3)
     summary = verdict([0.9], [0.6])
     assert json.dumps(summary)  # what summary.json holds
+
+
+def test_a_straight_quote_token_is_quoted_so_the_label_parses():
+    top = [example(f'He said "{w} now', ['"']) for w in ("go", "stop", "wait")]
+    label = tokens_label(FeatureEvidence(0, 1, top_examples=top))
+    assert label.startswith('“"” (3/3 top contexts)'), label
+    assert quoted(label)[0] == '"' and rejection(label, FeatureEvidence(0, 1, top_examples=top)) is None

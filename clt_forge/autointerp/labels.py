@@ -25,7 +25,7 @@ from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.prompts import DEMOS
 from clt_forge.autointerp.scoring import auroc, judged_items, question
-from clt_forge.autointerp.tokens import quoted, tokens_label
+from clt_forge.autointerp.tokens import in_top_contexts, quoted, tokens_label
 
 __all__ = ["LabelChoice", "choose_labels", "quoted", "rejection"]
 
@@ -53,13 +53,11 @@ def rejection(label: str, evidence: FeatureEvidence) -> str | None:
     if any(c >= 2 for c in Counter(pairwise(words)).values()) or (len(words) >= 6 and len(set(words)) < len(words) / 2):
         return "repeats itself"
     text = " ".join("".join(e.tokens) for e in evidence.top_examples).lower()
-    promoted = {t.strip().lower() for t in evidence.top_logits}
     copied = [w for w in words if w in DEMO_WORDS and w not in text]
     if copied:
         return f'copies the worked examples ("{copied[0]}")'
     for name in quoted(label):
-        needle = name.replace("\\n", "\n").strip().lower()
-        if needle and needle not in text and needle not in promoted:
+        if not in_top_contexts(name, evidence):
             return f'names "{name}", absent from the top contexts'
     return None
 

@@ -14,15 +14,16 @@ From the feature's top contexts (the token where each peaks, and the token befor
 - the preceding token when one holds at least PRECEDING_SHARE of the contexts;
 - "typical": the tokens it peaks on in its sampled firing contexts (`evidence.activating`: a uniform
   sample over all its activations, the scorer's held-out ones left out), those not named already,
-  most common first, at most MAX_TYPICAL; a token is left out
-  when its share of these peaks is no larger than its share of the positions where the feature is 0
-  (in those contexts and its silent ones): "the" or "," peaking now and then only because they are
-  everywhere tell nothing apart. The top contexts show the strongest activations; most activations
+  most common first, at most MAX_TYPICAL; a token is left out when its share of these peaks is no
+  larger than its share of the positions where the feature is 0 (in those contexts and its silent
+  ones): "the" or "," peaking now and then only because they are everywhere tell nothing apart;
+  and when it is not in the top contexts (in_top_contexts), so a label names only what the
+  feature's top contexts show. The top contexts show the strongest activations; most activations
   are weaker and often on other tokens: on the demo's graph features, naming them raised the token
   scorer's mean from 0.61 to 0.72, and the distinctiveness rule from 0.736 to 0.755 (docs/quality.md);
 - the decoder's top promoted tokens (what the feature writes), MAX_PROMOTED of them.
-Every quoted token is one the feature fired on in its top or sampled contexts, came before it there,
-or is one its decoder promotes, so the label never names a token the evidence does not hold.
+Every quoted token is in the feature's top contexts (in_top_contexts: one of their tokens or a whole
+word of their text; labels.rejection refuses any label naming another) or is one its decoder promotes.
 
 Detection questions (scoring) go to `explainer.judge` (default: literal, which checks the quoted
 tokens / named class on the text and passes the rest to the local model).
@@ -39,7 +40,7 @@ from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
 from clt_forge.config.schema import ExplainerConfig
 
-__all__ = ["WHOLE_CLASSES", "TokensExplainer", "quoted", "token_key", "tokens_label", "word_class"]
+__all__ = ["WHOLE_CLASSES", "TokensExplainer", "in_top_contexts", "quoted", "token_key", "tokens_label", "word_class"]
 
 LISTED_SHARE = 0.8  # list dominant tokens until they cover this share of the top contexts
 MAX_TOKENS = 3
@@ -68,6 +69,11 @@ def word_class(token: str) -> str | None:
 def _shown(token: str) -> str:
     """How a token is quoted in a label: stripped, newlines as \\n."""
     return token.replace("\n", "\\n").strip() or repr(token)
+
+
+def _quote(form: str) -> str:
+    """A token as a label quotes it: "form", or “form” when it holds a straight quote (quoted() reads both)."""
+    return f"“{form}”" if '"' in form else f'"{form}"'
 
 
 def token_key(token: str) -> str:
@@ -100,6 +106,26 @@ def _counted(tokens: Sequence[str]) -> list[tuple[str, int]]:
     return [(forms[k].most_common(1)[0][0], c) for k, c in counts.most_common()]
 
 
+def in_top_contexts(name: str, evidence: FeatureEvidence) -> bool:
+    """Whether `name` (quoted in a label) is in the feature's top contexts or is a token its decoder
+    promotes: what a label may name (labels.rejection refuses the rest). It is there when it is one
+    of their tokens (compared by token_key), or a run of their text not cut out of a longer word:
+    "no" is not found in "not", a multi-token word such as "baths" is found in " b" + "aths"."""
+    whitespace = re.fullmatch(r"'(\s+)'", name)  # how _shown quotes a whitespace-only token
+    needle = whitespace.group(1) if whitespace else name.replace("\\n", "\n").strip(" ")
+    key = token_key(needle)
+    if not needle or key in {token_key(t) for t in evidence.top_logits}:
+        return True
+    keys = {token_key(t) for e in evidence.top_examples for t in e.tokens}
+    if key in keys or whitespace:  # a whitespace-only token is there only as a token
+        return key in keys
+    pattern = re.escape(needle.lower())
+    pattern = (
+        (r"(?<![^\W_])" if needle[0].isalnum() else "") + pattern + (r"(?![^\W_])" if needle[-1].isalnum() else "")
+    )
+    return re.search(pattern, " ".join("".join(e.tokens) for e in evidence.top_examples).lower()) is not None
+
+
 def tokens_label(evidence: FeatureEvidence) -> str:
     """The evidence-only label (module docstring); "" when the feature never fired."""
     peaks = _peaks(evidence.top_examples)
@@ -115,30 +141,36 @@ def tokens_label(evidence: FeatureEvidence) -> str:
         covered += count
     classes = Counter(word_class(token) for token, _ in peaks)
     name, members = max(((c, k) for c, k in classes.items() if c), key=lambda x: x[1], default=(None, 0))
-    broad = _broad_class(evidence.top_tokens, name) if name and members / n >= CLASS_SHARE else None
+    broad = (
+        _broad_class(evidence.top_tokens, name, lambda form: in_top_contexts(form, evidence))
+        if name and members / n >= CLASS_SHARE
+        else None
+    )
     if name == "newlines" and members / n >= CLASS_SHARE:
         core = f"newlines ({members}/{n} top contexts)"
     elif name and members / n >= CLASS_SHARE and counted[0][1] / n < 0.5:
         in_class = [(form, c) for form, c in counted if word_class(form) == name][:MAX_TOKENS]
-        core = f"{name}: " + ", ".join(f'"{form}" ({c}/{n})' for form, c in in_class)
+        core = f"{name}: " + ", ".join(f"{_quote(form)} ({c}/{n})" for form, c in in_class)
     elif broad:
-        core = f"{name}: " + ", ".join(f'"{form}" ({c}/{broad[1]} sampled)' for form, c in broad[0])
+        core = f"{name}: " + ", ".join(f"{_quote(form)} ({c}/{broad[1]} sampled)" for form, c in broad[0])
     elif listed:
         first, *rest = listed
-        core = f'"{first[0]}" ({first[1]}/{n} top contexts)' + "".join(f', "{f}" ({c}/{n})' for f, c in rest)
+        core = f"{_quote(first[0])} ({first[1]}/{n} top contexts)" + "".join(
+            f", {_quote(f)} ({c}/{n})" for f, c in rest
+        )
     else:
-        core = "various tokens: " + ", ".join(f'"{form}"' for form, _ in counted[:MAX_TOKENS])
+        core = "various tokens: " + ", ".join(_quote(form) for form, _ in counted[:MAX_TOKENS])
     before = _counted([b for _, b in peaks if b is not None])
     if before and before[0][1] / n >= PRECEDING_SHARE:
-        core += f', after "{before[0][0]}" ({before[0][1]}/{n})'
-    core += _typical(evidence.activating, evidence.non_activating, core)
+        core += f", after {_quote(before[0][0])} ({before[0][1]}/{n})"
+    core += _typical(evidence.activating, evidence.non_activating, core, lambda form: in_top_contexts(form, evidence))
     promoted = [_shown(t) for t in evidence.top_logits if t.strip()][:MAX_PROMOTED]
     if promoted:
-        core += "; promotes " + ", ".join(f'"{t}"' for t in promoted)
+        core += "; promotes " + ", ".join(_quote(t) for t in promoted)
     return core
 
 
-def _typical(sampled: Sequence[Example], silent: Sequence[Example], named: str) -> str:
+def _typical(sampled: Sequence[Example], silent: Sequence[Example], named: str, shown: Callable[[str], bool]) -> str:
     """The "typical" part of a label (module docstring); "" when no distinctive token is left to name."""
     tokens = [token for token, _ in _peaks(sampled)]
     already = {token_key(q.replace("\\n", "\n")) for q in quoted(named)}
@@ -150,9 +182,9 @@ def _typical(sampled: Sequence[Example], silent: Sequence[Example], named: str) 
     for form, count in _counted([t for t in tokens if t not in covered]):
         if len(listed) >= MAX_TYPICAL:
             break
-        if count / total <= zero.get(token_key(form.replace("\\n", "\n")), 0.0):
+        if not shown(form) or count / total <= zero.get(token_key(form.replace("\\n", "\n")), 0.0):
             continue  # as common where it is silent as where it peaks: naming it tells nothing apart
-        listed.append(f'"{form}" ({count}/{total} sampled)' if not listed else f'"{form}" ({count}/{total})')
+        listed.append(f"{_quote(form)} ({count}/{total}" + (" sampled)" if not listed else ")"))
     return "; typical: " + ", ".join(listed) if listed else ""
 
 
@@ -168,16 +200,20 @@ def _named_classes(label: str) -> set[str]:
     return {name for name in WHOLE_CLASSES if label.startswith(name)}
 
 
-def _broad_class(top_tokens: Sequence[tuple[str, int]], name: str) -> tuple[list[tuple[str, int]], int] | None:
+def _broad_class(
+    top_tokens: Sequence[tuple[str, int]], name: str, shown: Callable[[str], bool]
+) -> tuple[list[tuple[str, int]], int] | None:
     """The class `name`'s tokens among the tokens the feature fired on (`top_tokens`: top contexts
     and the uniform firing sample, counted), when the class holds CLASS_SHARE of them and no one
-    token half: a class feature whose strongest activations happen to favour one member."""
+    token half: a class feature whose strongest activations happen to favour one member. Only the
+    members `shown` accepts (found in the top contexts) are named; None when that leaves none."""
     counted = _counted([t for t, c in top_tokens for _ in range(c)])
     total = sum(c for _, c in counted)
     in_class = [(form, c) for form, c in counted if word_class(form) == name]
     if not total or sum(c for _, c in in_class) / total < CLASS_SHARE or counted[0][1] / total >= 0.5:
         return None
-    return in_class[:MAX_TOKENS], total
+    named = [(form, c) for form, c in in_class if shown(_shown(form))][:MAX_TOKENS]
+    return (named, total) if named else None
 
 
 @EXPLAINERS.register("tokens")
