@@ -36,7 +36,7 @@ from clt_forge.autointerp.scoring import (
     token_items,
     verdict,
 )
-from clt_forge.autointerp.tokens import TokensExplainer, in_top_contexts, quoted, tokens_label
+from clt_forge.autointerp.tokens import TokensExplainer, in_top_contexts, quoted, token_key, tokens_label
 from clt_forge.config.schema import ExplainerConfig
 from clt_forge.errors import CLTError
 
@@ -378,3 +378,12 @@ def test_a_straight_quote_token_is_quoted_so_the_label_parses():
     label = tokens_label(FeatureEvidence(0, 1, top_examples=top))
     assert label.startswith('“"” (3/3 top contexts)'), label
     assert quoted(label)[0] == '"' and rejection(label, FeatureEvidence(0, 1, top_examples=top)) is None
+
+
+def test_a_newline_and_a_space_newline_are_one_token_in_labels():
+    """Both are shown "\\n": they are counted as one token, so a label never lists "\\n" twice."""
+    top = [*NOT[:4], Example(["She", " did", " not", " go", ".", "\n"], [0.0, 0.0, 4.0, 0.0, 0.0, 0.0])]
+    weak = [Example(["a", nl, "b"], [0.0, 0.5, 0.0]) for nl in ("\n", " \n", "\n")]
+    label = tokens_label(FeatureEvidence(0, 1, top_examples=top, activating=weak))
+    assert label.endswith('typical: "\\n" (3/3 sampled)'), label
+    assert token_key(" \n") == token_key("\n") == "\n" and token_key("  ") == "  "

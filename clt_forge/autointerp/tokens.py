@@ -77,8 +77,9 @@ def _quote(form: str) -> str:
 
 
 def token_key(token: str) -> str:
-    """How tokens are compared: stripped and lower-cased (whitespace-only tokens as they are)."""
-    return token.strip().lower() if token.strip() else token
+    """How tokens are compared: stripped and lower-cased; whitespace-only tokens keep their newlines
+    and tabs (" \\n" is "\\n", as labels show both) and a run of spaces stays as it is."""
+    return token.strip().lower() if token.strip() else token.strip(" ") or token
 
 
 def quoted(label: str) -> list[str]:
