@@ -20,7 +20,8 @@ From the feature's top contexts (the token where each peaks, and the token befor
   and when it is not in the top contexts (in_top_contexts), so a label names only what the
   feature's top contexts show. The top contexts show the strongest activations; most activations
   are weaker and often on other tokens: on the demo's graph features, naming them raised the token
-  scorer's mean from 0.61 to 0.72, and the distinctiveness rule from 0.736 to 0.755 (docs/quality.md);
+  scorer's mean from 0.61 to 0.72, the distinctiveness rule to 0.755, and the top-contexts rule
+  with the quote fix to 0.764 (docs/quality.md);
 - the decoder's top promoted tokens (what the feature writes), MAX_PROMOTED of them.
 Every quoted token is in the feature's top contexts (in_top_contexts: one of their tokens or a whole
 word of their text; labels.rejection refuses any label naming another) or is one its decoder promotes.
