@@ -12,7 +12,8 @@ then measures:
   replacement the replacement model (clt_forge/evaluation/replacement.py) on held-out windows:
               next-token KL and top-1 agreement with every MLP replaced, and one layer at a time;
   graphs      mean replacement / completeness score of the attribution graphs of the prompts in
-              benchmarks/quality_prompts.txt (how they were chosen: docs/quality.md).
+              benchmarks/quality_prompts.txt (how they were chosen: docs/quality.md), each
+              attributing the demo's max_feature_nodes (--max-feature-nodes N: N instead).
 
     .venv/bin/python benchmarks/quality.py                         # the demo budget, demo recipe
     .venv/bin/python benchmarks/quality.py normalization=mean_norm sparsity.l0_coefficient=2
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,... (repeatable)")
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the graph scores")
     parser.add_argument("--prompts", type=int, default=0, help="only the first N graph prompts (0: all)")
+    parser.add_argument("--max-feature-nodes", type=int, help="feature nodes per graph (default: the demo's)")
     parser.add_argument("--per-layer-windows", type=int, default=4, help="windows for one-layer-replaced")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows for the replacement model")
     parser.add_argument("--threads", type=int, default=2)
@@ -241,18 +243,17 @@ def evaluate(checkpoint: Path, dataset: Path, modern: Path, config: Any, args: a
     del model
     gc.collect()
     if args.graphs:
-        result["graphs"] = graph_scores(checkpoint, args.prompts)
+        result["graphs"] = graph_scores(checkpoint, args.prompts, args.max_feature_nodes)
     result["eval_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def graph_scores(checkpoint: Path, limit: int = 0) -> dict[str, Any]:
+def graph_scores(checkpoint: Path, limit: int = 0, max_feature_nodes: int | None = None) -> dict[str, Any]:
     from clt_forge.attribution.runner import AttributionRunner
     from clt_forge.config.compose import load_config
 
-    settings = load_config(
-        "attribute", f"checkpoint={checkpoint}", f"max_feature_nodes={load_config('demo').max_feature_nodes}"
-    )
+    nodes = max_feature_nodes or load_config("demo").max_feature_nodes
+    settings = load_config("attribute", f"checkpoint={checkpoint}", f"max_feature_nodes={nodes}")
     runner = AttributionRunner(checkpoint, settings=settings)
     prompts = [line for line in PROMPTS.read_text().splitlines() if line.strip()][: limit or None]
     per_prompt: list[dict[str, Any]] = []
@@ -266,6 +267,7 @@ def graph_scores(checkpoint: Path, limit: int = 0) -> dict[str, Any]:
     return {
         "replacement": sum(p["replacement"] for p in per_prompt) / len(per_prompt),
         "completeness": sum(p["completeness"] for p in per_prompt) / len(per_prompt),
+        "max_feature_nodes": nodes,
         "prompts": per_prompt,
     }
 
