@@ -4,6 +4,7 @@ the feature database's version-2 columns, and the start-up check of explainer.ki
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from openai_server import FakeOpenAIServer, mentions
 from clt_forge.artifacts.features import VERSION, Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer, make_explainer
 from clt_forge.autointerp.labels import choose_labels, rejection
-from clt_forge.autointerp.literal import ONLY_TOKEN, Claim, LiteralJudge, claim, preceding
+from clt_forge.autointerp.literal import DENSE_OTHER, ONLY_TOKEN, Claim, LiteralJudge, claim, preceding
 from clt_forge.autointerp.prompts import (
     detection_question,
     split_detection_question,
@@ -387,3 +388,32 @@ def test_a_newline_and_a_space_newline_are_one_token_in_labels():
     label = tokens_label(FeatureEvidence(0, 1, top_examples=top, activating=weak))
     assert label.endswith('typical: "\\n" (3/3 sampled)'), label
     assert token_key(" \n") == token_key("\n") == "\n" and token_key("  ") == "  "
+
+
+def test_a_dense_feature_is_labelled_by_the_tokens_it_is_silent_on_too():
+    """Firing on 40% of tokens, it stays silent on "the" and "and" (most of its zero positions) and
+    fires weakly on everything else: the label names those two as silent, never a token it peaks on
+    as often as it is silent on it ("dog"), nor one absent from the top contexts ("sea")."""
+    top = [example("the dog and the cat ran", ["cat"]) for _ in range(3)]
+    weak = [
+        Example(tokens, [0.0 if t in (" the", " and", "the", " sea") else 0.5 for t in tokens])
+        for tokens in [["the", " dog", " and", " the", " sea", " ran"], ["the", " cat", " and", " the", " dog"]]
+    ]
+    silent = [example("the and the sea and")]
+    dense = FeatureEvidence(0, 1, top_examples=top, activating=weak, non_activating=silent, frequency=0.4)
+    label = tokens_label(dense)
+    assert label.endswith('; fires on 40% of tokens, not on "the" (6/12 silent), "and" (4/12)'), label
+    assert rejection(label, dense) is None
+    assert "fires on" not in tokens_label(dataclasses.replace(dense, frequency=0.01))
+    said = claim(label)
+    assert said is not None and said.dense and said.silent == frozenset({"the", "and"}) and "the" not in said.tokens
+
+
+def test_literal_judge_answers_a_dense_feature_s_token_questions_from_where_it_is_silent():
+    judge = LiteralJudge(ExplainerConfig(kind="literal"))
+    judge._fallback, judge._tokenizer = KeywordJudge(), WordTokenizer()
+    e = example("the cat and the dog ran")
+    label = '"cat" (3/3 top contexts); fires on 40% of tokens, not on "the" (7/11 silent), "and" (3/11)'
+    positions = [1, 0, 2, 4]  # cat: claimed firing; the, and: claimed silent; dog: neither
+    assert judge.judge([token_question(label, e, i) for i in positions]) == [1.0, 0.0, 0.0, DENSE_OTHER]
+    assert judge.judge([token_question('"cat" (3/3 top contexts)', e, 4)]) == [0.0]  # a sparse label

@@ -18,7 +18,10 @@ holds some punctuation or a capital, so the class itself tells nothing apart), a
 
 Token questions (the token scorer, `prompts.token_question`: one marked token) are answered from the
 same claim on that token alone: P(yes) = 1 when the claim names it and the label's ", after "X""
-(if any) holds for the token before it, 0.75 when only the token matches, 0.
+(if any) holds for the token before it, 0.75 when only the token matches, 0. A dense feature's
+label ends its claim with '; fires on 35% of tokens, not on "the" (n/m silent), ...' (tokens.py):
+there a token named neither firing nor silent gets DENSE_OTHER (0.5) and one named silent 0, since
+such a feature fires on most tokens. (Whole-context questions read only the firing part.)
 
 Why: on planted features of the embedded model (one word, a punctuation class, newlines) the PMI
 judge ranked the true label's firing contexts above the silent ones barely better than another
@@ -35,25 +38,28 @@ from typing import Any
 
 from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
 from clt_forge.autointerp.prompts import split_detection_question, split_token_question
-from clt_forge.autointerp.tokens import WHOLE_CLASSES, quoted, token_key, word_class
+from clt_forge.autointerp.tokens import DENSE_PART, WHOLE_CLASSES, quoted, token_key, word_class
 from clt_forge.config.schema import ExplainerConfig
 
-__all__ = ["FALLBACK", "ONLY_TOKEN", "Claim", "LiteralJudge", "claim", "preceding"]
+__all__ = ["DENSE_OTHER", "FALLBACK", "ONLY_TOKEN", "Claim", "LiteralJudge", "claim", "preceding"]
 
 FALLBACK = "local"  # the model judge for explanations without a literal claim
 COUNT_HALF = 0.5  # P(yes) = n / (n + COUNT_HALF) for n claimed tokens in the text
 _AFTER = re.compile(r', after "([^"]+)"')
 _AFTER_PART = re.compile(r', after "[^"]+"(?: \(\d+/\d+\))?')  # removed before reading the claim
 ONLY_TOKEN = 0.75  # P(yes) of a token question whose token matches but not the claimed preceding token
+DENSE_OTHER = 0.5  # P(yes) of a dense feature's token named neither firing nor silent
 
 
 @dataclass(frozen=True)
 class Claim:
     """The tokens (keys: stripped, lower-case) or the word class an explanation says its feature
-    fires on."""
+    fires on; for a dense feature (`dense`), also the tokens it says the feature is silent on."""
 
     tokens: frozenset[str]
     word_class: str | None = None
+    silent: frozenset[str] = frozenset()
+    dense: bool = False
 
     def matches(self, token: str) -> bool:
         if self.word_class == "newlines" and "\n" in token:
@@ -62,16 +68,25 @@ class Claim:
             return True
         return token_key(token) in self.tokens
 
+    def otherwise(self, token: str) -> float:
+        """P(yes) for a token the claim does not name as firing: DENSE_OTHER for a dense feature's
+        token not named silent, else 0."""
+        return DENSE_OTHER if self.dense and token_key(token) not in self.silent else 0.0
+
+
+def _keys(text: str) -> frozenset[str]:
+    names = [q.replace("\\n", "\n") for q in quoted(text)]
+    return frozenset(token_key(n) for n in names if n.strip() or "\n" in n)
+
 
 def claim(explanation: str) -> Claim | None:
     """What `explanation` claims its feature fires on (module docstring); None: no literal claim."""
-    core = _AFTER_PART.sub("", explanation.split("; promotes")[0]).strip()
-    names = [q.replace("\\n", "\n") for q in quoted(core)]
-    keys = frozenset(token_key(n) for n in names if n.strip() or "\n" in n)
+    core, dense, silent = _AFTER_PART.sub("", explanation.split("; promotes")[0]).strip().partition(DENSE_PART)
+    keys = _keys(core)
     named_class = next((name for name in WHOLE_CLASSES if core.lower().startswith(name)), None)
-    if named_class is None and not keys:
+    if named_class is None and not keys and not dense:
         return None  # a punctuation / capitals label without members: the model
-    return Claim(keys, named_class)
+    return Claim(keys, named_class, _keys(silent), bool(dense))
 
 
 def preceding(explanation: str) -> str | None:
@@ -135,7 +150,7 @@ class LiteralJudge(Explainer):
         if said is None:
             return None
         if not said.matches(token):
-            return 0.0
+            return said.otherwise(token)
         after = preceding(explanation)
         previous = split(before.rstrip(" \t"))[-1:] if after is not None and before.strip() else []
         return 1.0 if after is None or (previous and token_key(previous[0]) == after) else ONLY_TOKEN

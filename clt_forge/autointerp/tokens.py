@@ -3,6 +3,7 @@
     "not" (19/20 top contexts), after "do" (12/20); typical: "no" (9/40 sampled), "never" (5/40); promotes "be"
     numbers: "1" (5/20), "2" (3/20), "12" (2/20)
     newlines (22/24 top contexts); promotes "And", "The"
+    "sword" (13/20 top contexts); fires on 35% of tokens, not on "," (61/850 silent), "the" (40/850)
 
 From the feature's top contexts (the token where each peaks, and the token before it):
 - the dominant activating tokens (case and leading space merged), each with its share of the top
@@ -22,6 +23,11 @@ From the feature's top contexts (the token where each peaks, and the token befor
   are weaker and often on other tokens: on the demo's graph features, naming them raised the token
   scorer's mean from 0.61 to 0.72, the distinctiveness rule to 0.755, and the top-contexts rule
   with the quote fix to 0.764 (docs/quality.md);
+- for a dense feature (firing on DENSE_FREQUENCY of all tokens or more, `evidence.frequency`):
+  "fires on 35% of tokens, not on ...": the tokens it is distinctively silent on, those whose share
+  of the zero positions (sampled and silent contexts) most exceeds their share of the sampled peaks,
+  at most MAX_SILENT. Such a feature fires weakly on nearly every token, so where it fires cannot
+  be listed; where it stays silent can (the literal judge reads this part, literal.py);
 - the decoder's top promoted tokens (what the feature writes), MAX_PROMOTED of them.
 Every quoted token is in the feature's top contexts (in_top_contexts: one of their tokens or a whole
 word of their text; labels.rejection refuses any label naming another) or is one its decoder promotes.
@@ -41,7 +47,16 @@ from clt_forge.artifacts.features import Example, FeatureEvidence
 from clt_forge.autointerp.base import EXPLAINERS, Explainer, Messages
 from clt_forge.config.schema import ExplainerConfig
 
-__all__ = ["WHOLE_CLASSES", "TokensExplainer", "in_top_contexts", "quoted", "token_key", "tokens_label", "word_class"]
+__all__ = [
+    "DENSE_PART",
+    "WHOLE_CLASSES",
+    "TokensExplainer",
+    "in_top_contexts",
+    "quoted",
+    "token_key",
+    "tokens_label",
+    "word_class",
+]
 
 LISTED_SHARE = 0.8  # list dominant tokens until they cover this share of the top contexts
 MAX_TOKENS = 3
@@ -50,6 +65,9 @@ CLASS_SHARE = 0.6  # a word class holding this share of the top contexts is name
 PRECEDING_SHARE = 0.5  # a preceding token holding this share is named
 MAX_PROMOTED = 3
 MAX_TYPICAL = 12  # sampled firing tokens named at most ("typical")
+DENSE_FREQUENCY = 0.2  # a feature firing on this share of all tokens is also labelled by where it is silent
+MAX_SILENT = 12  # tokens a dense feature's label names as silent, at most
+DENSE_PART = "; fires on "  # starts a dense feature's silent part (literal.claim reads it)
 WHOLE_CLASSES = ("newlines", "numbers")  # classes a label claims whole (a context can lack them, unlike punctuation)
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 DEFAULT_JUDGE = "literal"  # literal claims checked on the text, the rest judged by local (literal.py)
@@ -134,6 +152,10 @@ def tokens_label(evidence: FeatureEvidence) -> str:
     n = len(peaks)
     if not n:
         return ""
+
+    def shown(form: str) -> bool:
+        return in_top_contexts(form, evidence)
+
     counted = _counted([token for token, _ in peaks])
     listed, covered = [], 0
     for form, count in counted[:MAX_TOKENS]:
@@ -143,11 +165,7 @@ def tokens_label(evidence: FeatureEvidence) -> str:
         covered += count
     classes = Counter(word_class(token) for token, _ in peaks)
     name, members = max(((c, k) for c, k in classes.items() if c), key=lambda x: x[1], default=(None, 0))
-    broad = (
-        _broad_class(evidence.top_tokens, name, lambda form: in_top_contexts(form, evidence))
-        if name and members / n >= CLASS_SHARE
-        else None
-    )
+    broad = _broad_class(evidence.top_tokens, name, shown) if name and members / n >= CLASS_SHARE else None
     if name == "newlines" and members / n >= CLASS_SHARE:
         core = f"newlines ({members}/{n} top contexts)"
     elif name and members / n >= CLASS_SHARE and counted[0][1] / n < 0.5:
@@ -163,9 +181,13 @@ def tokens_label(evidence: FeatureEvidence) -> str:
     else:
         core = "various tokens: " + ", ".join(_quote(form) for form, _ in counted[:MAX_TOKENS])
     before = _counted([b for _, b in peaks if b is not None])
-    if before and before[0][1] / n >= PRECEDING_SHARE:
-        core += f", after {_quote(before[0][0])} ({before[0][1]}/{n})"
-    core += _typical(evidence.activating, evidence.non_activating, core, lambda form: in_top_contexts(form, evidence))
+    after = (
+        f", after {_quote(before[0][0])} ({before[0][1]}/{n})" if before and before[0][1] / n >= PRECEDING_SHARE else ""
+    )
+    typical = _typical(evidence.activating, evidence.non_activating, core + after, shown)
+    if evidence.frequency >= DENSE_FREQUENCY:  # the tokens it fires after may be ones it is silent on
+        typical += _dense(evidence.activating, evidence.non_activating, core + typical, shown, evidence.frequency)
+    core += after + typical
     promoted = [_shown(t) for t in evidence.top_logits if t.strip()][:MAX_PROMOTED]
     if promoted:
         core += "; promotes " + ", ".join(_quote(t) for t in promoted)
@@ -188,6 +210,31 @@ def _typical(sampled: Sequence[Example], silent: Sequence[Example], named: str, 
             continue  # as common where it is silent as where it peaks: naming it tells nothing apart
         listed.append(f"{_quote(form)} ({count}/{total}" + (" sampled)" if not listed else ")"))
     return "; typical: " + ", ".join(listed) if listed else ""
+
+
+def _dense(
+    sampled: Sequence[Example], silent: Sequence[Example], named: str, shown: Callable[[str], bool], frequency: float
+) -> str:
+    """The "dense" part of the label of a feature that fires on `frequency` >= DENSE_FREQUENCY of all
+    tokens (module docstring): the tokens it is distinctively silent on. "" when none is left."""
+    peaks = Counter(token_key(token) for token, _ in _peaks(sampled))
+    n_peaks = sum(peaks.values()) or 1
+    zeros = [t for e in [*sampled, *silent] for t, a in zip(e.tokens, e.acts, strict=False) if a <= 0]
+    already = {token_key(q.replace("\\n", "\n")) for q in quoted(named)}
+    gains = []  # a silent token's share of the zero positions minus its share of the peaks
+    for form, count in _counted(zeros):
+        key = token_key(form.replace("\\n", "\n"))
+        gain = count / len(zeros) - peaks.get(key, 0) / n_peaks
+        if gain > 0 and key not in already and shown(form):
+            gains.append((gain, form, count))
+    listed = [(form, count) for _, form, count in sorted(gains, key=lambda g: -g[0])[:MAX_SILENT]]
+    if not listed:
+        return ""
+    first, *rest = listed
+    return (
+        f"; fires on {frequency:.0%} of tokens, not on {_quote(first[0])} ({first[1]}/{len(zeros)} silent)"
+        + "".join(f", {_quote(form)} ({count}/{len(zeros)})" for form, count in rest)
+    )
 
 
 def _zero_shares(examples: Sequence[Example]) -> dict[str, float]:
