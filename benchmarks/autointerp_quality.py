@@ -12,7 +12,7 @@ checkpoint (seeded), then, for each explainer, a copy of that database explained
 features beating the control by 0.2, time per feature, and how many labels quote a token absent
 from the feature's top contexts (tokens.in_top_contexts; issue 19 asks for none). openai runs
 against tests/openai_server.py's rule-based stand-in on 127.0.0.1 (its judge is that server too);
-tokens and local are judged by the embedded SmolLM2-135M (PMI judge). With `database=`, no pass:
+tokens and local by their default judge (literal, the rest SmolLM2-135M). With `database=`, no pass:
 that database's collected features (every one) are explained and scored again, on a copy
 (`save_pass=PATH` keeps a pass's database for that).
 Prints one JSON object; docs/quality.md reports it.
