@@ -33,8 +33,8 @@ from omegaconf import OmegaConf
 
 from clt_forge.artifacts.checkpoint import load_checkpoint
 from clt_forge.artifacts.features import FeatureStore
+from clt_forge.autointerp.labels import naming_absent_tokens
 from clt_forge.autointerp.runner import AutoInterp
-from clt_forge.autointerp.tokens import in_top_contexts, quoted
 from clt_forge.config.compose import compose_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,16 +58,6 @@ def graph_of(checkpoint: str, n: int, seed: int, folder: Path) -> Path:
     path = folder / "graph.json"
     path.write_text(json.dumps({"nodes": nodes}))
     return path
-
-
-def naming_absent_tokens(store: FeatureStore, keys: list[tuple[int, int]]) -> list[str]:
-    """The features ("layer/feature") whose label quotes a token absent from their top contexts."""
-    out = []
-    for la, f in keys:
-        label, evidence = store.feature(la, f)["explanation"] or "", store.evidence(la, f)  # type: ignore[index]
-        if any(not in_top_contexts(name, evidence) for name in quoted(label)):
-            out.append(f"{la}/{f}")
-    return out
 
 
 def run(overrides: list[str], out: Path) -> None:

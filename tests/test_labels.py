@@ -19,7 +19,7 @@ from openai_server import FakeOpenAIServer, mentions
 
 from clt_forge.artifacts.features import VERSION, Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer, make_explainer
-from clt_forge.autointerp.labels import choose_labels, rejection
+from clt_forge.autointerp.labels import choose_labels, naming_absent_tokens, rejection
 from clt_forge.autointerp.literal import DENSE_OTHER, ONLY_TOKEN, Claim, LiteralJudge, claim, preceding
 from clt_forge.autointerp.prompts import (
     detection_question,
@@ -417,3 +417,22 @@ def test_literal_judge_answers_a_dense_feature_s_token_questions_from_where_it_i
     positions = [1, 0, 2, 4]  # cat: claimed firing; the, and: claimed silent; dog: neither
     assert judge.judge([token_question(label, e, i) for i in positions]) == [1.0, 0.0, 0.0, DENSE_OTHER]
     assert judge.judge([token_question('"cat" (3/3 top contexts)', e, 4)]) == [0.0]  # a sparse label
+
+
+def test_the_summary_counts_labels_naming_a_token_absent_from_the_top_contexts(tmp_path):
+    row = {"n_active": 3, "frequency": 0.1, "mean_act": 1.0, "max_act": 4.0, "histogram": [], "top_tokens": []}
+    row |= {"top_logits": [" be"], "bottom_logits": [], "status": "explained"}
+    top = [example(f"I do not know {w}.", ["not"]) for w in ("him", "her", "it")]
+    examples = [
+        {"layer": 0, "feature": f, "kind": "top", "rank": r, "position": r, "value": 4.0, "center": 3}
+        | {"token_ids": list(range(len(e.tokens))), "tokens": e.tokens, "acts": e.acts}
+        for f in (1, 2, 3)
+        for r, e in enumerate(top)
+    ]
+    with FeatureStore(tmp_path / "features.db") as store:
+        store.write_pass([{"layer": 0, "feature": f} | row for f in (1, 2, 3)], examples)
+        store.set_explanation(0, 1, '"not" (3/3 top contexts); promotes "be"')
+        store.set_explanation(0, 2, 'the word "no"')  # "no" is only inside "not" and "know"
+        store.set_explanation(0, 3, 'the word "baths"')
+        assert naming_absent_tokens(store) == ["0/2", "0/3"]
+        assert naming_absent_tokens(store, [(0, 1), (0, 3)]) == ["0/3"]

@@ -113,6 +113,7 @@ def test_scorer_ranks_every_true_label_above_another_features(planted_run):
     summary = json.loads((planted_run.parent / "summary.json").read_text())
     assert summary["scorer"]["pairs"] == 3 and summary["scorer"]["mean_score"] > summary["scorer"]["mean_control"]
     assert summary["scorer"]["informative"], summary["scorer"]  # the mean difference clears 0.1 and 2 stderr
+    assert summary["labels_naming_absent_tokens"] == 0
 
 
 def test_context_scorer_ranks_every_true_label_above_another_features(planted_run, tmp_path):

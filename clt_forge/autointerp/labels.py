@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-from clt_forge.artifacts.features import Example, FeatureEvidence
+from clt_forge.artifacts.features import Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.prompts import DEMOS
 from clt_forge.autointerp.scoring import auroc, judged_items, question
 from clt_forge.autointerp.tokens import in_top_contexts, quoted, tokens_label
 
-__all__ = ["LabelChoice", "choose_labels", "quoted", "rejection"]
+__all__ = ["LabelChoice", "choose_labels", "naming_absent_tokens", "quoted", "rejection"]
 
 SELECT_FIRING = 10  # top contexts judged per candidate
 SELECT_SILENT = 10  # silent contexts judged per candidate (collected beyond the scorer's)
@@ -60,6 +60,18 @@ def rejection(label: str, evidence: FeatureEvidence) -> str | None:
         if not in_top_contexts(name, evidence):
             return f'names "{name}", absent from the top contexts'
     return None
+
+
+def naming_absent_tokens(store: FeatureStore, keys: Sequence[tuple[int, int]] | None = None) -> list[str]:
+    """The features ("layer/feature"; all explained ones, or `keys`) whose label quotes a token
+    absent from their top contexts (tokens.in_top_contexts): what `rejection` refuses."""
+    labels = store.explanations()
+    out = []
+    for key in labels if keys is None else keys:
+        label = labels.get(key) or ""
+        if label and any(not in_top_contexts(name, store.evidence(*key)) for name in quoted(label)):
+            out.append(f"{key[0]}/{key[1]}")
+    return out
 
 
 @dataclass

@@ -260,6 +260,7 @@ class AutoInterp:
     # ---- 4. merge, export, summary ---------------------------------------------------------
 
     def _finish(self, folder: Path) -> Path:
+        from clt_forge.autointerp.labels import naming_absent_tokens
         from clt_forge.autointerp.scoring import summarize, verdict
 
         count = self.cfg.worker.count
@@ -274,6 +275,7 @@ class AutoInterp:
                 "explained": len(store.explanations()),
                 "detection_scores": summarize(store.scores()),
                 "control_scores": summarize(store.controls()),
+                "labels_naming_absent_tokens": len(naming_absent_tokens(store)),
             }
             meta = store.meta()
             scorer = {
