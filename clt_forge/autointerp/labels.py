@@ -25,7 +25,7 @@ from clt_forge.artifacts.features import Example, FeatureEvidence, FeatureStore
 from clt_forge.autointerp.explainers import Explainer
 from clt_forge.autointerp.prompts import DEMOS
 from clt_forge.autointerp.scoring import auroc, judged_items, question
-from clt_forge.autointerp.tokens import in_top_contexts, quoted, tokens_label
+from clt_forge.autointerp.tokens import quoted, tokens_label, top_context_check
 
 __all__ = ["LabelChoice", "choose_labels", "naming_absent_tokens", "quoted", "rejection"]
 
@@ -56,8 +56,9 @@ def rejection(label: str, evidence: FeatureEvidence) -> str | None:
     copied = [w for w in words if w in DEMO_WORDS and w not in text]
     if copied:
         return f'copies the worked examples ("{copied[0]}")'
+    shown = top_context_check(evidence)
     for name in quoted(label):
-        if not in_top_contexts(name, evidence):
+        if not shown(name):
             return f'names "{name}", absent from the top contexts'
     return None
 
@@ -68,8 +69,8 @@ def naming_absent_tokens(store: FeatureStore, keys: Sequence[tuple[int, int]] | 
     labels = store.explanations()
     out = []
     for key in labels if keys is None else keys:
-        label = labels.get(key) or ""
-        if label and any(not in_top_contexts(name, store.evidence(*key)) for name in quoted(label)):
+        names = quoted(labels.get(key) or "")
+        if names and not all(map(top_context_check(store.evidence(*key)), names)):
             out.append(f"{key[0]}/{key[1]}")
     return out
 

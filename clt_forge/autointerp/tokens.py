@@ -55,6 +55,7 @@ __all__ = [
     "quoted",
     "token_key",
     "tokens_label",
+    "top_context_check",
     "word_class",
 ]
 
@@ -131,19 +132,29 @@ def in_top_contexts(name: str, evidence: FeatureEvidence) -> bool:
     promotes: what a label may name (labels.rejection refuses the rest). It is there when it is one
     of their tokens (compared by token_key), or a run of their text not cut out of a longer word:
     "no" is not found in "not", a multi-token word such as "baths" is found in " b" + "aths"."""
-    whitespace = re.fullmatch(r"'(\s+)'", name)  # how _shown quotes a whitespace-only token
-    needle = whitespace.group(1) if whitespace else name.replace("\\n", "\n").strip(" ")
-    key = token_key(needle)
-    if not needle or key in {token_key(t) for t in evidence.top_logits}:
-        return True
+    return top_context_check(evidence)(name)
+
+
+def top_context_check(evidence: FeatureEvidence) -> Callable[[str], bool]:
+    """`in_top_contexts` for one feature, its tokens and text read once for every name asked."""
+    promoted = {token_key(t) for t in evidence.top_logits}
     keys = {token_key(t) for e in evidence.top_examples for t in e.tokens}
-    if key in keys or whitespace:  # a whitespace-only token is there only as a token
-        return key in keys
-    pattern = re.escape(needle.lower())
-    pattern = (
-        (r"(?<![^\W_])" if needle[0].isalnum() else "") + pattern + (r"(?![^\W_])" if needle[-1].isalnum() else "")
-    )
-    return re.search(pattern, " ".join("".join(e.tokens) for e in evidence.top_examples).lower()) is not None
+    text = " ".join("".join(e.tokens) for e in evidence.top_examples).lower()
+
+    def check(name: str) -> bool:
+        whitespace = re.fullmatch(r"'(\s+)'", name)  # how _shown quotes a whitespace-only token
+        needle = whitespace.group(1) if whitespace else name.replace("\\n", "\n").strip(" ")
+        key = token_key(needle)
+        if not needle or key in promoted:
+            return True
+        if key in keys or whitespace:  # a whitespace-only token is there only as a token
+            return key in keys
+        pattern = re.escape(needle.lower())
+        word_start, word_end = needle[0].isalnum(), needle[-1].isalnum()
+        pattern = (r"(?<![^\W_])" if word_start else "") + pattern + (r"(?![^\W_])" if word_end else "")
+        return re.search(pattern, text) is not None
+
+    return check
 
 
 def tokens_label(evidence: FeatureEvidence) -> str:
@@ -152,10 +163,7 @@ def tokens_label(evidence: FeatureEvidence) -> str:
     n = len(peaks)
     if not n:
         return ""
-
-    def shown(form: str) -> bool:
-        return in_top_contexts(form, evidence)
-
+    shown = top_context_check(evidence)
     counted = _counted([token for token, _ in peaks])
     listed, covered = [], 0
     for form, count in counted[:MAX_TOKENS]:
@@ -232,7 +240,7 @@ def _dense(
         return ""
     first, *rest = listed
     return (
-        f"; fires on {frequency:.0%} of tokens, not on {_quote(first[0])} ({first[1]}/{len(zeros)} silent)"
+        f"{DENSE_PART}{frequency:.0%} of tokens, not on {_quote(first[0])} ({first[1]}/{len(zeros)} silent)"
         + "".join(f", {_quote(form)} ({count}/{len(zeros)})" for form, count in rest)
     )
 
