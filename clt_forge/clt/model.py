@@ -63,6 +63,7 @@ from torch import nn
 
 from clt_forge.clt.activations import Activated, Gather, make_activation
 from clt_forge.clt.init import init_clt
+from clt_forge.clt.lazy_adam import RowLazyAdam
 from clt_forge.clt.sparse_decode import (
     DECODE,
     DecoderGradSink,
@@ -223,7 +224,9 @@ class CrossLayerTranscoder(nn.Module):
     `grad_buffer` reuses W_dec's gradient storage across steps (see `GradBuffer`); a wrapper
     that frees gradients itself after reducing them (FSDP) may set it to None so the full-size
     buffer is not kept alive between steps. `decoder_grad`, when set (clt_forge.clt.deferred,
-    `optim.decoder_grad=blocks`), takes W_dec's gradient instead: W_dec.grad stays None.
+    `optim.decoder_grad=blocks`; clt_forge.clt.lazy_adam, `rows`), takes W_dec's gradient
+    instead: W_dec.grad stays None. `rows` also brings the rows a training forward reads up to date
+    first (`RowLazyAdam.before_decode`).
 
     `activation` names an entry of clt_forge.clt.activations.ACTIVATIONS (jumprelu, topk,
     batchtopk; `k` is TopK's features per token and layer); `decode` an entry of
@@ -320,6 +323,8 @@ class CrossLayerTranscoder(nn.Module):
         """(decode(z, bias), decoder_norms()) from one autograd node, so the gradients of the
         reconstruction and of the norm terms land in one W_dec buffer in one pass. A sparse decode
         computes grad z only where `grad_needed` (from the activation; None: everywhere)."""
+        if isinstance(self.decoder_grad, RowLazyAdam) and torch.is_grad_enabled():
+            self.decoder_grad.before_decode(self.W_dec, z, grad_needed)  # rows read now: up to date
         recon, norms = self._decode(z, with_norms=True, grad_needed=grad_needed)
         return (recon + self.b_dec if bias else recon), norms
 

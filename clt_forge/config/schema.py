@@ -199,13 +199,14 @@ class OptimConfig:
     beta2: float = 0.999
     grad_clip: float = 1.0  # global gradient norm bound; 0 disables
     decoder_grad: str = (
-        "full"  # full: W_dec.grad as one tensor; blocks: built per source layer in Adam (clt/deferred.py)
+        "full"  # full: W_dec.grad as one tensor; blocks: built per source layer in Adam (clt/deferred.py);
+        # rows: gradient and Adam step on the rows a step touches, the others caught up lazily (clt/lazy_adam.py)
     )
     exp_avg_dtype: str = "float32"  # W_dec's Adam first moment: float32, or bfloat16 (decoder_grad=blocks only)
 
     def __post_init__(self) -> None:
-        if self.decoder_grad not in ("full", "blocks"):
-            raise ValueError(f"optim.decoder_grad={self.decoder_grad!r}: use full or blocks.")
+        if self.decoder_grad not in ("full", "blocks", "rows"):
+            raise ValueError(f"optim.decoder_grad={self.decoder_grad!r}: use full, blocks or rows.")
         if self.exp_avg_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"optim.exp_avg_dtype={self.exp_avg_dtype!r}: use float32 or bfloat16.")
         if self.exp_avg_dtype != "float32" and self.decoder_grad != "blocks":

@@ -16,6 +16,7 @@ from clt_forge.artifacts.normalization import Normalization
 from clt_forge.artifacts.reader import check_compatible
 from clt_forge.clt import CrossLayerTranscoder, init_clt
 from clt_forge.clt.deferred import DeferredDecoderGrad, enable_deferred_decoder
+from clt_forge.clt.lazy_adam import enable_row_lazy_adam
 from clt_forge.config.plain import plain
 from clt_forge.config.schema import ON_THE_FLY, Precision, ShardingMode, TrainConfig
 from clt_forge.data.store import ActivationsStore
@@ -213,9 +214,12 @@ def build_clt(
     return clt, None
 
 
-def decoder_grad_sink(cfg: TrainConfig, parallel: Parallel, clt: CrossLayerTranscoder) -> DeferredDecoderGrad | None:
-    """`optim.decoder_grad=blocks`: route W_dec's gradient to a `DeferredDecoderGrad` (the runner
-    calls its `adam_step` after each optimizer step); refused where a full gradient is needed."""
+def decoder_grad_sink(
+    cfg: TrainConfig, parallel: Parallel, clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer
+) -> DeferredDecoderGrad | None:
+    """`optim.decoder_grad=blocks`: route W_dec's gradient to a `DeferredDecoderGrad`, `rows` to a
+    `RowLazyAdam` (the runner calls its `adam_step` after each optimizer step); refused where a
+    full gradient is needed."""
     if cfg.optim.decoder_grad == "full":
         return None
     needs_full = {
@@ -226,5 +230,9 @@ def decoder_grad_sink(cfg: TrainConfig, parallel: Parallel, clt: CrossLayerTrans
     }
     for reason, applies in needs_full.items():
         if applies:
-            raise CLTError(f"optim.decoder_grad=blocks does not work with {reason}; use optim.decoder_grad=full.")
+            raise CLTError(
+                f"optim.decoder_grad={cfg.optim.decoder_grad} does not work with {reason}; use optim.decoder_grad=full."
+            )
+    if cfg.optim.decoder_grad == "rows":
+        return enable_row_lazy_adam(clt, optimizer, reads_all_rows=cfg.sparsity.dead_coefficient != 0)
     return enable_deferred_decoder(clt, exp_avg_dtype=getattr(torch, cfg.optim.exp_avg_dtype))

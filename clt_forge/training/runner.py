@@ -29,6 +29,7 @@ import torch
 from clt_forge.artifacts.checkpoint import CheckpointInfo
 from clt_forge.artifacts.reader import ActivationBatch
 from clt_forge.clt import init_encoder_bias
+from clt_forge.clt.lazy_adam import RowLazyAdam
 from clt_forge.config.plain import plain
 from clt_forge.config.schema import Precision, TrainConfig
 from clt_forge.distributed.parallel import Parallel, start_parallel
@@ -170,7 +171,7 @@ class CLTTrainingRunner:
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             fused=True,  # one kernel over all parameters: ~5x faster than foreach on CPU (benchmarks/train_step.py)
         )
-        self.deferred = decoder_grad_sink(cfg, self.parallel, self.clt)
+        self.deferred = decoder_grad_sink(cfg, self.parallel, self.clt, self.optimizer)
         self.scaler = self.parallel.grad_scaler(cfg.precision is Precision.fp16, cfg.grad_scale_init)
         if self.resumed is not None:
             exp_avg = {"W_dec": self.deferred.exp_avg_dtype} if self.deferred is not None else {}
@@ -250,7 +251,7 @@ class CLTTrainingRunner:
             )
         scale = scaler.get_scale()
         scaler.step(self.optimizer)  # fp16: skipped when any rank's gradients hold an inf/NaN
-        if self.deferred is not None:  # optim.decoder_grad=blocks: W_dec's Adam step, block by block
+        if self.deferred is not None:  # optim.decoder_grad=blocks / rows: W_dec's own Adam step
             self.deferred.adam_step(self.optimizer, self.clt.W_dec)
         scaler.update()
         self.dead.update_fired(*parallel.fired(output.features))
@@ -271,7 +272,13 @@ class CLTTrainingRunner:
         dtype = torch.bfloat16 if self.cfg.precision is Precision.bf16 else torch.float16
         return torch.autocast(device_type=self.parallel.device.type, dtype=dtype)
 
+    def _decoder_up_to_date(self) -> None:
+        """optim.decoder_grad=rows: every row of W_dec (and its Adam moments) caught up to this step."""
+        if isinstance(self.deferred, RowLazyAdam):
+            self.deferred.flush(self.clt.W_dec)
+
     def _evaluate(self, step: int, tokens: int, x: torch.Tensor, y: torch.Tensor, source: str) -> dict[str, Any]:
+        self._decoder_up_to_date()
         module = self.parallel.eval_module(self.module)
         metrics = evaluate(module, x, y, reduce_l0=self.parallel.sum_features)
         self.parallel.after_eval(self.module)
@@ -314,6 +321,8 @@ class CLTTrainingRunner:
     def _save(self, name: str, step: int, training_state: bool) -> Path:
         """Collective: every rank calls it (gathers, shards); see Parallel.save."""
         from clt_forge.training.lora import merged_copy
+
+        self._decoder_up_to_date()
 
         weights = self.parallel.full_tensors(dict(merged_copy(self.clt).state_dict()))
         state, tensors = self._training_state(step) if training_state else (None, None)
