@@ -198,10 +198,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0  # global gradient norm bound; 0 disables
-    decoder_grad: str = (
-        "full"  # full: W_dec.grad as one tensor; blocks: built per source layer in Adam (clt/deferred.py);
-        # rows: gradient and Adam step on the rows a step touches, the others caught up lazily (clt/lazy_adam.py)
-    )
+    decoder_grad: str = "full"  # full: W_dec.grad; blocks: built per source in Adam; rows: row-lazy Adam
     exp_avg_dtype: str = "float32"  # W_dec's Adam first moment: float32, or bfloat16 (decoder_grad=blocks only)
 
     def __post_init__(self) -> None:
