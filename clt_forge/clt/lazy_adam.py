@@ -65,6 +65,8 @@ class RowLazyAdam(DeferredDecoderGrad):
         self.row_step: torch.Tensor | None = None  # [L, F] the step each row is up to date with
         self.drift: torch.Tensor | None = None  # [L, F] float64: sum of g_t r^(t - row_step) since then
         self.drift_eps: torch.Tensor | None = None  # [L, F] float64: the same terms over b_t (eps's weight)
+        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+        self._store: torch.Tensor | None = None  # the touched rows' gradients, reused across steps
 
     def __getstate__(self) -> dict:
         return {"clip": self.clip, "reads_all_rows": self.reads_all_rows}
@@ -87,26 +89,42 @@ class RowLazyAdam(DeferredDecoderGrad):
         if self.rows:
             raise CLTError("optim.decoder_grad=rows: a second backward before the decoder's Adam step.")
         square = torch.zeros((), dtype=torch.float64, device=W_dec.device)
+        used = 0
         for source in range(len(offsets) - 1):
             z_source_t = z_t(source)
-            if z_source_t.layout != torch.strided:
+            sparse = z_source_t.layout != torch.strided  # the sparse decode: keep the product sparse
+            if sparse:
                 z_source_t = z_source_t.to_dense()
             touched = z_source_t.ne(0).any(dim=1)
             if coef is not None:
                 touched |= coef[source].ne(0)
             index = touched.nonzero().squeeze(1)
             block = source_block(W_dec, offsets, source)
+            grad = self._take(W_dec, used, len(index), block.shape[1])
+            used += grad.numel()
             if coef is not None:
-                grad = block.index_select(0, index) * coef[source, index, None]
+                torch.mul(block.index_select(0, index), coef[source, index, None], out=grad)
             else:
-                grad = block.new_zeros(len(index), block.shape[1])
+                grad.zero_()
             if grad_recon is not None:
-                grad.addmm_(z_source_t.index_select(0, index), grad_recon[:, source:].flatten(1))
+                z_rows = z_source_t.index_select(0, index)
+                grad.addmm_(z_rows.to_sparse_csr() if sparse else z_rows, grad_recon[:, source:].flatten(1))
             if self.clip:
                 square += torch.linalg.vector_norm(grad, dtype=torch.float32).double().square()
             self.rows.append((index, grad))
         self.square = square if self.clip else None
         return None
+
+    def _take(self, W_dec: torch.Tensor, start: int, n_rows: int, width: int) -> torch.Tensor:
+        """[n_rows, width] of the reused gradient store from `start` (grown when needed: W_dec's
+        size at most, when every row is touched)."""
+        end = start + n_rows * width
+        if self._store is None or self._store.numel() < end or self._store.dtype != W_dec.dtype:
+            grown = W_dec.new_empty(min(W_dec.numel(), max(end, 2 * end)))
+            if self._store is not None and start:  # keep what this backward already wrote
+                grown[:start].copy_(self._store[:start])
+            self._store = grown
+        return self._store[start:end].view(n_rows, width)
 
     # -- the optimizer's side -------------------------------------------------------------------
     def _state(self, W_dec: torch.Tensor) -> tuple[dict, dict]:
@@ -160,6 +178,15 @@ class RowLazyAdam(DeferredDecoderGrad):
         self.drift[source, index_cpu] = 0.0
         self.drift_eps[source, index_cpu] = 0.0
 
+    def _row_views(self, tensor: torch.Tensor, source: int) -> tuple[torch.Tensor, ...]:
+        """`tensor`'s rows of source `source`, one contiguous [L - source, D] view per feature
+        (made once per tensor: the parameter and its moments keep their storage)."""
+        key = (id(tensor), tensor.data_ptr(), source)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = tensor[:, self.offsets[source] : self.offsets[source + 1]].unbind(0)
+        return views
+
     def before_decode(self, W_dec: torch.Tensor, z: torch.Tensor, grad_needed: torch.Tensor | None) -> None:
         """Catch up the rows the coming forward and loss read (z, grad_needed: [B, L, F])."""
         read = z.detach().ne(0).any(dim=0)
@@ -190,22 +217,24 @@ class RowLazyAdam(DeferredDecoderGrad):
         state["step"] += 1
         step = int(state["step"])
         lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
-        step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        lists: tuple[list[torch.Tensor], ...] = ([], [], [], [])  # the touched rows: one tensor each
         for source, (index, grad) in enumerate(self.rows):
             grad = grad.to(W_dec.dtype)
             if not (isinstance(self.scale, float) and self.scale == 1.0):
                 grad.mul_(self.scale)
-            param, exp_avg, exp_avg_sq = (
-                source_block(t, self.offsets, source) for t in (W_dec, state["exp_avg"], state["exp_avg_sq"])
-            )
-            m = exp_avg.index_select(0, index).lerp_(grad, 1 - beta1)
-            v = exp_avg_sq.index_select(0, index).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)
-            param.index_copy_(0, index, param.index_select(0, index).addcdiv_(m, denom, value=-step_size))
-            exp_avg.index_copy_(0, index, m)
-            exp_avg_sq.index_copy_(0, index, v)
+            chosen = index.tolist()
+            for into, tensor in zip(lists, (W_dec, state["exp_avg"], state["exp_avg_sq"]), strict=False):
+                rows = self._row_views(tensor, source)
+                into.extend(rows[f] for f in chosen)
+            lists[3].extend(grad.view(len(chosen), len(self.offsets) - 1 - source, W_dec.shape[2]).unbind(0))
             self.row_step[source, index.cpu()] = step
+        params, exp_avgs, exp_avg_sqs, grads = lists
+        if params:  # torch's fused Adam over the row views: one pass, the same formula as `full`
+            torch._fused_adam_(
+                params, grads, exp_avgs, exp_avg_sqs, [], [state["step"]] * len(params),
+                lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False,
+            )  # fmt: skip
         # every row not stepped now drifts: g_t r^k, and eps's weight g_t r^k / b_t (k = t - row_step)
         behind = (step - self.row_step).to(torch.float64)
         late = behind > 0
