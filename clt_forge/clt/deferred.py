@@ -44,7 +44,7 @@ from clt_forge.errors import CLTError
 if TYPE_CHECKING:
     from clt_forge.clt.model import CrossLayerTranscoder
 
-__all__ = ["CHUNK_ELEMENTS", "DeferredDecoderGrad", "enable_deferred_decoder"]
+__all__ = ["CHUNK_ELEMENTS", "DeferredDecoderGrad", "adam_state", "enable_deferred_decoder"]
 
 CHUNK_ELEMENTS = 16 * 2**20  # the gradient buffer: 64 MiB in fp32 (one (source, target) pair if that is larger)
 
@@ -134,18 +134,8 @@ class DeferredDecoderGrad:
         the gradient times `scale`; clears what the backward left. Nothing to do without one."""
         if self.pending is None:
             return
-        group = next((g for g in optimizer.param_groups if any(p is W_dec for p in g["params"])), None)
-        if group is None:
-            raise CLTError("optim.decoder_grad=blocks: W_dec is not among the optimizer's parameters.")
-        if group.get("amsgrad") or group.get("weight_decay") or group.get("maximize"):
-            raise CLTError("optim.decoder_grad=blocks implements plain Adam (no amsgrad, weight decay, maximize).")
-        state = optimizer.state[W_dec]
-        if not state:
-            on_device = group.get("fused") or group.get("capturable")  # where torch's Adam keeps `step`
-            state["step"] = torch.zeros((), dtype=torch.float32, device=W_dec.device if on_device else None)
-            state["exp_avg"] = torch.zeros_like(W_dec, dtype=self.exp_avg_dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(W_dec, memory_format=torch.preserve_format)
-        elif state["exp_avg"].dtype != self.exp_avg_dtype:  # resumed from a run with the other setting
+        group, state = adam_state(optimizer, W_dec, self.exp_avg_dtype, "blocks")
+        if state["exp_avg"].dtype != self.exp_avg_dtype:  # resumed from a run with the other setting
             state["exp_avg"] = state["exp_avg"].to(self.exp_avg_dtype)
         low = self.exp_avg_dtype != W_dec.dtype  # bf16 exp_avg: each chunk updated in fp32 (self._moment)
         state["step"] += 1
@@ -177,6 +167,26 @@ class DeferredDecoderGrad:
         if self._moment is None or self._moment.numel() < stored.numel() or self._moment.device != stored.device:
             self._moment = torch.empty(stored.numel(), dtype=torch.float32, device=stored.device)
         return self._moment[: stored.numel()].view(stored.shape).copy_(stored)
+
+
+def adam_state(
+    optimizer: torch.optim.Optimizer, W_dec: torch.Tensor, exp_avg_dtype: torch.dtype, mode: str
+) -> tuple[dict, dict]:
+    """(W_dec's param group, its Adam state), the state made as torch's Adam makes it (`step`,
+    `exp_avg` in `exp_avg_dtype`, `exp_avg_sq`) on first use, for the `optim.decoder_grad=MODE`
+    sinks that step W_dec themselves."""
+    group = next((g for g in optimizer.param_groups if any(p is W_dec for p in g["params"])), None)
+    if group is None:
+        raise CLTError(f"optim.decoder_grad={mode}: W_dec is not among the optimizer's parameters.")
+    if group.get("amsgrad") or group.get("weight_decay") or group.get("maximize"):
+        raise CLTError(f"optim.decoder_grad={mode} implements plain Adam (no amsgrad, weight decay, maximize).")
+    state = optimizer.state[W_dec]
+    if not state:
+        on_device = group.get("fused") or group.get("capturable")  # where torch's Adam keeps `step`
+        state["step"] = torch.zeros((), dtype=torch.float32, device=W_dec.device if on_device else None)
+        state["exp_avg"] = torch.zeros_like(W_dec, dtype=exp_avg_dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(W_dec, memory_format=torch.preserve_format)
+    return group, state
 
 
 def enable_deferred_decoder(

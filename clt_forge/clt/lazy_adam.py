@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clt_forge.clt.deferred import DeferredDecoderGrad
+from clt_forge.clt.deferred import DeferredDecoderGrad, adam_state
 from clt_forge.clt.sparse_decode import source_block
 from clt_forge.errors import CLTError
 
@@ -65,7 +65,7 @@ class RowLazyAdam(DeferredDecoderGrad):
         self.row_step: torch.Tensor | None = None  # [L, F] the step each row is up to date with
         self.drift: torch.Tensor | None = None  # [L, F] float64: sum of g_t r^(t - row_step) since then
         self.drift_eps: torch.Tensor | None = None  # [L, F] float64: the same terms over b_t (eps's weight)
-        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self._store: torch.Tensor | None = None  # the touched rows' gradients, reused across steps
 
     def __getstate__(self) -> dict:
@@ -120,27 +120,15 @@ class RowLazyAdam(DeferredDecoderGrad):
         size at most, when every row is touched)."""
         end = start + n_rows * width
         if self._store is None or self._store.numel() < end or self._store.dtype != W_dec.dtype:
-            grown = W_dec.new_empty(min(W_dec.numel(), max(end, 2 * end)))
-            if self._store is not None and start:  # keep what this backward already wrote
-                grown[:start].copy_(self._store[:start])
-            self._store = grown
+            # rows already written this backward keep their views of the old store alive
+            self._store = W_dec.new_empty(min(W_dec.numel(), 2 * end))
         return self._store[start:end].view(n_rows, width)
 
     # -- the optimizer's side -------------------------------------------------------------------
     def _state(self, W_dec: torch.Tensor) -> tuple[dict, dict]:
         if self.optimizer is None:
             raise CLTError("optim.decoder_grad=rows: the sink has no optimizer (call bind).")
-        group = next((g for g in self.optimizer.param_groups if any(p is W_dec for p in g["params"])), None)
-        if group is None:
-            raise CLTError("optim.decoder_grad=rows: W_dec is not among the optimizer's parameters.")
-        if group.get("amsgrad") or group.get("weight_decay") or group.get("maximize"):
-            raise CLTError("optim.decoder_grad=rows implements plain Adam (no amsgrad, weight decay, maximize).")
-        state = self.optimizer.state[W_dec]
-        if not state:
-            on_device = group.get("fused") or group.get("capturable")
-            state["step"] = torch.zeros((), dtype=torch.float32, device=W_dec.device if on_device else None)
-            state["exp_avg"] = torch.zeros_like(W_dec, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(W_dec, memory_format=torch.preserve_format)
+        group, state = adam_state(self.optimizer, W_dec, W_dec.dtype, "rows")
         n_layers = len(self.offsets) - 1
         if self.row_step is None or self.row_step.shape != (n_layers, W_dec.shape[0]):  # fresh, or resumed (flushed)
             self.row_step = torch.full((n_layers, W_dec.shape[0]), int(state["step"]), dtype=torch.int64)
@@ -178,14 +166,16 @@ class RowLazyAdam(DeferredDecoderGrad):
         self.drift[source, index_cpu] = 0.0
         self.drift_eps[source, index_cpu] = 0.0
 
-    def _row_views(self, tensor: torch.Tensor, source: int) -> tuple[torch.Tensor, ...]:
-        """`tensor`'s rows of source `source`, one contiguous [L - source, D] view per feature
-        (made once per tensor: the parameter and its moments keep their storage)."""
-        key = (id(tensor), tensor.data_ptr(), source)
-        views = self._views.get(key)
-        if views is None:
-            views = self._views[key] = tensor[:, self.offsets[source] : self.offsets[source + 1]].unbind(0)
-        return views
+    def _row_views(self, slot: int, tensor: torch.Tensor, source: int) -> tuple[torch.Tensor, ...]:
+        """`tensor`'s rows of source `source`, one contiguous [L - source, D] view per feature, made
+        once while `tensor` stays the one in `slot` (0: W_dec, 1: exp_avg, 2: exp_avg_sq)."""
+        kept = self._views.get((slot, source))
+        if kept is None or kept[0] is not tensor:
+            kept = self._views[(slot, source)] = (
+                tensor,
+                tensor[:, self.offsets[source] : self.offsets[source + 1]].unbind(0),
+            )
+        return kept[1]
 
     def before_decode(self, W_dec: torch.Tensor, z: torch.Tensor, grad_needed: torch.Tensor | None) -> None:
         """Catch up the rows the coming forward and loss read (z, grad_needed: [B, L, F])."""
@@ -224,8 +214,8 @@ class RowLazyAdam(DeferredDecoderGrad):
             if not (isinstance(self.scale, float) and self.scale == 1.0):
                 grad.mul_(self.scale)
             chosen = index.tolist()
-            for into, tensor in zip(lists, (W_dec, state["exp_avg"], state["exp_avg_sq"]), strict=False):
-                rows = self._row_views(tensor, source)
+            for slot, tensor in enumerate((W_dec, state["exp_avg"], state["exp_avg_sq"])):
+                rows, into = self._row_views(slot, tensor, source), lists[slot]
                 into.extend(rows[f] for f in chosen)
             lists[3].extend(grad.view(len(chosen), len(self.offsets) - 1 - source, W_dec.shape[2]).unbind(0))
             self.row_step[source, index.cpu()] = step
