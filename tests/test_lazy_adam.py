@@ -121,6 +121,18 @@ def test_catch_up_is_dense_adams_zero_gradient_steps() -> None:
         assert ((W_dense.detach() - first).abs() > 1e-3).all(), "the zero-gradient steps moved W"
 
 
+def test_rows_under_bf16_autocast_follow_dense_adam() -> None:
+    """The decode runs on autocast's bf16 copy of W_dec: the touched rows' gradients come in bf16
+    and are cast for the fp32 Adam step (as `blocks` does)."""
+    dense, lazy = make_clt("topk", "dense"), make_clt("topk", "dense")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense_norms, _, _ = train_steps(dense, "topk", lazy=False)
+        lazy_norms, _, _ = train_steps(lazy, "topk", lazy=True)
+    assert lazy.W_dec.dtype == torch.float32 and lazy.W_dec.grad is None
+    torch.testing.assert_close(lazy_norms, dense_norms, rtol=1e-3, atol=0)
+    torch.testing.assert_close(lazy.W_dec, dense.W_dec, rtol=1e-3, atol=1e-4)
+
+
 def test_a_second_backward_before_the_step_is_refused() -> None:
     clt = make_clt("topk", "dense")
     optimizer = torch.optim.Adam(clt.parameters(), lr=1e-2)
