@@ -162,6 +162,10 @@ class DeferredDecoderGrad:
                 param.addcdiv_(exp_avg, denom, value=-step_size)
         self.pending, self.square, self.scale = None, None, 1.0
 
+    def flush(self, W_dec: torch.Tensor) -> None:
+        """Bring W_dec and its Adam state up to the current step before they are read: nothing to
+        do here, every step updates every row (`RowLazyAdam`, `optim.decoder_grad=rows`, overrides)."""
+
     def _upcast(self, stored: torch.Tensor) -> torch.Tensor:
         """`stored` (a chunk of the bf16 exp_avg) in fp32, in a buffer reused across chunks."""
         if self._moment is None or self._moment.numel() < stored.numel() or self._moment.device != stored.device:

@@ -201,7 +201,7 @@ class RowLazyAdam(DeferredDecoderGrad):
             return
         self.optimizer = optimizer
         group, state = self._state(W_dec)
-        assert self.row_step is not None and self.drift is not None
+        assert self.row_step is not None and self.drift is not None and self.drift_eps is not None
         for source, (index, _) in enumerate(self.rows):
             self.catch_up(W_dec, source, index)
         state["step"] += 1
@@ -231,7 +231,6 @@ class RowLazyAdam(DeferredDecoderGrad):
         bias_correction1 = 1 - beta1**step
         term = lr * bias_correction2_sqrt / bias_correction1 * torch.pow(beta1 / math.sqrt(beta2), behind)
         self.drift += torch.where(late, term, 0.0)
-        assert self.drift_eps is not None
         term_eps = lr * bias_correction2_sqrt**2 / bias_correction1 * torch.pow(beta1 / beta2, behind)
         self.drift_eps += torch.where(late, term_eps, 0.0)
         self.rows, self.square, self.scale = [], None, 1.0

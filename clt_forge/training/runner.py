@@ -29,7 +29,6 @@ import torch
 from clt_forge.artifacts.checkpoint import CheckpointInfo
 from clt_forge.artifacts.reader import ActivationBatch
 from clt_forge.clt import init_encoder_bias
-from clt_forge.clt.lazy_adam import RowLazyAdam
 from clt_forge.config.plain import plain
 from clt_forge.config.schema import Precision, TrainConfig
 from clt_forge.distributed.parallel import Parallel, start_parallel
@@ -273,8 +272,8 @@ class CLTTrainingRunner:
         return torch.autocast(device_type=self.parallel.device.type, dtype=dtype)
 
     def _decoder_up_to_date(self) -> None:
-        """optim.decoder_grad=rows: every row of W_dec (and its Adam moments) caught up to this step."""
-        if isinstance(self.deferred, RowLazyAdam):
+        """Every row of W_dec (and its Adam moments) up to this step (optim.decoder_grad=rows)."""
+        if self.deferred is not None:
             self.deferred.flush(self.clt.W_dec)
 
     def _evaluate(self, step: int, tokens: int, x: torch.Tensor, y: torch.Tensor, source: str) -> dict[str, Any]:
