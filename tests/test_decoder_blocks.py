@@ -59,13 +59,27 @@ def train_steps(
 @pytest.mark.parametrize("decode", ["dense", "sparse"])
 @pytest.mark.parametrize("name", ["jumprelu", "topk", "batchtopk"])
 def test_blocks_train_like_the_full_gradient(name: str, decode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    chunk = F * D if decode == "sparse" else deferred.CHUNK_ELEMENTS  # one (source, target) pair at a time
+    """Dense decode: chunks of pairs, for-loop Adam. Sparse decode: chunks of 3 features over all
+    pairs (64 = 21 x 3 + 1), each stepped by torch's fused Adam, as the full side's optimizer."""
+    pairs = L * (L + 1) // 2
+    chunk = 3 * pairs * D if decode == "sparse" else deferred.CHUNK_ELEMENTS
     monkeypatch.setattr(deferred, "CHUNK_ELEMENTS", chunk)
+    fused_rows: list[int] = []  # rows of W_dec per fused Adam call on a W_dec chunk
+    fused_adam = torch._fused_adam_
+
+    def counting(params, *args, **kwargs):
+        fused_rows.extend(p.shape[0] for p in params if p.dim() == 3 and p.shape[1:] == (pairs, D))
+        return fused_adam(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", counting)
     full, blocks = make_clt(name, decode), make_clt(name, decode)
     sink = enable_deferred_decoder(blocks)
     fused = decode == "sparse"  # torch's fused kernel on one side, its for-loop Adam on the other
     full_norms, full_opt = train_steps(full, name, fused)
+    assert fused_rows == ([F] * 3 if fused else [])  # the full side: W_dec in one call per step
+    fused_rows.clear()
     block_norms, block_opt = train_steps(blocks, name, fused)
+    assert fused_rows == ([3] * 21 + [1]) * 3 if fused else not fused_rows
     assert min(full_norms) > CLIP
     torch.testing.assert_close(block_norms, full_norms, **TOLERANCE)
     torch.testing.assert_close(dict(blocks.named_parameters()), dict(full.named_parameters()), **TOLERANCE)
@@ -75,7 +89,7 @@ def test_blocks_train_like_the_full_gradient(name: str, decode: str, monkeypatch
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(block_state[key], full_state[key], **TOLERANCE)
     assert sink._buffer is not None and sink._buffer.numel() == min(chunk, F * L * D)  # a chunk, never W_dec
-    assert blocks.W_dec.numel() == F * L * (L + 1) // 2 * D
+    assert blocks.W_dec.numel() == F * pairs * D
 
 
 def test_without_clipping_only_one_pass_and_exact_to_for_loop_adam() -> None:
@@ -99,8 +113,9 @@ def test_blocks_under_bf16_autocast_follow_the_full_gradient() -> None:
     torch.testing.assert_close(blocks.W_dec, full.W_dec, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("decode", ["dense", "sparse"])  # the for-loop update / the fused kernel per chunk
 @pytest.mark.parametrize("name", ["jumprelu", "topk"])
-def test_bf16_exp_avg_stays_bf16_and_trains_close_to_fp32_moments(name: str) -> None:
+def test_bf16_exp_avg_stays_bf16_and_trains_close_to_fp32_moments(name: str, decode: str) -> None:
     """optim.exp_avg_dtype=bfloat16: W_dec's first moment is a bf16 tensor, rounded to nearest from
     the fp32 update, and exp_avg_sq stays fp32. Step 1 moves W_dec exactly as the fp32 run (its
     update uses the unrounded m). Later steps read the stored m, off by bf16's rounding (relative
@@ -109,11 +124,11 @@ def test_bf16_exp_avg_stays_bf16_and_trains_close_to_fp32_moments(name: str) -> 
     leaves the rest to the gradients of the slightly different weights. Measured: 0.65 after step 2,
     1.42 / 1.60 after step 3 (jumprelu / topk), while W_dec moved up to 0.03 (250x the tolerance)."""
     for steps in (1, 3):
-        fp32, bf16 = make_clt(name, "dense"), make_clt(name, "dense")
+        fp32, bf16 = make_clt(name, decode), make_clt(name, decode)
         enable_deferred_decoder(fp32)
         enable_deferred_decoder(bf16, exp_avg_dtype=torch.bfloat16)
-        _, fp32_opt = train_steps(fp32, name, False, steps=steps)
-        _, bf16_opt = train_steps(bf16, name, False, steps=steps)
+        _, fp32_opt = train_steps(fp32, name, decode == "sparse", steps=steps)
+        _, bf16_opt = train_steps(bf16, name, decode == "sparse", steps=steps)
         state, reference = bf16_opt.state[bf16.W_dec], fp32_opt.state[fp32.W_dec]
         assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.float32
         assert float(state["step"]) == steps
@@ -122,7 +137,7 @@ def test_bf16_exp_avg_stays_bf16_and_trains_close_to_fp32_moments(name: str) -> 
             assert torch.equal(bf16.W_dec, fp32.W_dec)
     assert not torch.equal(bf16.W_dec, fp32.W_dec), "the option changes the run"
     torch.testing.assert_close(bf16.W_dec, fp32.W_dec, rtol=0, atol=3 * LR * 2**-8)
-    assert (fp32.W_dec - make_clt(name, "dense").W_dec).abs().max() > 100 * 3 * LR * 2**-8, "W_dec did move"
+    assert (fp32.W_dec - make_clt(name, decode).W_dec).abs().max() > 100 * 3 * LR * 2**-8, "W_dec did move"
 
 
 def test_a_second_backward_before_the_step_is_refused() -> None:

@@ -86,8 +86,11 @@ def test_grad_z_sampled_where_needed_only() -> None:
     grad, block = torch.randn(B, 5 * D, generator=generator), torch.randn(F, 5 * D, generator=generator)
     needed = torch.rand(B, F, generator=generator) < 0.01  # below SDDMM_MAX_FRACTION: the sampled product
     out = torch.full((B, F), 7.0)
-    _grad_z_layer(grad, block, needed, out)
+    _grad_z_layer(grad, block, needed, out, D)  # 5 pairs of D columns, summed
     torch.testing.assert_close(out, (grad @ block.t()) * needed, **TOLERANCE)
+    wide = torch.randn(F, 9 * D, generator=generator)[:, 2 : 2 + 5 * D]  # a strided block, as W_dec's
+    _grad_z_layer(grad, wide, needed, out, D)
+    torch.testing.assert_close(out, (grad @ wide.t()) * needed, **TOLERANCE)
 
 
 def test_auto_picks_sparse_by_active_fraction(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,13 @@ training step otherwise holds it four times: the parameter, its gradient, Adam's
 The decode's backward (clt_forge/clt/model.py, sparse_decode.py) hands its W_dec gradient to a
 `DecoderGradSink`. This one keeps only what builds the gradient: z (or its sparse rows), the
 gradient of the reconstruction [B, L, D] and the norm terms' coefficients [L, F], all small. The
-gradient is then built a chunk of (source, target) pairs at a time (a source layer's targets,
-CHUNK_ELEMENTS at most) into one reused buffer, and:
+gradient is then built a chunk at a time (CHUNK_ELEMENTS at most) into one reused buffer:
+  - after a dense decode, a run of one source layer's (source, target) pairs for all features:
+    one GEMM of F rows each, the fast shape for a dense z;
+  - after a sparse decode, a run of features over all pairs: contiguous in W_dec and in its
+    moments, so torch's fused Adam kernel steps each chunk in one pass (the for-loop update below
+    reads and writes W_dec-sized tensors five times; ~3x slower at the issue 18 shape);
+and:
   - `square` (in the backward, when clipping needs it): the sum of squares of every chunk, so
     global-norm clipping sees the exact same norm as with the full gradient;
   - `adam_step` (after the optimizer's own step): each chunk again, times the clipping factor
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["CHUNK_ELEMENTS", "DeferredDecoderGrad", "adam_state", "enable_deferred_decoder"]
 
 CHUNK_ELEMENTS = 16 * 2**20  # the gradient buffer: 64 MiB in fp32 (one (source, target) pair if that is larger)
+FUSED_DTYPES = (torch.float32, torch.float64)  # contiguous chunks of these step through torch's fused Adam
 
 
 @dataclass
@@ -105,29 +111,77 @@ class DeferredDecoderGrad:
             self.square = square
         return None
 
-    def _blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(pair columns of W_dec, their gradient [F, n D]) in the reused buffer, one chunk at a
-        time: a source layer's targets in runs of at most CHUNK_ELEMENTS // (F D) (at least one)."""
+    def _blocks(self) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
+        """((feature rows, pair columns) of W_dec, their gradient [rows, pairs, D]) in the reused
+        buffer, one chunk at a time: by features when the decode was sparse (`_feature_chunks`),
+        else by pairs (`_pair_chunks`)."""
         pending = self.pending
         assert pending is not None
+        sparse = pending.z_t(0).layout == torch.sparse_csr
+        return self._feature_chunks(pending) if sparse else self._pair_chunks(pending)
+
+    def _chunk_buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        if self._buffer is None or self._buffer.numel() != numel or self._buffer.dtype != like.dtype:
+            self._buffer = like.new_empty(numel)
+        return self._buffer
+
+    def _pair_chunks(self, pending: _Pending) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
+        """All features, a source layer's targets in runs of at most CHUNK_ELEMENTS // (F D)
+        (at least one): each run one GEMM of F rows, the dense decode's fast shape."""
         W_dec, offsets = pending.W_dec, pending.offsets
         d_features, d_model = W_dec.shape[0], W_dec.shape[2]
         n_layers = len(offsets) - 1
         run = max(1, min(n_layers, CHUNK_ELEMENTS // (d_features * d_model)))
-        if (
-            self._buffer is None
-            or self._buffer.numel() != run * d_features * d_model
-            or self._buffer.dtype != W_dec.dtype
-        ):
-            self._buffer = W_dec.new_empty(run * d_features * d_model)
+        buffer = self._chunk_buffer(run * d_features * d_model, W_dec)
         for source in range(n_layers):
-            z_source_t = pending.z_t(source)  # once per source: the sparse path builds a CSR matrix
+            z_source_t = pending.z_t(source)  # once per source
             for first in range(source, n_layers, run):
                 targets = range(first, min(first + run, n_layers))
-                chunk = self._buffer[: d_features * len(targets) * d_model].view(d_features, -1)
+                chunk = buffer[: d_features * len(targets) * d_model].view(d_features, -1)
                 decoder_block_grad(chunk, W_dec, offsets, source, z_source_t, pending.grad_recon, pending.coef, targets)
                 start = offsets[source] + first - source
-                yield slice(start, start + len(targets)), chunk
+                yield (slice(None), slice(start, start + len(targets))), chunk.view(d_features, len(targets), d_model)
+
+    def _feature_chunks(self, pending: _Pending) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
+        """Runs of CHUNK_ELEMENTS // (P D) features (at least one) over all pairs: contiguous in
+        W_dec and its moments, so torch's fused Adam steps each in one pass (`adam_step`). The
+        same values as `_pair_chunks`: coef * W, plus each source's CSR rows of z^T (the active
+        features of the run) times the gradient of that source's targets."""
+        W_dec, offsets, grad_recon = pending.W_dec, pending.offsets, pending.grad_recon
+        d_features, n_pairs, d_model = W_dec.shape
+        n_layers = len(offsets) - 1
+        rows = max(1, CHUNK_ELEMENTS // (n_pairs * d_model))
+        buffer = self._chunk_buffer(min(rows, d_features) * n_pairs * d_model, W_dec)
+        z_t = [pending.z_t(source) for source in range(n_layers)]  # [F, B] CSR each
+        starts = [z.crow_indices().tolist() for z in z_t]
+        coef = None
+        if pending.coef is not None:  # [F, P]: each pair's row gets its source's coefficient
+            sizes = torch.tensor([offsets[s + 1] - offsets[s] for s in range(n_layers)], device=W_dec.device)
+            coef = pending.coef.repeat_interleave(sizes, dim=0).t()
+        for first in range(0, d_features, rows):
+            features = slice(first, min(first + rows, d_features))
+            count = features.stop - features.start
+            chunk = buffer[: count * n_pairs * d_model].view(count, n_pairs, d_model)
+            if coef is not None:
+                torch.mul(W_dec[features], coef[features, :, None], out=chunk)
+            else:
+                chunk.zero_()
+            for source in range(n_layers if grad_recon is not None else 0):
+                low, high = starts[source][features.start], starts[source][features.stop]
+                if low == high:
+                    continue
+                z = z_t[source]
+                part = torch.sparse_csr_tensor(  # the rows of the run: slices of z_t's arrays
+                    z.crow_indices()[features.start : features.stop + 1] - low,
+                    z.col_indices()[low:high],
+                    z.values()[low:high],
+                    size=(count, z.shape[1]),
+                    check_invariants=False,
+                )
+                assert grad_recon is not None
+                targets = chunk[:, offsets[source] : offsets[source + 1]].flatten(1)  # [count, (L - source) D]
+                targets.addmm_(part, grad_recon[:, source:].flatten(1))
+            yield (features, slice(None)), chunk
 
     def adam_step(self, optimizer: torch.optim.Optimizer, W_dec: torch.Tensor) -> None:
         """Adam on W_dec (a parameter of `optimizer` with no .grad), chunk by chunk, with
@@ -144,22 +198,28 @@ class DeferredDecoderGrad:
         lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # as torch's Adam
-        d_features = W_dec.shape[0]
+        fused = W_dec.dtype in FUSED_DTYPES and state["step"].device == W_dec.device
         with torch.no_grad():
-            for pairs, grad in self._blocks():
+            for where, grad in self._blocks():
                 if grad.dtype != W_dec.dtype:  # bf16 autocast: the decode ran on a bf16 copy
                     grad = grad.to(W_dec.dtype)
                 if not (isinstance(self.scale, float) and self.scale == 1.0):
                     grad.mul_(self.scale)
-                param, stored, exp_avg_sq = (t[:, pairs].view(d_features, -1) for t in (W_dec, *moments))
+                param, stored, exp_avg_sq = (t[where] for t in (W_dec, *moments))
                 exp_avg = self._upcast(stored) if low else stored
-                exp_avg.lerp_(grad, 1 - beta1)
+                if fused and param.is_contiguous():  # a run of features (`_feature_chunks`): one pass
+                    torch._fused_adam_(
+                        [param], [grad], [exp_avg], [exp_avg_sq], [], [state["step"]],
+                        lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False,
+                    )  # fmt: skip
+                else:
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = torch.sqrt(exp_avg_sq, out=grad)  # the gradient is spent: its buffer takes the denominator
+                    denom.div_(bias_correction2_sqrt).add_(eps)
+                    param.addcdiv_(exp_avg, denom, value=-step_size)
                 if low:
-                    stored.copy_(exp_avg)  # rounded to nearest (even)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = torch.sqrt(exp_avg_sq, out=grad)  # the gradient is spent: its buffer takes the denominator
-                denom.div_(bias_correction2_sqrt).add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-step_size)
+                    stored.copy_(exp_avg)  # rounded to nearest (even); the update used the fp32 value
         self.pending, self.square, self.scale = None, None, 1.0
 
     def flush(self, W_dec: torch.Tensor) -> None:
