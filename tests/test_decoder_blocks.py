@@ -72,6 +72,9 @@ def test_blocks_train_like_the_full_gradient(name: str, decode: str, monkeypatch
         return fused_adam(params, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_fused_adam_", counting)
+    built = []  # passes over the gradient: one per step, the clipping norm comes from Gram matrices
+    blocks_pass = deferred.DeferredDecoderGrad._blocks
+    monkeypatch.setattr(deferred.DeferredDecoderGrad, "_blocks", lambda self: built.append(1) or blocks_pass(self))
     full, blocks = make_clt(name, decode), make_clt(name, decode)
     sink = enable_deferred_decoder(blocks)
     fused = decode == "sparse"  # torch's fused kernel on one side, its for-loop Adam on the other
@@ -80,6 +83,7 @@ def test_blocks_train_like_the_full_gradient(name: str, decode: str, monkeypatch
     fused_rows.clear()
     block_norms, block_opt = train_steps(blocks, name, fused)
     assert fused_rows == ([3] * 21 + [1]) * 3 if fused else not fused_rows
+    assert len(built) == 3
     assert min(full_norms) > CLIP
     torch.testing.assert_close(block_norms, full_norms, **TOLERANCE)
     torch.testing.assert_close(dict(blocks.named_parameters()), dict(full.named_parameters()), **TOLERANCE)

@@ -13,7 +13,15 @@ from gloo import spawn_ranks
 
 from clt_forge.clt.loss import clt_loss
 from clt_forge.clt.model import CrossLayerTranscoder
-from clt_forge.clt.sparse_decode import DECODE, SparseDecodeWithNorms, _grad_z_layer
+from clt_forge.clt.sparse_decode import (
+    DECODE,
+    SparseDecodeWithNorms,
+    _grad_z_layer,
+    decoder_grad_square,
+    decoder_norms_packed,
+    full_decoder_grad,
+    source_block,
+)
 from clt_forge.distributed.feature_sharding import FeatureShardedCLT, feature_slice, shard_clt
 
 L, D, F, B = 4, 16, 64, 48
@@ -91,6 +99,28 @@ def test_grad_z_sampled_where_needed_only() -> None:
     wide = torch.randn(F, 9 * D, generator=generator)[:, 2 : 2 + 5 * D]  # a strided block, as W_dec's
     _grad_z_layer(grad, wide, needed, out, D)
     torch.testing.assert_close(out, (grad @ wide.t()) * needed, **TOLERANCE)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_grad_square_from_grams_equals_the_built_gradient(sparse: bool) -> None:
+    """`decoder_grad_square` (the clipping norm of `blocks` without building the gradient) equals
+    the built gradient's sum of squares: with and without the norm terms, and without grad recon."""
+    generator = torch.Generator().manual_seed(11)
+    clt = make_clt("topk", "dense")
+    W_dec, offsets = clt.W_dec.detach(), clt.offsets
+    z = torch.relu(torch.randn(B, L, F, generator=generator) - 1.8)  # ~4% active
+    grad_recon = torch.randn(B, L, D, generator=generator)
+    norms = decoder_norms_packed(W_dec, offsets)
+    grad_z_lbf = torch.stack([grad_recon[:, s:].flatten(1) @ source_block(W_dec, offsets, s).t() for s in range(L)]) * (
+        z != 0
+    ).transpose(0, 1)  # only where z != 0, as the sparse decode computes it
+    for coef in (None, torch.randn(L, F, generator=generator)):
+        for recon in (grad_recon, None):
+            built = full_decoder_grad(torch.empty_like(W_dec), W_dec, offsets, lambda s: z[:, s].t(), recon, coef)
+            expected = built.double().square().sum()
+            got = decoder_grad_square(z, grad_z_lbf, recon, norms, coef, sparse)
+            assert got.dtype == torch.float64 and (expected > 0) == (coef is not None or recon is not None)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
 def test_auto_picks_sparse_by_active_fraction(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,8 +20,9 @@ and:
     `scale`, then torch's Adam update of those pairs of W_dec and its moments (same formula,
     same state entries `step` / `exp_avg` / `exp_avg_sq` in the optimizer's state, so checkpoints
     and resumes are the same as with `full`; equal to torch's Adam to fp32 rounding).
-With clipping on, each chunk's gradient is computed twice (norm, then step): one more grad-W
-pass per step, which the sparse decode makes cheap (docs/performance.md, "Sparse decode").
+With clipping on, the norm comes from the decode's `square` (sparse_decode.decoder_grad_square:
+B x B Gram matrices and the decode's own grad z, no gradient built), so each chunk is built once;
+where the decode gives none (a bf16 decode), each chunk is built twice (norm, then step).
 Adam still updates every row of W_dec each step, as dense Adam does: its moments move rows no
 feature touched, and the dead-feature term gives nearly every row a gradient anyway.
 
@@ -95,6 +96,7 @@ class DeferredDecoderGrad:
         z_t: Callable[[int], torch.Tensor],
         grad_recon: torch.Tensor | None,
         coef: torch.Tensor | None,
+        square: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         """Keep what builds the gradient (the decode's backward calls this); W_dec gets no .grad."""
         if self.pending is not None:
@@ -103,12 +105,14 @@ class DeferredDecoderGrad:
                 "(gradient accumulation needs optim.decoder_grad=full)."
             )
         self.pending = _Pending(W_dec, offsets, z_t, grad_recon, coef)
-        if self.clip:
-            square = torch.zeros((), dtype=torch.float64, device=W_dec.device)
+        if self.clip and square is not None:  # from Gram matrices: no pass over the gradient
+            self.square = square()
+        elif self.clip:
+            total = torch.zeros((), dtype=torch.float64, device=W_dec.device)
             low = W_dec.dtype in (torch.bfloat16, torch.float16)  # autocast: the full path's clip sees fp32
             for _, chunk in self._blocks():  # each chunk's norm in fp32 (as torch's clip), summed in float64
-                square += torch.linalg.vector_norm(chunk, dtype=torch.float32 if low else None).double().square()
-            self.square = square
+                total += torch.linalg.vector_norm(chunk, dtype=torch.float32 if low else None).double().square()
+            self.square = total
         return None
 
     def _blocks(self) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:

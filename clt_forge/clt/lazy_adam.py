@@ -85,10 +85,11 @@ class RowLazyAdam(DeferredDecoderGrad):
         z_t: Callable[[int], torch.Tensor],
         grad_recon: torch.Tensor | None,
         coef: torch.Tensor | None,
+        square: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         if self.rows:
             raise CLTError("optim.decoder_grad=rows: a second backward before the decoder's Adam step.")
-        square = torch.zeros((), dtype=torch.float64, device=W_dec.device)
+        total = torch.zeros((), dtype=torch.float64, device=W_dec.device)  # the built rows' norms: `square` unused
         used = 0
         for source in range(len(offsets) - 1):
             z_source_t = z_t(source)
@@ -110,9 +111,9 @@ class RowLazyAdam(DeferredDecoderGrad):
                 z_rows = z_source_t.index_select(0, index)
                 grad.addmm_(z_rows.to_sparse_csr() if sparse else z_rows, grad_recon[:, source:].flatten(1))
             if self.clip:
-                square += torch.linalg.vector_norm(grad, dtype=torch.float32).double().square()
+                total += torch.linalg.vector_norm(grad, dtype=torch.float32).double().square()
             self.rows.append((index, grad))
-        self.square = square if self.clip else None
+        self.square = total if self.clip else None
         return None
 
     def _take(self, W_dec: torch.Tensor, start: int, n_rows: int, width: int) -> torch.Tensor:

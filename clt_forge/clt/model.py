@@ -70,6 +70,7 @@ from clt_forge.clt.sparse_decode import (
     SparseDecodeWithNorms,
     decoder_weight_grad,
     full_decoder_grad,
+    grad_square_fn,
 )
 from clt_forge.clt.sparse_decode import decoder_norms_packed as _decoder_norms_packed
 from clt_forge.clt.sparse_decode import source_block as _source_block
@@ -159,8 +160,10 @@ class GradBuffer:
         z_t: Callable[[int], torch.Tensor],
         grad_recon: torch.Tensor | None,
         coef: torch.Tensor | None,
+        square: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """grad W_dec [F, P, D] in this buffer, block by source layer (a `DecoderGradSink`)."""
+        """grad W_dec [F, P, D] in this buffer, block by source layer (a `DecoderGradSink`; the
+        clipping reads the built gradient, so `square` is not used)."""
         return full_decoder_grad(self.take(W_dec), W_dec, offsets, z_t, grad_recon, coef)
 
 
@@ -190,7 +193,7 @@ class _DecodeWithNorms(torch.autograd.Function):
         z, W_dec, norms = ctx.saved_tensors
         offsets = ctx.offsets
         batch, n_layers, d_features = z.shape
-        grad_z = grad_w = None
+        grad_z = grad_w = grad_z_lbf = None
         if grad_recon is not None:
             grad_recon = grad_recon.contiguous()
         if grad_norms is not None and norms.numel() == 0:
@@ -207,7 +210,14 @@ class _DecodeWithNorms(torch.autograd.Function):
                 grad_z = grad_z_lbf.permute(1, 0, 2)
         if ctx.needs_input_grad[1]:
             grad_w = decoder_weight_grad(
-                W_dec, offsets, lambda source: z[:, source].t(), grad_recon, norms, grad_norms, ctx.grad_buffer
+                W_dec,
+                offsets,
+                lambda source: z[:, source].t(),
+                grad_recon,
+                norms,
+                grad_norms,
+                ctx.grad_buffer,
+                grad_square_fn(z, grad_z_lbf, grad_recon, norms, sparse=False),
             )
         return grad_z, grad_w, None, None, None
 

@@ -45,9 +45,11 @@ __all__ = [
     "DecoderGradSink",
     "SparseDecodeWithNorms",
     "decoder_block_grad",
+    "decoder_grad_square",
     "decoder_norms_packed",
     "decoder_weight_grad",
     "full_decoder_grad",
+    "grad_square_fn",
     "norm_coef",
 ]
 
@@ -88,7 +90,8 @@ def source_block(W_dec: torch.Tensor, offsets: list[int], source: int) -> torch.
 class DecoderGradSink(Protocol):
     """Where the decode's backward puts W_dec's gradient: `gradient` returns the full [F, P, D]
     tensor (clt_forge.clt.model.GradBuffer) or keeps what builds it and returns None
-    (clt_forge.clt.deferred.DeferredDecoderGrad, `optim.decoder_grad=blocks`)."""
+    (clt_forge.clt.deferred.DeferredDecoderGrad, `optim.decoder_grad=blocks`). `square`, when
+    given, returns the gradient's sum of squares without building it (`decoder_grad_square`)."""
 
     def gradient(
         self,
@@ -97,6 +100,7 @@ class DecoderGradSink(Protocol):
         z_t: Callable[[int], torch.Tensor],
         grad_recon: torch.Tensor | None,
         coef: torch.Tensor | None,
+        square: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor | None: ...
 
 
@@ -140,12 +144,68 @@ def decoder_weight_grad(
     norms: torch.Tensor,
     grad_norms: torch.Tensor | None,
     sink: DecoderGradSink | None,
+    square: Callable[[torch.Tensor | None], torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """grad W_dec [F, P, D] of the decode, into `sink` (None: a fresh tensor)."""
+    """grad W_dec [F, P, D] of the decode, into `sink` (None: a fresh tensor). `square(coef)`,
+    when given, is handed to the sink as its gradient's sum of squares (`decoder_grad_square`)."""
     coef = norm_coef(norms, grad_norms)
     if sink is not None:
-        return sink.gradient(W_dec, offsets, z_t, grad_recon, coef)
+        squared = None if square is None else (lambda: square(coef))
+        return sink.gradient(W_dec, offsets, z_t, grad_recon, coef, squared)
     return full_decoder_grad(torch.empty_like(W_dec), W_dec, offsets, z_t, grad_recon, coef)
+
+
+def decoder_grad_square(
+    z: torch.Tensor,
+    grad_z_lbf: torch.Tensor | None,
+    grad_recon: torch.Tensor | None,
+    norms: torch.Tensor,
+    coef: torch.Tensor | None,
+    sparse: bool,
+) -> torch.Tensor:
+    """||grad W_dec||^2 in float64, from B x B Gram matrices instead of the gradient itself.
+
+    Row r = (source s, feature f) of the gradient is coef_r w_r + m_r, m_r = sum_b z[b, s, f] G[b, s:]
+    (G = grad_recon, w_r the row's decoders, ||w_r|| = norms[s, f]), so
+
+        sum_r ||g_r||^2 = sum_r coef_r^2 norms_r^2 + 2 sum_r coef_r <w_r, m_r> + sum_s ||Z_s^T G_s||^2
+
+    where <w_r, m_r> = sum_b z[b, s, f] (G_s W_s^T)[b, f], the decode's own gradient of z
+    (`grad_z_lbf` [L, B, F], computed wherever z != 0), and ||Z_s^T G_s||^2 = <Z_s Z_s^T, G_s G_s^T>
+    with G_s G_s^T = sum_{t >= s} G_t G_t^T. `sparse`: Z_s Z_s^T from z's CSR rows."""
+    n_layers = z.shape[1]
+    square = torch.zeros((), dtype=torch.float64, device=z.device)
+    if coef is not None:
+        square += (coef.double() * norms.double()).square().sum()
+    if grad_recon is None:
+        return square
+    if coef is not None:
+        assert grad_z_lbf is not None
+        for source in range(n_layers):
+            terms = coef[source] * grad_z_lbf[source] * z[:, source]
+            square += 2 * terms.sum(dtype=torch.float64)
+    G = grad_recon.double()
+    gram = torch.einsum("bld,cld->lbc", G, G).flip(0).cumsum(0).flip(0)  # [L, B, B]: G_s G_s^T
+    for source in range(n_layers):
+        z_s = z[:, source]
+        overlap = torch.mm(z_s.to_sparse_csr() if sparse else z_s, z_s.t())  # Z_s Z_s^T [B, B]
+        square += (overlap.double() * gram[source]).sum()
+    return square
+
+
+def grad_square_fn(
+    z: torch.Tensor,
+    grad_z_lbf: torch.Tensor | None,
+    grad_recon: torch.Tensor | None,
+    norms: torch.Tensor,
+    sparse: bool,
+) -> Callable[[torch.Tensor | None], torch.Tensor] | None:
+    """`decoder_grad_square` bound to a backward's tensors, for `decoder_weight_grad`; None where it
+    cannot stand in for the built gradient's norm (no grad z to read, or a bf16 / fp16 decode,
+    whose built gradient rounds more than this sum)."""
+    if z.dtype not in SPARSE_DTYPES or (grad_recon is not None and grad_z_lbf is None):
+        return None
+    return lambda coef: decoder_grad_square(z, grad_z_lbf, grad_recon, norms, coef, sparse)
 
 
 def full_decoder_grad(
@@ -189,7 +249,9 @@ def _grad_z_layer(
         part = torch.sparse.sampled_addmm(pattern, grad_recon_l[:, pair], block[:, pair].t(), beta=0.0).values()
         values = part if values is None else values.add_(part)
     assert values is not None
-    sampled = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), values, size=out.shape)
+    sampled = torch.sparse_csr_tensor(
+        pattern.crow_indices(), pattern.col_indices(), values, size=out.shape, check_invariants=False
+    )
     out.copy_(sampled.to_dense())
 
 
@@ -227,7 +289,7 @@ class SparseDecodeWithNorms(torch.autograd.Function):
             grad_recon = grad_recon.contiguous()
         if grad_norms is not None and norms.numel() == 0:
             grad_norms = None
-        grad_z = grad_w = None
+        grad_z = grad_w = grad_z_lbf = None
         if ctx.needs_input_grad[0]:
             grad_z_lbf = z.new_zeros(n_layers, batch, d_features)
             if grad_recon is not None:
@@ -247,5 +309,6 @@ class SparseDecodeWithNorms(torch.autograd.Function):
                 norms,
                 grad_norms,
                 ctx.grad_buffer,
+                grad_square_fn(z, grad_z_lbf, grad_recon, norms, sparse=True),
             )
         return grad_z, grad_w, None, None, None, None
