@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import clt_forge  # noqa: E402, F401  (its import sets THP_MEM_ALLOC_ENABLE before torch allocates, as `clt` runs)
+
 PROMPTS = ROOT / "benchmarks" / "quality_prompts.txt"
 SWEEP_L0 = ("0.5", "1", "3")  # sparsity.l0_coefficient: ~25, ~18, ~10 active features per layer today
 SWEEP_QUANTS = ("none", "int8", "int4")

@@ -53,6 +53,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import clt_forge  # noqa: F401  (its import sets THP_MEM_ALLOC_ENABLE, as `clt` runs; the workers inherit it)
+
 CONFIGS = {
     "a": {"n_layers": 30, "d_model": 576, "d_features": 1152, "batch": 256},
     "b": {"n_layers": 12, "d_model": 768, "d_features": 1536, "batch": 512},
@@ -146,6 +149,7 @@ def worker_step(threads: int, config: str, warmup: int, steps: int, adam: str) -
         "achieved_gflops": flops / seconds / 1e9,
         "step_gflop_dense": flops / 1e9,
         "peak_rss_mib": _peak_rss_mib(),
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "other_processes_cpu": load.fraction(),
     }
 
@@ -403,6 +407,7 @@ def worker_sparse(
         "seconds_per_step": statistics.median(times),
         "seconds_per_step_all": times,
         "peak_rss_mib": _peak_rss_mib(),
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         **gpu,
     }
 

@@ -244,9 +244,11 @@ def _grad_z_layer(
         return
     pattern = needed.to(out.dtype).to_sparse_csr()
     values = None
+    pair_block = block.new_empty(block.shape[0], d_model)  # reused: a fresh copy per pair page-faults
     for first in range(0, block.shape[1], d_model):
         pair = slice(first, first + d_model)
-        part = torch.sparse.sampled_addmm(pattern, grad_recon_l[:, pair], block[:, pair].t(), beta=0.0).values()
+        pair_block.copy_(block[:, pair])
+        part = torch.sparse.sampled_addmm(pattern, grad_recon_l[:, pair], pair_block.t(), beta=0.0).values()
         values = part if values is None else values.add_(part)
     assert values is not None
     sampled = torch.sparse_csr_tensor(
