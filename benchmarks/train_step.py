@@ -62,6 +62,7 @@ CONFIGS = {
     "quick": {"n_layers": 6, "d_model": 128, "d_features": 256, "batch": 128},
 }
 SPARSE_SHAPE = (30, 576, 256)  # --sparse: n_layers, d_model, batch
+SPARSE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
 
 
 def dense_forward_flops(n_layers: int, d_model: int, d_features: int, batch: int) -> float:
@@ -429,6 +430,9 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true", help="only dense vs sparse decode steps per activation")
     parser.add_argument("--sparse-features", type=int, nargs="+", default=[576, 1152], help="d_features for --sparse")
     parser.add_argument("--active", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="active shares, --sparse")
+    parser.add_argument(
+        "--activations", nargs="+", choices=SPARSE_ACTIVATIONS, default=list(SPARSE_ACTIVATIONS), help="--sparse"
+    )
     parser.add_argument("--device", default="cpu", help="--sparse only: cpu (a subprocess per step) or cuda")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="--sparse")
     parser.add_argument(
@@ -571,7 +575,7 @@ def sparse_report(args: argparse.Namespace) -> dict:
     cpu: one subprocess per step (peak RSS per row), dense and sparse paired in one row; cuda: the
     rows of `sparse_specs` in this process, one row each."""
     steps = args.steps or 3
-    acts = ["topk", "batchtopk", "jumprelu"]
+    acts = args.activations
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     if args.device != "cpu":
         specs = sparse_specs(

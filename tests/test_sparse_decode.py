@@ -118,7 +118,8 @@ def test_grad_square_from_grams_equals_the_built_gradient(sparse: bool) -> None:
         for recon in (grad_recon, None):
             built = full_decoder_grad(torch.empty_like(W_dec), W_dec, offsets, lambda s: z[:, s].t(), recon, coef)
             expected = built.double().square().sum()
-            got = decoder_grad_square(z, grad_z_lbf, recon, norms, coef, sparse)
+            z_csr = [z[:, s].to_sparse_csr() for s in range(L)] if sparse else None
+            got = decoder_grad_square(z, grad_z_lbf, recon, norms, coef, z_csr)
             assert got.dtype == torch.float64 and (expected > 0) == (coef is not None or recon is not None)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 

@@ -217,7 +217,7 @@ class _DecodeWithNorms(torch.autograd.Function):
                 norms,
                 grad_norms,
                 ctx.grad_buffer,
-                grad_square_fn(z, grad_z_lbf, grad_recon, norms, sparse=False),
+                grad_square_fn(z, grad_z_lbf, grad_recon, norms),
             )
         return grad_z, grad_w, None, None, None
 
