@@ -204,7 +204,11 @@ def grad_square_fn(
     """`decoder_grad_square` bound to a backward's tensors, for `decoder_weight_grad`; None where it
     cannot stand in for the built gradient's norm (no grad z to read, or a bf16 / fp16 decode,
     whose built gradient rounds more than this sum)."""
-    if z.dtype not in SPARSE_DTYPES or (grad_recon is not None and grad_z_lbf is None):
+    if (
+        z.dtype not in SPARSE_DTYPES
+        or norms.dtype not in SPARSE_DTYPES
+        or (grad_recon is not None and grad_z_lbf is None)
+    ):
         return None
     return lambda coef: decoder_grad_square(z, grad_z_lbf, grad_recon, norms, coef, z_csr)
 
