@@ -183,14 +183,20 @@ def test_blocks_under_feature_sharding_equal_one_full_process(name: str) -> None
     spawn_ranks(_sharded_rank, 2, name)
 
 
-def test_clt_train_with_blocks_equals_full_and_resumes_a_full_run(dataset, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(
+    "clt_overrides",
+    [(), ("clt.activation=topk", "clt.k=2", "clt.decode=sparse")],  # sparse: runs of features, fused Adam
+    ids=["default", "topk-sparse"],
+)
+def test_clt_train_with_blocks_equals_full_and_resumes_a_full_run(dataset, tmp_path, clt_overrides):  # noqa: F811
     tokens = "tokens=2560"  # 20 steps of 128; the step-10 checkpoint is the resume point
-    full = train(dataset, tmp_path / "full", tokens, "checkpoint_every=10")
-    blocks = train(dataset, tmp_path / "blocks", tokens, "optim.decoder_grad=blocks")
+    full = train(dataset, tmp_path / "full", tokens, "checkpoint_every=10", *clt_overrides)
+    blocks = train(dataset, tmp_path / "blocks", tokens, "optim.decoder_grad=blocks", *clt_overrides)
     mixed = tmp_path / "mixed"
     shutil.copytree(full, mixed)
     shutil.rmtree(mixed / "checkpoints" / "final")
-    CLTTrainingRunner(train_config(dataset, mixed, tokens, f"resume={mixed}", "optim.decoder_grad=blocks")).run()
+    resumed = train_config(dataset, mixed, tokens, f"resume={mixed}", "optim.decoder_grad=blocks", *clt_overrides)
+    CLTTrainingRunner(resumed).run()
     expected = load_checkpoint(full / "checkpoints" / "final")[0].state_dict()
     for run in (blocks, mixed):
         got = load_checkpoint(run / "checkpoints" / "final")[0].state_dict()
