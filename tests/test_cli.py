@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,15 @@ def test_finetune_from_is_an_alias_of_finetune_source():
     result = runner.invoke(app, ["train", "--cfg", "job", "finetune.from=/ckpt", "finetune.rank=4"])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.output)["finetune"] == {"source": "/ckpt", "rank": 4}
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
+def test_importing_clt_forge_asks_torch_for_huge_pages_unless_told_not_to(given, expected):
+    """THP_MEM_ALLOC_ENABLE is set before torch's first allocation (docs/performance.md, "Huge
+    pages"), and a user's own value is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import os, clt_forge, torch; torch.zeros(1); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == expected
