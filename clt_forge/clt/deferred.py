@@ -121,15 +121,18 @@ class DeferredDecoderGrad:
         else by pairs (`_pair_chunks`)."""
         pending = self.pending
         assert pending is not None
-        sparse = pending.z_t(0).layout == torch.sparse_csr
-        return self._feature_chunks(pending) if sparse else self._pair_chunks(pending)
+        z_t = [pending.z_t(source) for source in range(len(pending.offsets) - 1)]  # [F, B] per source, once
+        sparse = z_t[0].layout == torch.sparse_csr
+        return self._feature_chunks(pending, z_t) if sparse else self._pair_chunks(pending, z_t)
 
     def _chunk_buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         if self._buffer is None or self._buffer.numel() != numel or self._buffer.dtype != like.dtype:
             self._buffer = like.new_empty(numel)
         return self._buffer
 
-    def _pair_chunks(self, pending: _Pending) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
+    def _pair_chunks(
+        self, pending: _Pending, z_t: list[torch.Tensor]
+    ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
         """All features, a source layer's targets in runs of at most CHUNK_ELEMENTS // (F D)
         (at least one): each run one GEMM of F rows, the dense decode's fast shape."""
         W_dec, offsets = pending.W_dec, pending.offsets
@@ -138,15 +141,18 @@ class DeferredDecoderGrad:
         run = max(1, min(n_layers, CHUNK_ELEMENTS // (d_features * d_model)))
         buffer = self._chunk_buffer(run * d_features * d_model, W_dec)
         for source in range(n_layers):
-            z_source_t = pending.z_t(source)  # once per source
             for first in range(source, n_layers, run):
                 targets = range(first, min(first + run, n_layers))
                 chunk = buffer[: d_features * len(targets) * d_model].view(d_features, -1)
-                decoder_block_grad(chunk, W_dec, offsets, source, z_source_t, pending.grad_recon, pending.coef, targets)
+                decoder_block_grad(
+                    chunk, W_dec, offsets, source, z_t[source], pending.grad_recon, pending.coef, targets
+                )
                 start = offsets[source] + first - source
                 yield (slice(None), slice(start, start + len(targets))), chunk.view(d_features, len(targets), d_model)
 
-    def _feature_chunks(self, pending: _Pending) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
+    def _feature_chunks(
+        self, pending: _Pending, z_t: list[torch.Tensor]
+    ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
         """Runs of CHUNK_ELEMENTS // (P D) features (at least one) over all pairs: contiguous in
         W_dec and its moments, so torch's fused Adam steps each in one pass (`adam_step`). The
         same values as `_pair_chunks`: coef * W, plus each source's CSR rows of z^T (the active
@@ -156,7 +162,6 @@ class DeferredDecoderGrad:
         n_layers = len(offsets) - 1
         rows = max(1, CHUNK_ELEMENTS // (n_pairs * d_model))
         buffer = self._chunk_buffer(min(rows, d_features) * n_pairs * d_model, W_dec)
-        z_t = [pending.z_t(source) for source in range(n_layers)]  # [F, B] CSR each
         starts = [z.crow_indices().tolist() for z in z_t]
         coef = None
         if pending.coef is not None:  # [F, P]: each pair's row gets its source's coefficient
@@ -170,9 +175,9 @@ class DeferredDecoderGrad:
                 torch.mul(W_dec[features], coef[features, :, None], out=chunk)
             else:
                 chunk.zero_()
-            for source in range(n_layers if grad_recon is not None else 0):
+            for source in range(n_layers):
                 low, high = starts[source][features.start], starts[source][features.stop]
-                if low == high:
+                if grad_recon is None or low == high:  # no reconstruction gradient, or no active row here
                     continue
                 z = z_t[source]
                 part = torch.sparse_csr_tensor(  # the rows of the run: slices of z_t's arrays
@@ -182,7 +187,6 @@ class DeferredDecoderGrad:
                     size=(count, z.shape[1]),
                     check_invariants=False,
                 )
-                assert grad_recon is not None
                 targets = chunk[:, offsets[source] : offsets[source + 1]].flatten(1)  # [count, (L - source) D]
                 targets.addmm_(part, grad_recon[:, source:].flatten(1))
             yield (features, slice(None)), chunk
