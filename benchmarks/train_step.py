@@ -36,6 +36,9 @@ with --out FILE, are appended to FILE as JSON lines at once (a timeout keeps the
     python benchmarks/train_step.py --sparse --device cuda --sparse-features 4608 \
         --optimizer dense deferred deferred-bf16 --precision fp32 bf16 --out rows.jsonl  # on a GPU (gpu_check.py)
 
+CPU steps run with malloc keeping freed memory, as `clt train` sets it (clt_forge/heap.py);
+`--malloc system` keeps glibc's default. Rows record it (`malloc`).
+
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
 d_features=1536, batch 512. Inputs are synthetic random activations.
 """
@@ -63,6 +66,7 @@ CONFIGS = {
 }
 SPARSE_SHAPE = (30, 576, 256)  # --sparse: n_layers, d_model, batch
 SPARSE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
+MALLOC_ENV = "CLT_BENCH_MALLOC"  # --malloc, handed to the worker subprocesses
 
 
 def dense_forward_flops(n_layers: int, d_model: int, d_features: int, batch: int) -> float:
@@ -103,6 +107,7 @@ def worker_step(threads: int, config: str, warmup: int, steps: int, adam: str) -
     from clt_forge.clt.loss import clt_loss
     from clt_forge.clt.model import CrossLayerTranscoder
 
+    malloc = _set_malloc()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = CONFIGS[config]
@@ -151,6 +156,7 @@ def worker_step(threads: int, config: str, warmup: int, steps: int, adam: str) -
         "step_gflop_dense": flops / 1e9,
         "peak_rss_mib": _peak_rss_mib(),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "malloc": malloc,
         "other_processes_cpu": load.fraction(),
     }
 
@@ -333,6 +339,7 @@ def worker_sparse(
         except ImportError as exc:
             raise RuntimeError(f"unavailable: {exc}") from None
     cuda = device.startswith("cuda")
+    malloc = None if cuda else _set_malloc()
     sync = torch.cuda.synchronize if cuda else lambda: None
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -409,8 +416,19 @@ def worker_sparse(
         "seconds_per_step_all": times,
         "peak_rss_mib": _peak_rss_mib(),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "malloc": malloc,
         **gpu,
     }
+
+
+def _set_malloc() -> str:
+    """In a CPU step worker: malloc as `--malloc` says (keep: as `clt train` sets it); the mode."""
+    from clt_forge.heap import keep_freed_memory
+
+    mode = os.environ.get(MALLOC_ENV, "keep")
+    if mode == "keep" and not keep_freed_memory():
+        mode = "system (keep_freed_memory unavailable)"
+    return mode
 
 
 def _run_worker(args: list[str]) -> dict:
@@ -440,8 +458,13 @@ def main() -> None:
     )
     parser.add_argument("--out", help="--sparse: also append each row to this file as one JSON line")
     parser.add_argument("--max-seconds", type=float, default=None, help="--sparse cuda: skip rows after this")
+    parser.add_argument(
+        "--malloc", choices=["keep", "system"], default="keep",
+        help="CPU steps: keep freed memory in the process as `clt train` does (clt_forge/heap.py), or glibc's default",
+    )  # fmt: skip
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ[MALLOC_ENV] = args.malloc  # the workers are subprocesses: they read it from here
     if args.device != "cpu" and not args.sparse:
         parser.error("--device applies to --sparse only")
 

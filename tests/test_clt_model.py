@@ -10,6 +10,7 @@ import torch
 
 from clt_forge.clt import CLTOutput, CrossLayerTranscoder, LossTerms, clt_loss, init_encoder_bias, layer_metrics
 from clt_forge.clt.init import init_clt
+from clt_forge.clt.loss import DeadFeatureTerm
 from clt_forge.clt.model import _DecodeWithNorms
 
 torch.set_num_threads(2)
@@ -244,6 +245,29 @@ def test_loss_terms_match_naive_formulas() -> None:
     metrics = layer_metrics(out, y)
     assert set(metrics) == {"mse", "fvu", "l0"} and all(v.shape == (N_LAYERS,) for v in metrics.values())
     torch.testing.assert_close(metrics["mse"].sum(), terms.mse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dead_feature_term_matches_its_composed_formula(dtype: torch.dtype) -> None:
+    """DeadFeatureTerm has the value and gradients of sum(ReLU(theta - h) * norms) built from
+    torch ops, ties h = theta included (ReLU's gradient 0 there), on h as the encoder lays it out
+    ([B, L, F] view of [L, B, F]); gradcheck in float64."""
+    generator = torch.Generator().manual_seed(5)
+    h = torch.randn(N_LAYERS, BATCH, D_FEATURES, generator=generator, dtype=dtype).permute(1, 0, 2)
+    theta = torch.rand(N_LAYERS, D_FEATURES, generator=generator, dtype=dtype)
+    norms = torch.rand(N_LAYERS, D_FEATURES, generator=generator, dtype=dtype)
+    inputs = [t.clone().requires_grad_() for t in (h, theta, norms)]
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(DeadFeatureTerm.apply, inputs)
+    with torch.no_grad():
+        inputs[0][:, 0, 0] = inputs[1][0, 0]  # every token exactly at layer 0 feature 0's threshold
+    composed = (torch.relu(inputs[1] - inputs[0]) * inputs[2]).sum()
+    expected = torch.autograd.grad(composed, inputs)
+    value = DeadFeatureTerm.apply(*inputs)
+    torch.testing.assert_close(value, composed)
+    for got, want in zip(torch.autograd.grad(value, inputs), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert expected[1][0, 0] == 0  # the ties contribute no gradient in either
 
 
 def test_init_scales() -> None:

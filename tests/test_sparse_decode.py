@@ -11,10 +11,13 @@ import torch
 import torch.distributed as dist
 from gloo import spawn_ranks
 
+from clt_forge.clt import sparse_decode
 from clt_forge.clt.loss import clt_loss
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.clt.sparse_decode import (
     DECODE,
+    SDDMM_MAX_FRACTION,
+    SDDMM_RUN_BYTES,
     SparseDecodeWithNorms,
     _grad_z_layer,
     decoder_grad_square,
@@ -62,8 +65,14 @@ def step(clt: CrossLayerTranscoder, name: str) -> tuple[dict[str, torch.Tensor],
     return {n: getattr(terms, n).detach() for n in ("total", "mse", "sparsity", "dead")}, grads
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_sparse_equals_dense(name: str) -> None:
+def test_sparse_equals_dense(name: str, sampled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sampled`: grad z by the sampled product in every layer (above SDDMM_MAX_FRACTION here), in
+    runs of 5 decoder rows: TopK / BatchTopK reuse z's own pattern, JumpReLU's window converts its own."""
+    if sampled:
+        monkeypatch.setattr(sparse_decode, "SDDMM_MAX_FRACTION", 1.0)
+        monkeypatch.setattr(sparse_decode, "SDDMM_RUN_BYTES", 5 * L * D * 4)
     dense, sparse = make_clt(name, "dense"), make_clt(name, "sparse")
     x, _ = batch()
     with torch.no_grad():  # no training forward: TopK's theta estimate stays as it is
@@ -89,16 +98,23 @@ def test_sparse_decode_alone_without_grad_mask_and_without_norms() -> None:
     torch.testing.assert_close((z.grad, clt.W_dec.grad), expected, **TOLERANCE)
 
 
-def test_grad_z_sampled_where_needed_only() -> None:
+@pytest.mark.parametrize("run_bytes", [SDDMM_RUN_BYTES, 3 * 5 * D * 4])
+def test_grad_z_sampled_where_needed_only(run_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled grad z equals the dense product at the needed entries and 0 elsewhere, in one
+    run of rows or in runs of 3 (the last one shorter), from a contiguous or a strided block."""
+    monkeypatch.setattr(sparse_decode, "SDDMM_RUN_BYTES", run_bytes)
     generator = torch.Generator().manual_seed(3)
     grad, block = torch.randn(B, 5 * D, generator=generator), torch.randn(F, 5 * D, generator=generator)
     needed = torch.rand(B, F, generator=generator) < 0.01  # below SDDMM_MAX_FRACTION: the sampled product
+    needed[:, 3:6] = False  # a run without any needed entry
+    assert 0 < needed.sum() <= SDDMM_MAX_FRACTION * needed.numel()
     out = torch.full((B, F), 7.0)
-    _grad_z_layer(grad, block, needed, out, D)  # 5 pairs of D columns, summed
+    _grad_z_layer(grad, block, needed, out)
     torch.testing.assert_close(out, (grad @ block.t()) * needed, **TOLERANCE)
     wide = torch.randn(F, 9 * D, generator=generator)[:, 2 : 2 + 5 * D]  # a strided block, as W_dec's
-    _grad_z_layer(grad, wide, needed, out, D)
-    torch.testing.assert_close(out, (grad @ wide.t()) * needed, **TOLERANCE)
+    strided_grad = torch.randn(B, 7 * D, generator=generator)[:, D : 6 * D]  # as grad recon[:, l:]
+    _grad_z_layer(strided_grad, wide, needed, out)
+    torch.testing.assert_close(out, (strided_grad @ wide.t()) * needed, **TOLERANCE)
 
 
 @pytest.mark.parametrize("sparse", [False, True])

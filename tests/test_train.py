@@ -26,6 +26,7 @@ from clt_forge.config.schema import OptimConfig, SparsityConfig
 from clt_forge.errors import CLTError
 from clt_forge.progress import LineProgress, progress_bar
 from clt_forge.training import CLTTrainingRunner, load_checkpoint
+from clt_forge.training import runner as runner_module
 from clt_forge.training.metrics import read_metrics
 from clt_forge.training.schedules import l0_coefficient, lr_multiplier
 
@@ -87,6 +88,15 @@ def test_training_logs_evaluates_checkpoints_and_plots(dataset, tmp_path):
     assert (info.n_layers, info.d_model, info.d_features, info.step) == (3, 64, 96, 60)
     assert norm.in_scale.shape == (3,) and torch.all(norm.in_scale > 0)
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000020", "step-00000040"]
+
+
+def test_cpu_training_keeps_freed_memory_unless_told_not_to(dataset, tmp_path, monkeypatch):
+    calls: list[bool] = []
+    monkeypatch.setattr(runner_module, "keep_freed_memory", lambda: calls.append(True) or True)
+    train(dataset, tmp_path / "kept", "tokens=256")
+    assert calls == [True]
+    train(dataset, tmp_path / "system", "tokens=256", "keep_freed_memory=false")
+    assert calls == [True]
 
 
 def test_kill_9_then_resume_continues_the_same_loss_curve(dataset, tmp_path):

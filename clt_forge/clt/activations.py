@@ -110,28 +110,29 @@ class _Selecting(Activation):
             raise ValueError(f"clt.k={k}: the {type(self).__name__} activation keeps k features; set clt.k >= 1")
         super().__init__(k)
 
-    def keep(self, h: torch.Tensor, gather: Gather) -> torch.Tensor:
+    def select(self, h: torch.Tensor, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cutoff, broadcastable to h: the positive h >= cutoff are kept; the candidates: the
+        largest values over every shard, among which each group's kept values all are)."""
         raise NotImplementedError
 
     def __call__(self, h: torch.Tensor, clt: CrossLayerTranscoder, gather: Gather | None) -> Activated:
-        gather = gather or _no_gather
         with torch.no_grad():
-            kept = self.keep(h.detach(), gather) & (h.detach() > 0)
-        z = h * kept.to(h.dtype)
+            cutoff, candidates = self.select(h.detach(), gather or _no_gather)
+            kept = h.detach() > _just_below(cutoff)  # h >= cutoff and h > 0, in one pass over h
+        z = torch.where(kept, h, 0.0)
         if clt.training and torch.is_grad_enabled():
-            self.update_threshold(z.detach(), kept, clt, gather)
+            self.update_threshold(candidates, clt)
         return Activated(z, kept if torch.is_grad_enabled() else None)
 
-    def batch_threshold(self, z: torch.Tensor, kept: torch.Tensor, gather: Gather) -> torch.Tensor:
+    def batch_threshold(self, candidates: torch.Tensor) -> torch.Tensor:
         """This batch's threshold per layer [L] (inf where a layer kept nothing): the smallest
         activation kept, over the batch and every shard (the BatchTopK paper's estimate)."""
-        smallest = torch.where(kept, z, torch.full_like(z, math.inf)).amin(dim=(0, 2))  # [L]
-        return gather(smallest[:, None]).amin(dim=1)
+        return _smallest_positive(candidates)
 
     @torch.no_grad()
-    def update_threshold(self, z: torch.Tensor, kept: torch.Tensor, clt: CrossLayerTranscoder, gather: Gather) -> None:
+    def update_threshold(self, candidates: torch.Tensor, clt: CrossLayerTranscoder) -> None:
         """theta_l <- m theta_l + (1 - m) batch_threshold_l, per layer, the same on every rank."""
-        smallest = self.batch_threshold(z, kept, gather)
+        smallest = self.batch_threshold(candidates)
         theta = clt.log_threshold.exp()
         found = torch.isfinite(smallest)[:, None]  # a layer that kept nothing keeps its theta
         m = self.threshold_momentum
@@ -139,26 +140,41 @@ class _Selecting(Activation):
         clt.log_threshold.copy_(torch.where(found, updated.log(), clt.log_threshold))
 
 
-def _kth_largest(values: torch.Tensor, k: int, gather: Gather) -> torch.Tensor:
-    """The k-th largest entry of `values` along its last dim across all shards (-inf if fewer)."""
+def _just_below(cutoff: torch.Tensor) -> torch.Tensor:
+    """The largest float below a positive cutoff, else 0: h > it <=> h >= cutoff and h > 0.
+    In float32 at least, so a bf16 h compares exactly (its values are float32 values too)."""
+    cutoff = cutoff.to(torch.promote_types(cutoff.dtype, torch.float32))
+    below = torch.nextafter(cutoff, cutoff.new_tensor(-math.inf))
+    return torch.where(cutoff > 0, below, torch.zeros_like(below))
+
+
+def _smallest_positive(candidates: torch.Tensor) -> torch.Tensor:
+    """The smallest positive value along the last dim (inf where there is none)."""
+    return torch.where(candidates > 0, candidates, torch.full_like(candidates, math.inf)).amin(-1)
+
+
+def _largest(values: torch.Tensor, k: int, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the k-th largest entry of `values` along its last dim across all shards, -inf if fewer;
+    the k largest themselves, all of them if fewer)."""
     local = values.topk(min(k, values.shape[-1]), dim=-1).values
     everywhere = gather(local)
     if everywhere.shape[-1] < k:
-        return torch.full_like(everywhere[..., :1], -math.inf)
-    return everywhere.topk(k, dim=-1).values[..., -1:]
+        return torch.full_like(everywhere[..., :1], -math.inf), everywhere
+    top = everywhere.topk(k, dim=-1).values
+    return top[..., -1:], top
 
 
 @ACTIVATIONS.register("topk")
 class TopK(_Selecting):
     """k features per layer per token (Gao et al. 2024), over all of the layer's features."""
 
-    def keep(self, h: torch.Tensor, gather: Gather) -> torch.Tensor:
-        return h >= _kth_largest(h, self.k, gather)
+    def select(self, h: torch.Tensor, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+        return _largest(h, self.k, gather)  # per (token, layer): [B, L, 1], [B, L, k]
 
-    def batch_threshold(self, z: torch.Tensor, kept: torch.Tensor, gather: Gather) -> torch.Tensor:
+    def batch_threshold(self, candidates: torch.Tensor) -> torch.Tensor:
         """Per layer, the mean over tokens of each token's smallest kept activation (its cutoff):
         the batch minimum would sit at the lowest token's cutoff and keep far more than k."""
-        per_token = gather(torch.where(kept, z, torch.full_like(z, math.inf)).amin(dim=2, keepdim=True)).amin(-1)
+        per_token = _smallest_positive(candidates)  # [B, L]
         found = torch.isfinite(per_token)
         total = torch.where(found, per_token, torch.zeros_like(per_token)).sum(0)
         count = found.sum(0)
@@ -169,11 +185,11 @@ class TopK(_Selecting):
 class BatchTopK(_Selecting):
     """k x batch features per layer over the whole batch; theta alone in eval mode."""
 
-    def keep(self, h: torch.Tensor, gather: Gather) -> torch.Tensor:
+    def select(self, h: torch.Tensor, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
         batch, n_layers, _ = h.shape
         per_layer = h.transpose(0, 1).reshape(n_layers, -1)  # [L, B F]
-        cutoff = _kth_largest(per_layer, self.k * batch, gather)  # [L, 1]
-        return h >= cutoff.view(1, n_layers, 1)
+        cutoff, top = _largest(per_layer, self.k * batch, gather)  # [L, 1], [L, k B]
+        return cutoff.view(1, n_layers, 1), top
 
     def __call__(self, h: torch.Tensor, clt: CrossLayerTranscoder, gather: Gather | None) -> Activated:
         if clt.training:

@@ -23,13 +23,14 @@ l0_coefficient (its schedule does not apply); its theta is an estimate, not trai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
 
 from clt_forge.clt.model import CLTOutput
 
-__all__ = ["LossTerms", "clt_loss", "layer_metrics"]
+__all__ = ["DeadFeatureTerm", "LossTerms", "clt_loss", "layer_metrics"]
 
 
 @dataclass
@@ -60,8 +61,35 @@ def clt_loss(
         sparsity = l0_coefficient * torch.tanh(c * output.features * decoder_norms).sum() / batch
     dead = zero
     if dead_coefficient != 0.0:
-        dead = dead_coefficient * (torch.relu(jumprelu_threshold - output.pre_acts) * decoder_norms).sum() / batch
+        dead = dead_coefficient * DeadFeatureTerm.apply(output.pre_acts, jumprelu_threshold, decoder_norms) / batch
     return LossTerms(total=mse + sparsity + dead, mse=mse, sparsity=sparsity, dead=dead)
+
+
+class DeadFeatureTerm(torch.autograd.Function):
+    """sum_{b, l, f} ReLU(theta[l, f] - h[b, l, f]) * ||W_dec[l, f]||, with the gradients autograd
+    gives it (ReLU's is 0 at h = theta), from two passes over h forward and one or two backward:
+    composed from torch ops it allocated five [B, L, F] tensors (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, theta: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        below = (theta - h).clamp_min_(0).sum(0)  # [L, F]: sum over the batch of ReLU(theta - h)
+        ctx.save_for_backward(h, theta, norms, below)
+        return (below * norms).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, theta, norms, below = ctx.saved_tensors
+        grad_h = grad_theta = grad_norms = None
+        scaled = grad * norms  # d term / d ReLU(theta - h), the same for every token
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            under = h < theta  # where ReLU(theta - h) has slope 1
+            if ctx.needs_input_grad[0]:
+                grad_h = under * scaled.neg()
+            if ctx.needs_input_grad[1]:
+                grad_theta = under.sum(0, dtype=theta.dtype) * scaled
+        if ctx.needs_input_grad[2]:
+            grad_norms = grad * below
+        return grad_h, grad_theta, grad_norms
 
 
 @torch.no_grad()

@@ -332,7 +332,8 @@ class CrossLayerTranscoder(nn.Module):
     ) -> tuple[Float[torch.Tensor, "batch n_layers d_model"], Float[torch.Tensor, "n_layers d_features"]]:
         """(decode(z, bias), decoder_norms()) from one autograd node, so the gradients of the
         reconstruction and of the norm terms land in one W_dec buffer in one pass. A sparse decode
-        computes grad z only where `grad_needed` (from the activation; None: everywhere)."""
+        computes grad z only where `grad_needed` (from the activation; None: everywhere), which
+        holds every entry where z != 0 (the activations' do)."""
         if isinstance(self.decoder_grad, RowLazyAdam) and torch.is_grad_enabled():
             self.decoder_grad.before_decode(self.W_dec, z, grad_needed)  # rows read now: up to date
         recon, norms = self._decode(z, with_norms=True, grad_needed=grad_needed)

@@ -12,8 +12,8 @@ Per source layer l (B tokens, W_l = W_dec's [F, (L - l) D] block of source l, a 
                                                        CSR product adds only rows of features active
                                                        in the batch (the norm term, exact and dense,
                                                        is written first, or zeros without it)
-    grad z_l   = (G_l W_l^T) at the entries in `grad_needed` (a sampled product, SDDMM, summed
-                 over the source's pairs), zero elsewhere; a layer where more than
+    grad z_l   = (G_l W_l^T) at the entries in `grad_needed` (a sampled product, SDDMM, run as
+                 W_l G_l^T on runs of W_l's rows), zero elsewhere; a layer where more than
                  SDDMM_MAX_FRACTION of the entries are needed uses the dense GEMM (cheaper there;
                  same values)
 
@@ -42,6 +42,7 @@ __all__ = [
     "AUTO_MAX_ACTIVE",
     "DECODE",
     "SDDMM_MAX_FRACTION",
+    "SDDMM_RUN_BYTES",
     "DecoderGradSink",
     "SparseDecodeWithNorms",
     "decoder_block_grad",
@@ -58,6 +59,7 @@ __all__ = [
 # host syncs and cuSPARSE's SDDMM), so elsewhere `auto` decodes densely.
 AUTO_MAX_ACTIVE = {"cpu": 0.05}
 SDDMM_MAX_FRACTION = 0.02  # above it grad z of a layer is one dense GEMM (benchmarks/train_step.py --sparse)
+SDDMM_RUN_BYTES = 4 * 2**20  # W_dec rows per sampled product: 4 MiB beat 1, 2 and 16 (issue 18's shape, 2 threads)
 SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # the ops used here are stable
 
@@ -234,32 +236,47 @@ def decoder_norms_packed(W_dec: torch.Tensor, offsets: list[int]) -> torch.Tenso
 
 
 def _grad_z_layer(
-    grad_recon_l: torch.Tensor, block: torch.Tensor, needed: torch.Tensor | None, out: torch.Tensor, d_model: int
+    grad_recon_l: torch.Tensor,
+    block: torch.Tensor,
+    needed: torch.Tensor | None,
+    out: torch.Tensor,
+    needed_t: torch.Tensor | None = None,
 ) -> None:
     """out [B, F] = grad_recon_l @ block^T where `needed` (everywhere when None), else 0.
+    `needed_t`: `needed`'s pattern as a CSR [F, B] when the caller has it (its values ignored).
 
-    The sampled product runs one (source, target) pair of d_model columns at a time, its values
-    summed over the pairs: torch's CPU SDDMM copies a strided operand to a contiguous one first,
-    and a pair's [F, D] copy stays in cache where the source's [F, (L - l) D] block does not
-    (2.2x faster at F 4,608, 30 targets; benchmarks/train_step.py --sparse)."""
+    The sampled product runs as its transpose, grad z^T [F, B] = W_l G_l^T at needed^T, on runs
+    of SDDMM_RUN_BYTES of W_l's rows: torch's CPU SDDMM makes its first operand contiguous, and a
+    run of whole rows (each contiguous in W_dec) copies at memory speed into one reused buffer that
+    stays in cache, where W_l [F, (L - l) D] itself is strided (1.5x faster than one pair of D
+    columns at a time, the layout before; benchmarks/train_step.py --sparse)."""
     if needed is None or needed.sum().item() > SDDMM_MAX_FRACTION * needed.numel():
         torch.mm(grad_recon_l, block.t(), out=out)
         if needed is not None:
             out.mul_(needed)
         return
-    pattern = needed.to(out.dtype).to_sparse_csr()
-    values = None
-    pair_block = block.new_empty(block.shape[0], d_model)  # reused: a fresh copy per pair page-faults
-    for first in range(0, block.shape[1], d_model):
-        pair = slice(first, first + d_model)
-        pair_block.copy_(block[:, pair])
-        part = torch.sparse.sampled_addmm(pattern, grad_recon_l[:, pair], pair_block.t(), beta=0.0).values()
-        values = part if values is None else values.add_(part)
-    assert values is not None
-    sampled = torch.sparse_csr_tensor(
-        pattern.crow_indices(), pattern.col_indices(), values, size=out.shape, check_invariants=False
-    )
-    out.copy_(sampled.to_dense())
+    pattern = needed.t().to(out.dtype).to_sparse_csr() if needed_t is None else needed_t  # [F, B]
+    crow, col, ones = pattern.crow_indices(), pattern.col_indices(), pattern.values()
+    starts = crow.tolist()
+    values = torch.empty_like(ones)
+    grad_t = grad_recon_l.contiguous().t()  # [(L - l) D, B]; SDDMM reads its transpose, contiguous
+    d_features, width = block.shape
+    rows = max(1, min(d_features, SDDMM_RUN_BYTES // (width * block.element_size())))
+    buffer = block.new_empty(rows, width)
+    for first in range(0, d_features, rows):
+        last = min(first + rows, d_features)
+        low, high = starts[first], starts[last]
+        if low == high:
+            continue
+        run = torch.sparse_csr_tensor(
+            crow[first : last + 1] - low, col[low:high], ones[low:high], size=(last - first, out.shape[0]),
+            check_invariants=False,
+        )  # fmt: skip
+        run_rows = buffer[: last - first]
+        run_rows.copy_(block[first:last])
+        values[low:high] = torch.sparse.sampled_addmm(run, run_rows, grad_t, beta=0.0).values()
+    feature = torch.repeat_interleave(torch.arange(d_features, device=out.device), crow.diff())
+    out.zero_().view(-1)[col * d_features + feature] = values
 
 
 class SparseDecodeWithNorms(torch.autograd.Function):
@@ -297,21 +314,31 @@ class SparseDecodeWithNorms(torch.autograd.Function):
         if grad_norms is not None and norms.numel() == 0:
             grad_norms = None
         grad_z = grad_w = grad_z_lbf = None
+        z_t: list[torch.Tensor | None] = [None] * n_layers  # z[:, s]^T as CSR [F, B], built once when first read
+
+        def active_t(source: int) -> torch.Tensor:
+            if (built := z_t[source]) is None:
+                built = z_t[source] = z_csr[source].t().to_sparse_csr()  # 15x faster than from z[:, source].t()
+            return built
+
         if ctx.needs_input_grad[0]:
             grad_z_lbf = z.new_zeros(n_layers, batch, d_features)
             if grad_recon is not None:
                 for source in range(n_layers):
                     needed = None if grad_needed is None else grad_needed[:, source]
+                    # `needed` holds every active entry; as many (TopK, BatchTopK): the same pattern as z
+                    same = needed is not None and int(needed.sum()) == z_csr[source]._nnz()
                     block = source_block(W_dec, offsets, source)
                     _grad_z_layer(
-                        grad_recon[:, source:].view(batch, -1), block, needed, grad_z_lbf[source], W_dec.shape[2]
-                    )
+                        grad_recon[:, source:].view(batch, -1), block, needed, grad_z_lbf[source],
+                        active_t(source) if same else None,
+                    )  # fmt: skip
             grad_z = grad_z_lbf.permute(1, 0, 2)
         if ctx.needs_input_grad[1]:  # the rows of active features only: z as [F, B] CSR per source
             grad_w = decoder_weight_grad(
                 W_dec,
                 offsets,
-                lambda source: z_csr[source].t().to_sparse_csr(),  # 15x faster than from z[:, source].t()
+                active_t,
                 grad_recon,
                 norms,
                 grad_norms,

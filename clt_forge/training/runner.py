@@ -33,6 +33,7 @@ from clt_forge.config.plain import plain
 from clt_forge.config.schema import Precision, TrainConfig
 from clt_forge.distributed.parallel import Parallel, start_parallel
 from clt_forge.errors import CLTError
+from clt_forge.heap import keep_freed_memory
 from clt_forge.models.activations import hook_names
 from clt_forge.progress import progress_bar
 from clt_forge.runs import setup
@@ -93,6 +94,8 @@ class CLTTrainingRunner:
                 print(f"wrote {path}")
             return folder
         self.parallel = start_parallel(cfg)
+        if cfg.keep_freed_memory and self.parallel.device.type == "cpu":
+            keep_freed_memory()  # every step's large tensors reuse the last step's pages (clt_forge/heap.py)
         try:
             return self._run()
         finally:
