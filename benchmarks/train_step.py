@@ -36,7 +36,8 @@ with --out FILE, are appended to FILE as JSON lines at once (a timeout keeps the
     python benchmarks/train_step.py --sparse --device cuda --sparse-features 4608 \
         --optimizer dense deferred deferred-bf16 --precision fp32 bf16 --out rows.jsonl  # on a GPU (gpu_check.py)
 
-CPU steps run with malloc keeping freed memory, as `clt train` sets it (clt_forge/heap.py);
+CPU steps run with malloc keeping freed memory from the second step on, as `clt train` sets it
+(clt_forge/heap.py);
 `--malloc system` keeps glibc's default. Rows record it (`malloc`).
 
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
@@ -107,7 +108,6 @@ def worker_step(threads: int, config: str, warmup: int, steps: int, adam: str) -
     from clt_forge.clt.loss import clt_loss
     from clt_forge.clt.model import CrossLayerTranscoder
 
-    malloc = _set_malloc()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = CONFIGS[config]
@@ -132,7 +132,9 @@ def worker_step(threads: int, config: str, warmup: int, steps: int, adam: str) -
         end = time.perf_counter()
         return end - start, end - mid
 
-    for _ in range(warmup):
+    step()
+    malloc = _set_malloc()  # after the first step, as `clt train` does
+    for _ in range(warmup - 1):
         step()
     load = _OtherLoad()
     times, opt_times = [], []
@@ -339,7 +341,6 @@ def worker_sparse(
         except ImportError as exc:
             raise RuntimeError(f"unavailable: {exc}") from None
     cuda = device.startswith("cuda")
-    malloc = None if cuda else _set_malloc()
     sync = torch.cuda.synchronize if cuda else lambda: None
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -387,6 +388,7 @@ def worker_sparse(
         return time.perf_counter() - start
 
     step()
+    malloc = None if cuda else _set_malloc()  # after the first step, as `clt train` does
     times = [step() for _ in range(steps)]
     gpu = {}
     if cuda:

@@ -10,9 +10,13 @@ one elementwise op on a [256, 30, 4608] tensor took 150-185 ms inside a training
 pages and 5.5 ms on reused ones.
 
 The cost: the process keeps its peak heap until it exits (memory is not returned to the system
-between steps), and the heap can fragment a little (peak RSS +0.8 GB at that shape). `clt train`
-sets it on CPU unless `keep_freed_memory=false`; it is process-wide and cannot be undone.
-Elsewhere (macOS, musl, Windows) it does nothing.
+between steps), and the heap can fragment. `clt train` sets it on CPU after the first step,
+once the long-lived tensors (the CLT, Adam's state) are in their own mappings, so only the
+per-step tensors share the heap (set before the first step, the peak RSS at that shape grew by
+0.7-2 GB); `keep_freed_memory=false` leaves malloc alone. It is process-wide and cannot be
+undone. Exact reuse relies on torch aligning large tensors to 2 MiB, which it does under
+THP_MEM_ALLOC_ENABLE (importing clt_forge sets it); elsewhere (macOS, musl, Windows) it does
+nothing.
 """
 
 from __future__ import annotations

@@ -94,8 +94,6 @@ class CLTTrainingRunner:
                 print(f"wrote {path}")
             return folder
         self.parallel = start_parallel(cfg)
-        if cfg.keep_freed_memory and self.parallel.device.type == "cpu":
-            keep_freed_memory()  # every step's large tensors reuse the last step's pages (clt_forge/heap.py)
         try:
             return self._run()
         finally:
@@ -199,6 +197,8 @@ class CLTTrainingRunner:
             x = self.normalization.inputs(batch.mlp_in.to(device, non_blocking=True))
             y = self.normalization.outputs(batch.mlp_out.to(device, non_blocking=True))
             result = self.train_step(step, x, y)
+            if step == start_step and cfg.keep_freed_memory and device.type == "cpu":
+                keep_freed_memory()  # Adam's state now exists; each later step reuses its pages (clt_forge/heap.py)
             tokens = (step + 1) * cfg.batch_size
             last = step == self.total_steps - 1
             if step % cfg.log_every == 0 or last or result.skipped:
