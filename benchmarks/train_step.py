@@ -319,6 +319,7 @@ def worker_sparse(
     precision: str = "fp32",
     optimizer_mode: str = "dense",
     shape: tuple[int, int, int] = SPARSE_SHAPE,
+    dead_coefficient: float = 1e-5,
 ) -> dict:
     """One training step (forward, loss, backward, fused Adam) at L=30, D=576, B=256 (`shape`) with
     about `active` of the features on: topk / batchtopk with k = active * F; jumprelu with b_enc
@@ -378,7 +379,9 @@ def worker_sparse(
         autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
             out = model(x)
-            loss = clt_loss(out, y, out.decoder_norms, model.jumprelu_threshold(), l0, dead_coefficient=1e-5)
+            loss = clt_loss(
+                out, y, out.decoder_norms, model.jumprelu_threshold(), l0, dead_coefficient=dead_coefficient
+            )
         loss.total.backward()
         optimizer.step()
         if enable_deferred is not None:
@@ -413,6 +416,7 @@ def worker_sparse(
         "decode": decode,
         "k": k,
         "active_target": active,
+        "dead_coefficient": dead_coefficient,
         **record,
         "seconds_per_step": statistics.median(times),
         "seconds_per_step_all": times,
@@ -458,6 +462,10 @@ def main() -> None:
     parser.add_argument(
         "--optimizer", nargs="+", choices=["dense", "deferred", "deferred-bf16"], default=["dense"], help="--sparse"
     )
+    parser.add_argument(
+        "--dead-coefficient", type=float, default=1e-5,
+        help="--sparse: the dead-feature term's coefficient in the step's loss (0: off, as the TopK recipe trains)",
+    )  # fmt: skip
     parser.add_argument("--out", help="--sparse: also append each row to this file as one JSON line")
     parser.add_argument("--max-seconds", type=float, default=None, help="--sparse cuda: skip rows after this")
     parser.add_argument(
@@ -466,7 +474,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ[MALLOC_ENV] = args.malloc  # the workers are subprocesses: they read it from here
+    if not args.worker:
+        os.environ[MALLOC_ENV] = args.malloc  # the workers are subprocesses: they read it from here
     if args.device != "cpu" and not args.sparse:
         parser.error("--device applies to --sparse only")
 
@@ -479,8 +488,9 @@ def main() -> None:
         elif kind == "sparse":
             try:
                 out = worker_sparse(
-                    int(rest[0]), int(rest[1]), rest[2], float(rest[3]), rest[4], int(rest[5]), "cpu", *rest[6:]
-                )
+                    int(rest[0]), int(rest[1]), rest[2], float(rest[3]), rest[4], int(rest[5]), "cpu", rest[6], rest[7],
+                    dead_coefficient=float(rest[8]),
+                )  # fmt: skip
             except Exception as exc:
                 out = {"error": str(exc), "error_type": type(exc).__name__}
         elif kind == "adam":
@@ -566,6 +576,7 @@ def run_in_process(
     out: str | None = None,
     deadline: float | None = None,
     shape: tuple[int, int, int] = SPARSE_SHAPE,
+    dead_coefficient: float = 1e-5,
 ) -> list[dict]:
     """Each spec's step in this process, in order (CUDA init once); everything freed between
     rows; a failing row (OOM, deferred unavailable) records {"error": ...} and the run goes on;
@@ -582,7 +593,7 @@ def run_in_process(
             try:
                 row = worker_sparse(
                     threads, spec["d_features"], spec["activation"], spec["active"], spec["decode"], steps,
-                    device, spec["precision"], spec["optimizer"], shape,
+                    device, spec["precision"], spec["optimizer"], shape, dead_coefficient,
                 )  # fmt: skip
             except Exception as exc:
                 row = {**spec, "device": device, "error": str(exc), "error_type": type(exc).__name__}
@@ -606,11 +617,15 @@ def sparse_report(args: argparse.Namespace) -> dict:
         specs = sparse_specs(
             args.sparse_features, acts, args.active, ["dense", "sparse"], args.optimizer, args.precision
         )
-        return {"sparse_decode": run_in_process(specs, args.device, steps, args.threads[0], args.out, deadline)}
+        return {
+            "sparse_decode": run_in_process(
+                specs, args.device, steps, args.threads[0], args.out, deadline, dead_coefficient=args.dead_coefficient
+            )
+        }
     rows = []
     specs = sparse_specs(args.sparse_features, acts, args.active, ["dense"], args.optimizer, args.precision)
     for spec in sorted(specs, key=lambda s: (s["d_features"], acts.index(s["activation"]), s["active"])):
-        extra = [spec["precision"], spec["optimizer"]]
+        extra = [spec["precision"], spec["optimizer"], str(args.dead_coefficient)]
         head = ["sparse", str(args.threads[0]), str(spec["d_features"]), spec["activation"], str(spec["active"])]
         decodes = ["dense", "sparse"] if spec["precision"] == "fp32" else ["dense"]
         pair = {decode: _run_worker([*head, decode, str(steps), *extra]) for decode in decodes}

@@ -67,8 +67,9 @@ def clt_loss(
 
 class DeadFeatureTerm(torch.autograd.Function):
     """sum_{b, l, f} ReLU(theta[l, f] - h[b, l, f]) * ||W_dec[l, f]||, with the gradients autograd
-    gives it (ReLU's is 0 at h = theta), from two passes over h forward and one or two backward:
-    composed from torch ops it allocated five [B, L, F] tensors (docs/performance.md)."""
+    gives it (ReLU's is 0 at h = theta). It makes one [B, L, F] temporary forward and a mask plus
+    grad h backward; composed from torch ops the term made five [B, L, F] tensors, each a pass
+    over 141 MB at issue 18's shape (docs/performance.md, "Sparse decode")."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, theta: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

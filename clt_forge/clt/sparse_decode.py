@@ -59,7 +59,7 @@ __all__ = [
 # host syncs and cuSPARSE's SDDMM), so elsewhere `auto` decodes densely.
 AUTO_MAX_ACTIVE = {"cpu": 0.05}
 SDDMM_MAX_FRACTION = 0.02  # above it grad z of a layer is one dense GEMM (benchmarks/train_step.py --sparse)
-SDDMM_RUN_BYTES = 4 * 2**20  # W_dec rows per sampled product: 4 MiB beat 1, 2 and 16 (issue 18's shape, 2 threads)
+SDDMM_RUN_BYTES = 4 * 2**20  # W_dec rows per sampled product: 4 MiB beat 1, 2, 16 (one-off, issue 18's shape)
 SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # the ops used here are stable
 
@@ -249,7 +249,7 @@ def _grad_z_layer(
     of SDDMM_RUN_BYTES of W_l's rows: torch's CPU SDDMM makes its first operand contiguous, and a
     run of whole rows (each contiguous in W_dec) copies at memory speed into one reused buffer that
     stays in cache, where W_l [F, (L - l) D] itself is strided (1.5x faster than one pair of D
-    columns at a time, the layout before; benchmarks/train_step.py --sparse)."""
+    columns at a time, the way before: a one-off timing of the 30 sources at issue 18's shape)."""
     if needed is None or needed.sum().item() > SDDMM_MAX_FRACTION * needed.numel():
         torch.mm(grad_recon_l, block.t(), out=out)
         if needed is not None:
