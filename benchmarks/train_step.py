@@ -37,8 +37,8 @@ with --out FILE, are appended to FILE as JSON lines at once (a timeout keeps the
         --optimizer dense deferred deferred-bf16 --precision fp32 bf16 --out rows.jsonl  # on a GPU (gpu_check.py)
 
 CPU steps run with malloc keeping freed memory from the second step on, as `clt train` sets it
-(clt_forge/heap.py);
-`--malloc system` keeps glibc's default. Rows record it (`malloc`).
+(clt_forge/heap.py); `--malloc system` keeps glibc's default. Rows record it (`malloc`).
+`--dead-coefficient` sets the --sparse step's dead-feature term (1e-5 by default; 0 turns it off).
 
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
 d_features=1536, batch 512. Inputs are synthetic random activations.
