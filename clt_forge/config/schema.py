@@ -251,7 +251,7 @@ class TrainConfig(PipelineConfig):
     normalization: NormalizationMethod = NormalizationMethod.rms  # per-layer scale (docs/quality.md)
     layer_weights: list[float] = field(default_factory=list)  # loss weight of target layer 0, 1, ... (rest: 1)
     norm_batches: int = 8  # batches to estimate normalisation when the dataset has no statistics
-    keep_freed_memory: bool = True  # CPU: malloc keeps freed tensors' pages for the next ones (clt_forge/heap.py)
+    keep_freed_memory: bool = True  # CPU, after step 1: malloc reuses freed tensors' pages (clt_forge/heap.py)
     windows_per_forward: int = 8  # data.source=model: context windows per model forward
     resume: str | None = None  # a `clt train` run folder to continue exactly
     plot: str | None = None  # only (re)draw the plots of this run folder
