@@ -4,7 +4,7 @@ The one job of this file: `keep_freed_memory()`. glibc serves each allocation ab
 threshold (32 MiB at most) from a fresh mapping and unmaps it when freed, so every large tensor a
 CPU training step makes ([B, L, F] masks and loss terms, the activation's outputs, W_dec-sized
 scratch) is page-faulted in again at every step. With mmap off for malloc (M_MMAP_MAX 0) they come
-from the heap instead, and with a high M_TRIM_THRESHOLD the heap keeps what was freed, so each step
+from the heap instead, and with a high M_TRIM_THRESHOLD the heap keeps what was freed, so a step
 reuses the previous step's pages. At issue 18's shape (docs/performance.md, "Freed memory kept")
 one elementwise op on a [256, 30, 4608] tensor took 150-185 ms inside a training step on fresh
 pages and 5.5 ms on reused ones.
@@ -14,9 +14,10 @@ between steps), and the heap can fragment. `clt train` sets it on CPU after the 
 once the long-lived tensors (the CLT, Adam's state) are in their own mappings, so only the
 per-step tensors share the heap (set before the first step, the peak RSS at that shape grew by
 0.7-2 GB); `keep_freed_memory=false` leaves malloc alone. It is process-wide and cannot be
-undone. Exact reuse relies on torch aligning large tensors to 2 MiB, which it does under
-THP_MEM_ALLOC_ENABLE (importing clt_forge sets it); elsewhere (macOS, musl, Windows) it does
-nothing.
+undone. Reuse is usual, not certain: in some heap layouts torch's 2 MiB alignment (under
+THP_MEM_ALLOC_ENABLE, which importing clt_forge sets) does not fit a freed block, and the heap
+grows by a block or a few before it stops (tests/test_heap.py). Elsewhere (macOS, musl, Windows)
+it does nothing.
 """
 
 from __future__ import annotations
