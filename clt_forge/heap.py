@@ -13,7 +13,7 @@ The cost: the process keeps its peak heap until it exits (memory is not returned
 between steps), and the heap can fragment. `clt train` sets it on CPU after the first step,
 once the long-lived tensors (the CLT, Adam's state) are in their own mappings, so only the
 per-step tensors share the heap (set before the first step, the peak RSS at that shape grew by
-0.7-2 GB); `keep_freed_memory=false` leaves malloc alone. It is process-wide and cannot be
+0.6-2 GiB); `keep_freed_memory=false` leaves malloc alone. It is process-wide and cannot be
 undone. Reuse is usual, not certain: in some heap layouts torch's 2 MiB alignment (under
 THP_MEM_ALLOC_ENABLE, which importing clt_forge sets) does not fit a freed block, and the heap
 grows by a block or a few before it stops (tests/test_heap.py). Elsewhere (macOS, musl, Windows)

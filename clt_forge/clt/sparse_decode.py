@@ -243,14 +243,16 @@ def _grad_z_layer(
     needed_t: torch.Tensor | None = None,
 ) -> None:
     """out [B, F] = grad_recon_l @ block^T where `needed` (everywhere when None), else 0.
-    `needed_t`: `needed`'s pattern as a CSR [F, B] when the caller has it (its values ignored).
+    `needed_t`: `needed`'s pattern as a CSR [F, B] when the caller has it (its values ignored;
+    its nnz is then `needed`'s count, not summed again).
 
     The sampled product runs as its transpose, grad z^T [F, B] = W_l G_l^T at needed^T, on runs
     of SDDMM_RUN_BYTES of W_l's rows: torch's CPU SDDMM makes its first operand contiguous, and a
     run of whole rows (each contiguous in W_dec) copies at memory speed into one reused buffer that
     stays in cache, where W_l [F, (L - l) D] itself is strided (1.5x faster than one pair of D
     columns at a time, the way before: a one-off timing of the 30 sources at issue 18's shape)."""
-    if needed is None or needed.sum().item() > SDDMM_MAX_FRACTION * needed.numel():
+    count = 0 if needed is None else needed_t._nnz() if needed_t is not None else int(needed.sum())
+    if needed is None or count > SDDMM_MAX_FRACTION * needed.numel():
         torch.mm(grad_recon_l, block.t(), out=out)
         if needed is not None:
             out.mul_(needed)
