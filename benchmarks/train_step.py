@@ -38,7 +38,9 @@ with --out FILE, are appended to FILE as JSON lines at once (a timeout keeps the
 
 CPU steps run with malloc keeping freed memory from the second step on, as `clt train` sets it
 (clt_forge/heap.py); `--malloc system` keeps glibc's default. Rows record it (`malloc`).
-`--dead-coefficient` sets the --sparse step's dead-feature term (1e-5 by default; 0 turns it off).
+`--dead-coefficient` sets the --sparse step's dead-feature term (1e-5 by default; 0 turns it off),
+`--bandwidth` its JumpReLU STE bandwidth (clt.jumprelu_bandwidth's default unless given), which
+decides how many entries need grad z (`grad_z_needed`).
 
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
 d_features=1536, batch 512. Inputs are synthetic random activations.
@@ -320,13 +322,14 @@ def worker_sparse(
     optimizer_mode: str = "dense",
     shape: tuple[int, int, int] = SPARSE_SHAPE,
     dead_coefficient: float = 1e-5,
+    bandwidth: float | None = None,
 ) -> dict:
     """One training step (forward, loss, backward, fused Adam) at L=30, D=576, B=256 (`shape`) with
     about `active` of the features on: topk / batchtopk with k = active * F; jumprelu with b_enc
-    shifted so that share of pre-activations exceeds theta = 0.03 (a trained-like CLT, default
-    bandwidth). bf16: forward and loss under autocast. deferred: W_dec's Adam step block by block
-    (clt_forge.clt.deferred); deferred-bf16: with its first moment in bf16. On cuda: synchronized
-    timing and peak GPU memory from model build."""
+    shifted so that share of pre-activations exceeds theta = 0.03 (a trained-like CLT) and the STE
+    bandwidth `bandwidth` (None: clt.jumprelu_bandwidth's default). bf16: forward and loss under
+    autocast. deferred: W_dec's Adam step block by block (clt_forge.clt.deferred); deferred-bf16:
+    with its first moment in bf16. On cuda: synchronized timing and peak GPU memory from model build."""
     import contextlib
 
     import torch
@@ -334,6 +337,7 @@ def worker_sparse(
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from clt_forge.clt.loss import clt_loss
     from clt_forge.clt.model import CrossLayerTranscoder
+    from clt_forge.config.schema import CLTConfig
 
     enable_deferred = None
     if optimizer_mode in ("deferred", "deferred-bf16"):
@@ -349,8 +353,9 @@ def worker_sparse(
         torch.cuda.reset_peak_memory_stats()
     n_layers, d_model, batch = shape
     k = max(1, round(active * d_features))
+    bandwidth = CLTConfig().jumprelu_bandwidth if bandwidth is None else bandwidth
     model = CrossLayerTranscoder(
-        n_layers, d_model, d_features, activation=activation, k=k, decode=decode, device=device
+        n_layers, d_model, d_features, bandwidth=bandwidth, activation=activation, k=k, decode=decode, device=device
     )
     if enable_deferred is not None:
         exp_avg_dtype = torch.bfloat16 if optimizer_mode == "deferred-bf16" else torch.float32
@@ -417,6 +422,7 @@ def worker_sparse(
         "k": k,
         "active_target": active,
         "dead_coefficient": dead_coefficient,
+        "bandwidth": bandwidth,
         **record,
         "seconds_per_step": statistics.median(times),
         "seconds_per_step_all": times,
@@ -466,6 +472,10 @@ def main() -> None:
         "--dead-coefficient", type=float, default=1e-5,
         help="--sparse: the dead-feature term's coefficient in the step's loss (0: off, as the TopK recipe trains)",
     )  # fmt: skip
+    parser.add_argument(
+        "--bandwidth", type=float, default=None,
+        help="--sparse: the JumpReLU STE bandwidth (default: clt.jumprelu_bandwidth's); it sets how many entries need grad z",
+    )  # fmt: skip
     parser.add_argument("--out", help="--sparse: also append each row to this file as one JSON line")
     parser.add_argument("--max-seconds", type=float, default=None, help="--sparse cuda: skip rows after this")
     parser.add_argument(
@@ -489,7 +499,7 @@ def main() -> None:
             try:
                 out = worker_sparse(
                     int(rest[0]), int(rest[1]), rest[2], float(rest[3]), rest[4], int(rest[5]), "cpu", rest[6], rest[7],
-                    dead_coefficient=float(rest[8]),
+                    dead_coefficient=float(rest[8]), bandwidth=None if rest[9] == "default" else float(rest[9]),
                 )  # fmt: skip
             except Exception as exc:
                 out = {"error": str(exc), "error_type": type(exc).__name__}
@@ -577,6 +587,7 @@ def run_in_process(
     deadline: float | None = None,
     shape: tuple[int, int, int] = SPARSE_SHAPE,
     dead_coefficient: float = 1e-5,
+    bandwidth: float | None = None,
 ) -> list[dict]:
     """Each spec's step in this process, in order (CUDA init once); everything freed between
     rows; a failing row (OOM, deferred unavailable) records {"error": ...} and the run goes on;
@@ -593,7 +604,7 @@ def run_in_process(
             try:
                 row = worker_sparse(
                     threads, spec["d_features"], spec["activation"], spec["active"], spec["decode"], steps,
-                    device, spec["precision"], spec["optimizer"], shape, dead_coefficient,
+                    device, spec["precision"], spec["optimizer"], shape, dead_coefficient, bandwidth,
                 )  # fmt: skip
             except Exception as exc:
                 row = {**spec, "device": device, "error": str(exc), "error_type": type(exc).__name__}
@@ -619,13 +630,21 @@ def sparse_report(args: argparse.Namespace) -> dict:
         )
         return {
             "sparse_decode": run_in_process(
-                specs, args.device, steps, args.threads[0], args.out, deadline, dead_coefficient=args.dead_coefficient
+                specs,
+                args.device,
+                steps,
+                args.threads[0],
+                args.out,
+                deadline,
+                dead_coefficient=args.dead_coefficient,
+                bandwidth=args.bandwidth,
             )
         }
     rows = []
     specs = sparse_specs(args.sparse_features, acts, args.active, ["dense"], args.optimizer, args.precision)
     for spec in sorted(specs, key=lambda s: (s["d_features"], acts.index(s["activation"]), s["active"])):
-        extra = [spec["precision"], spec["optimizer"], str(args.dead_coefficient)]
+        bandwidth = "default" if args.bandwidth is None else str(args.bandwidth)
+        extra = [spec["precision"], spec["optimizer"], str(args.dead_coefficient), bandwidth]
         head = ["sparse", str(args.threads[0]), str(spec["d_features"]), spec["activation"], str(spec["active"])]
         decodes = ["dense", "sparse"] if spec["precision"] == "fp32" else ["dense"]
         pair = {decode: _run_worker([*head, decode, str(steps), *extra]) for decode in decodes}

@@ -57,6 +57,24 @@ def test_topk_keeps_k_per_token_and_layer_and_pays_no_l0() -> None:
     assert clt.log_threshold.grad is None and not clt.log_threshold.requires_grad
 
 
+def test_jumprelu_needs_grad_z_where_active_or_inside_the_ste_window() -> None:
+    """grad_needed is the active entries plus the STE window |h - theta| / eps < 1/2 (computed as one
+    comparison), including entries exactly at the window's edges and at theta; only the active
+    entries once theta is frozen."""
+    clt = CrossLayerTranscoder(L, D, F, bandwidth=0.25)
+    theta = clt.jumprelu_threshold().detach()
+    h = theta + torch.randn(B, L, F) * 0.3
+    h[0, 0, :4] = theta[0, :4] + torch.tensor([-0.125, 0.125, 0.0, -0.1249])  # the edges, theta, inside
+    activated = clt.activation(h, clt, None)
+    u = (h - theta) / 0.25
+    expected = (activated.features != 0) | ((u > -0.5) & (u < 0.5))
+    assert torch.equal(activated.grad_needed, expected)
+    assert activated.grad_needed[0, 0, :4].tolist() == [False, True, True, True]
+    assert 0 < expected.float().mean() < 1 and (expected != (activated.features != 0)).any()
+    clt.log_threshold.requires_grad_(False)
+    assert torch.equal(clt.activation(h, clt, None).grad_needed, activated.features != 0)
+
+
 def test_batchtopk_keeps_k_times_batch_and_estimates_its_threshold() -> None:
     clt = clt_with("batchtopk", 4)
     x = torch.randn(B, L, D)

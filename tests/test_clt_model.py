@@ -10,7 +10,7 @@ import torch
 
 from clt_forge.clt import CLTOutput, CrossLayerTranscoder, LossTerms, clt_loss, init_encoder_bias, layer_metrics
 from clt_forge.clt.init import init_clt
-from clt_forge.clt.loss import DeadFeatureTerm
+from clt_forge.clt.loss import DeadFeatureTerm, SparsityTerm
 from clt_forge.clt.model import _DecodeWithNorms
 
 torch.set_num_threads(2)
@@ -349,10 +349,13 @@ def test_adam_steps_reduce_mse_on_synthetic_data() -> None:
     assert mses[-1] < 0.5 * mses[0]
 
 
-def test_bf16_autocast_matches_fp32() -> None:
-    """Under CPU autocast the packed decode runs in bf16 (like nn.Linear) and gradients stay fp32."""
+@pytest.mark.parametrize("bandwidth", [1.0, 0.05])
+def test_bf16_autocast_matches_fp32(bandwidth: float) -> None:
+    """Under CPU autocast the packed decode runs in bf16 (like nn.Linear) and gradients stay fp32.
+    With the default STE bandwidth (0.05) bf16's rounding of h moves tokens across the narrow
+    window's edges, so theta's gradient (from the few tokens inside it) is checked loosely there."""
     torch.manual_seed(3)
-    model = CrossLayerTranscoder(3, 16, 8)
+    model = CrossLayerTranscoder(3, 16, 8, bandwidth=bandwidth)
     x = torch.randn(64, 3, 16)
 
     def grads(autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -368,4 +371,29 @@ def test_bf16_autocast_matches_fp32() -> None:
     torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
     for name, grad in grads32.items():
         assert grads16[name].dtype == torch.float32
-        assert (grads16[name] - grad).norm() <= 3e-2 * grad.norm(), name
+        tolerance = 0.3 if name == "log_threshold" and bandwidth < 1 else 3e-2
+        assert (grads16[name] - grad).norm() <= tolerance * grad.norm(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["encoder", "contiguous"])
+def test_sparsity_term_equals_the_composed_formula(dtype: torch.dtype, layout: str) -> None:
+    """SparsityTerm has the value and gradients of sum(tanh(c * z * norms)) built from torch ops, on
+    z as the encoder lays it out ([B, L, F] view of [L, B, F]) and on a contiguous z, with zeros in z
+    (where its z gradient is c * norms); gradcheck in float64."""
+    generator = torch.Generator().manual_seed(6)
+    z = torch.relu(torch.randn(N_LAYERS, BATCH, D_FEATURES, generator=generator, dtype=dtype)).permute(1, 0, 2)
+    z = z.contiguous() if layout == "contiguous" else z
+    norms = torch.rand(N_LAYERS, D_FEATURES, generator=generator, dtype=dtype) + 0.5
+    inputs = [t.clone().requires_grad_() for t in (z, norms)]
+    assert (z == 0).any() and (z != 0).any()
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda z, n: SparsityTerm.apply(z, n, 1.7), inputs)
+    composed = torch.tanh(1.7 * inputs[0] * inputs[1]).sum()
+    expected = torch.autograd.grad(composed, inputs)
+    value = SparsityTerm.apply(*inputs, 1.7)
+    torch.testing.assert_close(value, composed)
+    got = torch.autograd.grad(value, inputs)
+    for grad, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(grad, want)
+    assert got[0].shape == z.shape

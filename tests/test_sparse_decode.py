@@ -20,6 +20,8 @@ from clt_forge.clt.sparse_decode import (
     SDDMM_RUN_BYTES,
     SparseDecodeWithNorms,
     _grad_z_layer,
+    _needed_patterns,
+    _sampled_patterns,
     decoder_grad_square,
     decoder_norms_packed,
     full_decoder_grad,
@@ -115,6 +117,42 @@ def test_grad_z_sampled_where_needed_only(run_bytes: int, monkeypatch: pytest.Mo
     strided_grad = torch.randn(B, 7 * D, generator=generator)[:, D : 6 * D]  # as grad recon[:, l:]
     _grad_z_layer(strided_grad, wide, needed, out)
     torch.testing.assert_close(out, (strided_grad @ wide.t()) * needed, **TOLERANCE)
+
+
+def test_needed_patterns_are_each_layers_transposed_mask() -> None:
+    """One nonzero over all layers gives each layer's mask^T as the CSR `to_sparse_csr` gives, with
+    an empty layer and features needed by no token among them."""
+    generator = torch.Generator().manual_seed(5)
+    masks = torch.rand(B, L, F, generator=generator) < 0.03
+    masks[:, 2] = False  # a layer with nothing needed
+    masks[:, :, :7] = False  # features no token needs
+    patterns = _needed_patterns(masks, torch.float32)
+    assert len(patterns) == L
+    for layer, pattern in enumerate(patterns):
+        expected = masks[:, layer].t().float().to_sparse_csr()
+        assert pattern.shape == (F, B) and pattern.dtype == torch.float32
+        assert torch.equal(pattern.crow_indices(), expected.crow_indices())
+        assert torch.equal(pattern.col_indices(), expected.col_indices())
+        assert torch.equal(pattern.to_dense(), expected.to_dense())
+
+
+def test_sampled_patterns_per_layer() -> None:
+    """A layer needing exactly z's entries takes z^T's pattern, one needing more (JumpReLU's window)
+    but at most SDDMM_MAX_FRACTION its own, one needing more than that none (the dense GEMM)."""
+    generator = torch.Generator().manual_seed(6)
+    z = torch.relu(torch.randn(B, 3, F, generator=generator) - 2.6)  # ~0.5% active
+    window = torch.rand(B, 3, F, generator=generator) < 0.01
+    needed = z != 0
+    needed[:, 1] |= window[:, 1]
+    needed[:, 2] |= torch.rand(B, F, generator=generator) < 0.2
+    z_csr = [z[:, s].to_sparse_csr() for s in range(3)]
+    transposed = [c.t().to_sparse_csr() for c in z_csr]
+    assert needed[:, 1].sum() > z_csr[1]._nnz() and needed[:, 1].sum() <= SDDMM_MAX_FRACTION * B * F
+    patterns = _sampled_patterns(needed, z_csr, transposed.__getitem__)
+    assert patterns[0] is transposed[0]
+    assert patterns[1] is not None and torch.equal(patterns[1].to_dense().bool(), needed[:, 1].t())
+    assert patterns[2] is None
+    assert _sampled_patterns(None, z_csr, transposed.__getitem__) == [None] * 3
 
 
 @pytest.mark.parametrize("sparse", [False, True])

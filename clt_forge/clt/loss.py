@@ -30,7 +30,7 @@ from jaxtyping import Float
 
 from clt_forge.clt.model import CLTOutput
 
-__all__ = ["DeadFeatureTerm", "LossTerms", "clt_loss", "layer_metrics"]
+__all__ = ["DeadFeatureTerm", "LossTerms", "SparsityTerm", "clt_loss", "layer_metrics"]
 
 
 @dataclass
@@ -58,11 +58,38 @@ def clt_loss(
     zero = mse.new_zeros(())
     sparsity = zero
     if l0_coefficient != 0.0 and output.l0_penalty:
-        sparsity = l0_coefficient * torch.tanh(c * output.features * decoder_norms).sum() / batch
+        sparsity = l0_coefficient * SparsityTerm.apply(output.features, decoder_norms, c) / batch
     dead = zero
     if dead_coefficient != 0.0:
         dead = dead_coefficient * DeadFeatureTerm.apply(output.pre_acts, jumprelu_threshold, decoder_norms) / batch
     return LossTerms(total=mse + sparsity + dead, mse=mse, sparsity=sparsity, dead=dead)
+
+
+class SparsityTerm(torch.autograd.Function):
+    """sum_{b, l, f} tanh(c * z[b, l, f] * ||W_dec[l, f]||), with the gradients autograd gives it,
+    computed in [L, B, F] order (z's storage order: `CrossLayerTranscoder.encode` makes z a
+    [B, L, F] view of [L, B, F] storage). On CPU, torch's elementwise ops that broadcast an [L, F]
+    tensor over a leading batch dim, or read the stride-0 gradient of a sum, ran 5-8x slower than
+    the same ops over [L, B, F] with [L, 1, F] (44 against 8 ms per pass at issue 18's shape;
+    docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, norms: torch.Tensor, c: float) -> torch.Tensor:
+        t = torch.tanh(z.transpose(0, 1) * (c * norms)[:, None, :])  # [L, B, F]
+        ctx.save_for_backward(z, norms, t)
+        ctx.c = c
+        return t.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z, norms, t = ctx.saved_tensors
+        slope = t.square().neg_().add_(1)  # d tanh(u) / du = 1 - tanh(u)^2
+        grad_z = grad_norms = None
+        if ctx.needs_input_grad[0]:
+            grad_z = (slope * (grad * ctx.c * norms)[:, None, :]).transpose(0, 1)
+        if ctx.needs_input_grad[1]:
+            grad_norms = (slope * z.transpose(0, 1)).sum(1) * (grad * ctx.c)
+        return grad_z, grad_norms, None
 
 
 class DeadFeatureTerm(torch.autograd.Function):

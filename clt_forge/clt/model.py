@@ -226,8 +226,8 @@ class CrossLayerTranscoder(nn.Module):
     """A CLT: features read the MLP input of layer l and write to the MLP outputs of layers >= l.
 
     Parameters (see the module docstring for the shapes and the packed decoder layout):
-    W_enc, b_enc, log_threshold, W_dec, b_dec, and W_skip when `skip`. `bandwidth` is the JumpReLU STE kernel width eps;
-    the weights are initialised by `clt_forge.clt.init.init_clt` with `jumprelu_threshold`
+    W_enc, b_enc, log_threshold, W_dec, b_dec, and W_skip when `skip`. `bandwidth` is the JumpReLU
+    STE kernel width eps (0.05, as clt.jumprelu_bandwidth); the weights are initialised by `clt_forge.clt.init.init_clt` with `jumprelu_threshold`
     (call `init_encoder_bias` with a batch afterwards to start at a chosen L0); with
     `init=False` they are left uninitialised, for a caller that fills every parameter itself.
 
@@ -248,7 +248,7 @@ class CrossLayerTranscoder(nn.Module):
         n_layers: int,
         d_model: int,
         d_features: int,
-        bandwidth: float = 1.0,
+        bandwidth: float = 0.05,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         jumprelu_threshold: float = 0.03,

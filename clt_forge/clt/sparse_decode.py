@@ -15,7 +15,9 @@ Per source layer l (B tokens, W_l = W_dec's [F, (L - l) D] block of source l, a 
     grad z_l   = (G_l W_l^T) at the entries in `grad_needed` (a sampled product, SDDMM, run as
                  W_l G_l^T on runs of W_l's rows), zero elsewhere; a layer where more than
                  SDDMM_MAX_FRACTION of the entries are needed uses the dense GEMM (cheaper there;
-                 same values)
+                 same values). The sampled product's pattern is z^T's CSR where the needed
+                 entries are z's (TopK, BatchTopK), else built for all such layers at once from
+                 the mask (JumpReLU's window: `_sampled_patterns`)
 
 `grad_needed` comes from the activation (clt_forge/clt/activations.py): the active entries, plus
 JumpReLU's STE window while theta learns. None means everywhere (the dense GEMM). The sparse
@@ -235,6 +237,28 @@ def decoder_norms_packed(W_dec: torch.Tensor, offsets: list[int]) -> torch.Tenso
     return torch.stack([torch.linalg.vector_norm(source_block(W_dec, offsets, s), dim=1) for s in range(n_layers)])
 
 
+def _needed_patterns(masks: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each layer's mask of `masks` [B, n, F] (bool) transposed, as a CSR [F, B] pattern (values 1 in
+    `dtype`): one nonzero over a [n, F, B] copy, 7x faster than n `to_sparse_csr` conversions of
+    the strided [F, B] masks (a one-off timing at issue 18's shape, 30 layers at 1.2%)."""
+    batch, n_layers, d_features = masks.shape
+    where = masks.permute(1, 2, 0).contiguous().nonzero()  # (layer, feature, token), in that order
+    layer, feature, token = where.unbind(1)
+    per_row = torch.bincount(layer * d_features + feature, minlength=n_layers * d_features).view(n_layers, -1)
+    crow = torch.nn.functional.pad(per_row.cumsum(1), (1, 0))  # [n, F + 1]
+    counts = crow[:, -1].tolist()
+    return [
+        torch.sparse_csr_tensor(
+            crow[i],
+            cols,
+            torch.ones(len(cols), dtype=dtype, device=masks.device),
+            size=(d_features, batch),
+            check_invariants=False,
+        )
+        for i, cols in enumerate(token.split(counts))
+    ]
+
+
 def _grad_z_layer(
     grad_recon_l: torch.Tensor,
     block: torch.Tensor,
@@ -257,7 +281,7 @@ def _grad_z_layer(
         if needed is not None:
             out.mul_(needed)
         return
-    pattern = needed.t().to(out.dtype).to_sparse_csr() if needed_t is None else needed_t  # [F, B]
+    pattern = _needed_patterns(needed[:, None], out.dtype)[0] if needed_t is None else needed_t  # [F, B]
     crow, col, ones = pattern.crow_indices(), pattern.col_indices(), pattern.values()
     starts = crow.tolist()
     values = torch.empty_like(ones)
@@ -271,14 +295,46 @@ def _grad_z_layer(
         if low == high:
             continue
         run = torch.sparse_csr_tensor(
-            crow[first : last + 1] - low, col[low:high], ones[low:high], size=(last - first, out.shape[0]),
+            crow[first : last + 1] - low,
+            col[low:high],
+            ones[low:high],
+            size=(last - first, out.shape[0]),
             check_invariants=False,
-        )  # fmt: skip
+        )
         run_rows = buffer[: last - first]
         run_rows.copy_(block[first:last])
         values[low:high] = torch.sparse.sampled_addmm(run, run_rows, grad_t, beta=0.0).values()
     feature = torch.repeat_interleave(torch.arange(d_features, device=out.device), crow.diff())
     out.zero_().view(-1)[col * d_features + feature] = values
+
+
+def _sampled_patterns(
+    grad_needed: torch.Tensor | None, z_csr: list[torch.Tensor], active_t: Callable[[int], torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """Per source layer, the CSR [F, B] pattern of `grad_needed` where its grad z is a sampled
+    product (at most SDDMM_MAX_FRACTION of the entries), else None (the dense GEMM). `grad_needed`
+    holds every active entry, so a layer with as many needed entries as z has (TopK, BatchTopK,
+    JumpReLU with no entry in its window) takes z^T's pattern (`active_t`); the others (JumpReLU's
+    window) are built together (`_needed_patterns`)."""
+    n_layers = len(z_csr)
+    if grad_needed is None:
+        return [None] * n_layers
+    counts = [
+        int(grad_needed[:, source].sum()) for source in range(n_layers)
+    ]  # 7x faster than one sum over dims (0, 2)
+    limit = SDDMM_MAX_FRACTION * grad_needed.shape[0] * grad_needed.shape[2]
+    patterns: list[torch.Tensor | None] = [None] * n_layers
+    built = []
+    for source, count in enumerate(counts):
+        if count == z_csr[source]._nnz():
+            patterns[source] = active_t(source)
+        elif count <= limit:
+            built.append(source)
+    if built:
+        masks = grad_needed[:, built] if len(built) < n_layers else grad_needed
+        for source, pattern in zip(built, _needed_patterns(masks, z_csr[0].dtype), strict=True):
+            patterns[source] = pattern
+    return patterns
 
 
 class SparseDecodeWithNorms(torch.autograd.Function):
@@ -326,15 +382,13 @@ class SparseDecodeWithNorms(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_z_lbf = z.new_zeros(n_layers, batch, d_features)
             if grad_recon is not None:
+                patterns = _sampled_patterns(grad_needed, z_csr, active_t)
                 for source in range(n_layers):
                     needed = None if grad_needed is None else grad_needed[:, source]
-                    # `needed` holds every active entry; as many (TopK, BatchTopK): the same pattern as z
-                    same = needed is not None and int(needed.sum()) == z_csr[source]._nnz()
                     block = source_block(W_dec, offsets, source)
                     _grad_z_layer(
-                        grad_recon[:, source:].view(batch, -1), block, needed, grad_z_lbf[source],
-                        active_t(source) if same else None,
-                    )  # fmt: skip
+                        grad_recon[:, source:].view(batch, -1), block, needed, grad_z_lbf[source], patterns[source]
+                    )
             grad_z = grad_z_lbf.permute(1, 0, 2)
         if ctx.needs_input_grad[1]:  # the rows of active features only: z as [F, B] CSR per source
             grad_w = decoder_weight_grad(

@@ -126,7 +126,7 @@ class CLTConfig:
     d_features: int | None = None  # features per layer; None: expansion_factor * d_model
     expansion_factor: float = 2.0  # d_features = expansion_factor * d_model when d_features is null
     jumprelu_threshold: float = 0.03  # initial threshold (normalised units)
-    jumprelu_bandwidth: float = 1.0  # width of the rectangle kernel of the STE
+    jumprelu_bandwidth: float = 0.05  # width of the rectangle kernel of the STE (docs/quality.md: 1.0 before, same EV)
     init_l0: float = 64.0  # target L0 per layer after encoder-bias init
     init_encoder: str = (
         "uniform"  # uniform, or decoder: each encoder column starts along its same-layer decoder (clt/init.py)
