@@ -60,7 +60,7 @@ __all__ = [
 # to ~5% active; on an H200 it never beat dense by more than ~12% (torch's CSR ops are bound by
 # host syncs and cuSPARSE's SDDMM), so elsewhere `auto` decodes densely.
 AUTO_MAX_ACTIVE = {"cpu": 0.05}
-SDDMM_MAX_FRACTION = 0.02  # above it grad z of a layer is one dense GEMM (benchmarks/train_step.py --sparse)
+SDDMM_MAX_FRACTION = 0.10  # above it grad z is one dense GEMM per layer (sampled won up to 12%: docs/performance.md)
 SDDMM_RUN_BYTES = 4 * 2**20  # W_dec rows per sampled product: 4 MiB beat 1, 2, 16 (one-off, issue 18's shape)
 SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # the ops used here are stable
