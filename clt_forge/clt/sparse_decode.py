@@ -319,9 +319,8 @@ def _sampled_patterns(
     n_layers = len(z_csr)
     if grad_needed is None:
         return [None] * n_layers
-    counts = [
-        int(grad_needed[:, source].sum()) for source in range(n_layers)
-    ]  # 7x faster than one sum over dims (0, 2)
+    # One sum per layer: 7x faster than one sum over dims (0, 2) of the [B, L, F] view
+    counts = [int(grad_needed[:, source].sum()) for source in range(n_layers)]
     limit = SDDMM_MAX_FRACTION * grad_needed.shape[0] * grad_needed.shape[2]
     patterns: list[torch.Tensor | None] = [None] * n_layers
     built = []
