@@ -56,8 +56,9 @@ __all__ = [
     "norm_coef",
 ]
 
-# Measured crossover per device type (docs/performance.md, "Sparse decode"): on CPU sparse wins up
-# to ~5% active; on an H200 it never beat dense by more than ~12% (torch's CSR ops are bound by
+# Measured crossover per device type (docs/performance.md, "Sparse decode"): on CPU sparse won up
+# to ~5% active (before grad z's sampled product reached 10% of the entries: at 5% the sparse step
+# is now 0.42-0.52x dense, so the real crossover is higher; not re-measured); on an H200 it never beat dense by more than ~12% (torch's CSR ops are bound by
 # host syncs and cuSPARSE's SDDMM), so elsewhere `auto` decodes densely.
 AUTO_MAX_ACTIVE = {"cpu": 0.05}
 SDDMM_MAX_FRACTION = 0.10  # above it grad z is one dense GEMM per layer (sampled won up to 12%: docs/performance.md)
