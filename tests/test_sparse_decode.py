@@ -110,12 +110,13 @@ def test_grad_z_sampled_where_needed_only(run_bytes: int, monkeypatch: pytest.Mo
     needed = torch.rand(B, F, generator=generator) < 0.01  # below SDDMM_MAX_FRACTION: the sampled product
     needed[:, 3:6] = False  # a run without any needed entry
     assert 0 < needed.sum() <= SDDMM_MAX_FRACTION * needed.numel()
+    pattern = _needed_patterns(needed[:, None], torch.float32)[0]
     out = torch.full((B, F), 7.0)
-    _grad_z_layer(grad, block, needed, out)
+    _grad_z_layer(grad, block, needed, out, pattern)
     torch.testing.assert_close(out, (grad @ block.t()) * needed, **TOLERANCE)
     wide = torch.randn(F, 9 * D, generator=generator)[:, 2 : 2 + 5 * D]  # a strided block, as W_dec's
     strided_grad = torch.randn(B, 7 * D, generator=generator)[:, D : 6 * D]  # as grad recon[:, l:]
-    _grad_z_layer(strided_grad, wide, needed, out)
+    _grad_z_layer(strided_grad, wide, needed, out, pattern)
     torch.testing.assert_close(out, (strided_grad @ wide.t()) * needed, **TOLERANCE)
 
 

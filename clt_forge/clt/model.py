@@ -227,7 +227,8 @@ class CrossLayerTranscoder(nn.Module):
 
     Parameters (see the module docstring for the shapes and the packed decoder layout):
     W_enc, b_enc, log_threshold, W_dec, b_dec, and W_skip when `skip`. `bandwidth` is the JumpReLU
-    STE kernel width eps (0.05, as clt.jumprelu_bandwidth); the weights are initialised by `clt_forge.clt.init.init_clt` with `jumprelu_threshold`
+    STE kernel width eps (0.05, as clt.jumprelu_bandwidth); the weights are initialised by
+    `clt_forge.clt.init.init_clt` with `jumprelu_threshold`
     (call `init_encoder_bias` with a batch afterwards to start at a chosen L0); with
     `init=False` they are left uninitialised, for a caller that fills every parameter itself.
 

@@ -265,24 +265,22 @@ def _grad_z_layer(
     block: torch.Tensor,
     needed: torch.Tensor | None,
     out: torch.Tensor,
-    needed_t: torch.Tensor | None = None,
+    pattern: torch.Tensor | None = None,
 ) -> None:
-    """out [B, F] = grad_recon_l @ block^T where `needed` (everywhere when None), else 0.
-    `needed_t`: `needed`'s pattern as a CSR [F, B] when the caller has it (its values ignored;
-    its nnz is then `needed`'s count, not summed again).
+    """out [B, F] = grad_recon_l @ block^T where `needed` (everywhere when None), else 0: by the
+    dense GEMM, or by the sampled product at `pattern`, `needed`'s transpose as a CSR [F, B] (its
+    values ignored), when the caller gives one (`_sampled_patterns` decides which).
 
     The sampled product runs as its transpose, grad z^T [F, B] = W_l G_l^T at needed^T, on runs
     of SDDMM_RUN_BYTES of W_l's rows: torch's CPU SDDMM makes its first operand contiguous, and a
     run of whole rows (each contiguous in W_dec) copies at memory speed into one reused buffer that
     stays in cache, where W_l [F, (L - l) D] itself is strided (1.5x faster than one pair of D
     columns at a time, the way before: a one-off timing of the 30 sources at issue 18's shape)."""
-    count = 0 if needed is None else needed_t._nnz() if needed_t is not None else int(needed.sum())
-    if needed is None or count > SDDMM_MAX_FRACTION * needed.numel():
+    if pattern is None:
         torch.mm(grad_recon_l, block.t(), out=out)
         if needed is not None:
             out.mul_(needed)
         return
-    pattern = _needed_patterns(needed[:, None], out.dtype)[0] if needed_t is None else needed_t  # [F, B]
     crow, col, ones = pattern.crow_indices(), pattern.col_indices(), pattern.values()
     starts = crow.tolist()
     values = torch.empty_like(ones)
@@ -326,9 +324,11 @@ def _sampled_patterns(
     patterns: list[torch.Tensor | None] = [None] * n_layers
     built = []
     for source, count in enumerate(counts):
+        if count > limit:
+            continue
         if count == z_csr[source]._nnz():
             patterns[source] = active_t(source)
-        elif count <= limit:
+        else:
             built.append(source)
     if built:
         masks = grad_needed[:, built] if len(built) < n_layers else grad_needed
