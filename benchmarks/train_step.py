@@ -40,7 +40,8 @@ CPU steps run with malloc keeping freed memory from the second step on, as `clt 
 (clt_forge/heap.py); `--malloc system` keeps glibc's default. Rows record it (`malloc`).
 `--dead-coefficient` sets the --sparse step's dead-feature term (1e-5 by default; 0 turns it off),
 `--bandwidth` its JumpReLU STE bandwidth (clt.jumprelu_bandwidth's default unless given), which
-decides how many entries need grad z (`grad_z_needed`).
+decides how many entries need grad z (`grad_z_needed`), and `--native auto|on|off` the deferred
+optimizers' optim.native_kernel (auto by default, as `clt train`; rows record `native_kernel_ran`).
 
 Configs: (a) L=30, d_model=576, d_features=1152, batch 256 tokens; (b) L=12, d_model=768,
 d_features=1536, batch 512. Inputs are synthetic random activations.
@@ -323,13 +324,15 @@ def worker_sparse(
     shape: tuple[int, int, int] = SPARSE_SHAPE,
     dead_coefficient: float = 1e-5,
     bandwidth: float | None = None,
+    native_kernel: str = "auto",
 ) -> dict:
     """One training step (forward, loss, backward, fused Adam) at L=30, D=576, B=256 (`shape`) with
     about `active` of the features on: topk / batchtopk with k = active * F; jumprelu with b_enc
     shifted so that share of pre-activations exceeds theta = 0.03 (a trained-like CLT) and the STE
     bandwidth `bandwidth` (None: clt.jumprelu_bandwidth's default). bf16: forward and loss under
     autocast. deferred: W_dec's Adam step block by block (clt_forge.clt.deferred); deferred-bf16:
-    with its first moment in bf16. On cuda: synchronized timing and peak GPU memory from model build."""
+    with its first moment in bf16; both with optim.native_kernel=`native_kernel` (rows record whether
+    the native kernel ran). On cuda: synchronized timing and peak GPU memory from model build."""
     import contextlib
 
     import torch
@@ -359,7 +362,7 @@ def worker_sparse(
     )
     if enable_deferred is not None:
         exp_avg_dtype = torch.bfloat16 if optimizer_mode == "deferred-bf16" else torch.float32
-        enable_deferred(model, exp_avg_dtype=exp_avg_dtype)
+        enable_deferred(model, exp_avg_dtype=exp_avg_dtype, native_kernel=native_kernel)
     x = torch.randn(batch, n_layers, d_model, device=device)
     y = torch.randn(batch, n_layers, d_model, device=device) * 0.1
     if activation == "jumprelu":
@@ -423,6 +426,8 @@ def worker_sparse(
         "active_target": active,
         "dead_coefficient": dead_coefficient,
         "bandwidth": bandwidth,
+        "native_kernel": native_kernel if enable_deferred is not None else None,
+        "native_kernel_ran": getattr(model.decoder_grad, "norms", None) is not None,
         **record,
         "seconds_per_step": statistics.median(times),
         "seconds_per_step_all": times,
@@ -476,6 +481,10 @@ def main() -> None:
         "--bandwidth", type=float, default=None,
         help="--sparse: the JumpReLU STE bandwidth (default: clt.jumprelu_bandwidth's); it sets how many entries need grad z",
     )  # fmt: skip
+    parser.add_argument(
+        "--native", choices=["auto", "on", "off"], default="auto",
+        help="--sparse deferred optimizers: optim.native_kernel (W_dec's Adam step by the C kernel after a sparse CPU decode)",
+    )  # fmt: skip
     parser.add_argument("--out", help="--sparse: also append each row to this file as one JSON line")
     parser.add_argument("--max-seconds", type=float, default=None, help="--sparse cuda: skip rows after this")
     parser.add_argument(
@@ -500,6 +509,7 @@ def main() -> None:
                 out = worker_sparse(
                     int(rest[0]), int(rest[1]), rest[2], float(rest[3]), rest[4], int(rest[5]), "cpu", rest[6], rest[7],
                     dead_coefficient=float(rest[8]), bandwidth=None if rest[9] == "default" else float(rest[9]),
+                    native_kernel=rest[10],
                 )  # fmt: skip
             except Exception as exc:
                 out = {"error": str(exc), "error_type": type(exc).__name__}
@@ -588,6 +598,7 @@ def run_in_process(
     shape: tuple[int, int, int] = SPARSE_SHAPE,
     dead_coefficient: float = 1e-5,
     bandwidth: float | None = None,
+    native_kernel: str = "auto",
 ) -> list[dict]:
     """Each spec's step in this process, in order (CUDA init once); everything freed between
     rows; a failing row (OOM, deferred unavailable) records {"error": ...} and the run goes on;
@@ -604,7 +615,7 @@ def run_in_process(
             try:
                 row = worker_sparse(
                     threads, spec["d_features"], spec["activation"], spec["active"], spec["decode"], steps,
-                    device, spec["precision"], spec["optimizer"], shape, dead_coefficient, bandwidth,
+                    device, spec["precision"], spec["optimizer"], shape, dead_coefficient, bandwidth, native_kernel,
                 )  # fmt: skip
             except Exception as exc:
                 row = {**spec, "device": device, "error": str(exc), "error_type": type(exc).__name__}
@@ -638,13 +649,14 @@ def sparse_report(args: argparse.Namespace) -> dict:
                 deadline,
                 dead_coefficient=args.dead_coefficient,
                 bandwidth=args.bandwidth,
+                native_kernel=args.native,
             )
         }
     rows = []
     specs = sparse_specs(args.sparse_features, acts, args.active, ["dense"], args.optimizer, args.precision)
     for spec in sorted(specs, key=lambda s: (s["d_features"], acts.index(s["activation"]), s["active"])):
         bandwidth = "default" if args.bandwidth is None else str(args.bandwidth)
-        extra = [spec["precision"], spec["optimizer"], str(args.dead_coefficient), bandwidth]
+        extra = [spec["precision"], spec["optimizer"], str(args.dead_coefficient), bandwidth, args.native]
         head = ["sparse", str(args.threads[0]), str(spec["d_features"]), spec["activation"], str(spec["active"])]
         decodes = ["dense", "sparse"] if spec["precision"] == "fp32" else ["dense"]
         pair = {decode: _run_worker([*head, decode, str(steps), *extra]) for decode in decodes}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_sparse_decode import SETTINGS, make_clt
 from test_train import dataset, train, train_config, train_records  # noqa: F401  (dataset: a module fixture)
 
-from clt_forge.clt import deferred
+from clt_forge.clt import deferred, sparse_decode
 from clt_forge.clt.deferred import enable_deferred_decoder
 from clt_forge.clt.loss import clt_loss
 from clt_forge.clt.model import CrossLayerTranscoder
@@ -56,11 +56,15 @@ def train_steps(
     return norms, optimizer
 
 
-@pytest.mark.parametrize("decode", ["dense", "sparse"])
+@pytest.mark.parametrize("decode", ["dense", "sparse", "sparse-native"])
 @pytest.mark.parametrize("name", ["jumprelu", "topk", "batchtopk"])
 def test_blocks_train_like_the_full_gradient(name: str, decode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dense decode: chunks of pairs, for-loop Adam. Sparse decode: chunks of 3 features over all
-    pairs (64 = 21 x 3 + 1), each stepped by torch's fused Adam, as the full side's optimizer."""
+    """Dense decode: chunks of pairs, for-loop Adam. Sparse decode with optim.native_kernel=off:
+    chunks of 3 features over all pairs (64 = 21 x 3 + 1), each stepped by torch's fused Adam, as
+    the full side's optimizer. sparse-native (native_kernel=on): the native kernel steps W_dec
+    with no chunk built, and leaves the decoder norms that the next forward reads."""
+    native = decode == "sparse-native"
+    decode = "sparse" if native else decode
     pairs = L * (L + 1) // 2
     chunk = 3 * pairs * D if decode == "sparse" else deferred.CHUNK_ELEMENTS
     monkeypatch.setattr(deferred, "CHUNK_ELEMENTS", chunk)
@@ -76,14 +80,23 @@ def test_blocks_train_like_the_full_gradient(name: str, decode: str, monkeypatch
     blocks_pass = deferred.DeferredDecoderGrad._blocks
     monkeypatch.setattr(deferred.DeferredDecoderGrad, "_blocks", lambda self: built.append(1) or blocks_pass(self))
     full, blocks = make_clt(name, decode), make_clt(name, decode)
-    sink = enable_deferred_decoder(blocks)
+    sink = enable_deferred_decoder(blocks, native_kernel="on" if native else "off")
     fused = decode == "sparse"  # torch's fused kernel on one side, its for-loop Adam on the other
     full_norms, full_opt = train_steps(full, name, fused)
     assert fused_rows == ([F] * 3 if fused else [])  # the full side: W_dec in one call per step
     fused_rows.clear()
+    norm_passes = []  # forwards that computed the decoder norms from W_dec
+    packed = sparse_decode.decoder_norms_packed
+    monkeypatch.setattr(sparse_decode, "decoder_norms_packed", lambda *a: norm_passes.append(1) or packed(*a))
     block_norms, block_opt = train_steps(blocks, name, fused)
-    assert fused_rows == ([3] * 21 + [1]) * 3 if fused else not fused_rows
-    assert len(built) == 3
+    if native:
+        assert not fused_rows and not built and sink._buffer is None, "no chunk: the kernel builds each row"
+        assert len(norm_passes) == 1, "steps 2 and 3 read the norms the kernel left"
+        assert sink.norms is not None
+        torch.testing.assert_close(sink.cached_norms(blocks.W_dec), packed(blocks.W_dec, blocks.offsets), **TOLERANCE)
+    else:
+        assert fused_rows == ([3] * 21 + [1]) * 3 if fused else not fused_rows
+        assert len(built) == 3 and len(norm_passes) == 3
     assert min(full_norms) > CLIP
     torch.testing.assert_close(block_norms, full_norms, **TOLERANCE)
     torch.testing.assert_close(dict(blocks.named_parameters()), dict(full.named_parameters()), **TOLERANCE)
@@ -92,7 +105,8 @@ def test_blocks_train_like_the_full_gradient(name: str, decode: str, monkeypatch
     assert block_state["step"].device == full_state["step"].device
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(block_state[key], full_state[key], **TOLERANCE)
-    assert sink._buffer is not None and sink._buffer.numel() == min(chunk, F * L * D)  # a chunk, never W_dec
+    if not native:
+        assert sink._buffer is not None and sink._buffer.numel() == min(chunk, F * L * D)  # a chunk, never W_dec
     assert blocks.W_dec.numel() == F * pairs * D
 
 

@@ -1,7 +1,8 @@
-"""Packaging: docs/configuration.md is in sync, and conf/ works from a non-editable wheel."""
+"""Packaging: docs/configuration.md is in sync, and conf/ and the native kernel work from a non-editable wheel."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -65,3 +66,14 @@ def test_wheel_install_composes_configs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "scheme: int4" in result.stdout
     assert not (tmp_path / "conf").exists()
+    built = subprocess.run(  # the native kernel's C source ships in the wheel and builds from there
+        [str(venv / "bin" / "python"), "-c", "from clt_forge.clt import native as n; print(n.SOURCE, n.unavailable())"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "CLT_FORGE_CACHE": str(tmp_path / "cache")},
+        check=True,
+    )
+    source, failure = built.stdout.split()
+    assert Path(source).is_relative_to(site) and failure == "None", built.stdout
+    assert list((tmp_path / "cache" / "native").glob("decoder_adam-*.so"))

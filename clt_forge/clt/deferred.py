@@ -44,16 +44,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clt_forge.clt import native
 from clt_forge.clt.sparse_decode import decoder_block_grad
 from clt_forge.errors import CLTError
 
 if TYPE_CHECKING:
     from clt_forge.clt.model import CrossLayerTranscoder
 
-__all__ = ["CHUNK_ELEMENTS", "DeferredDecoderGrad", "adam_state", "enable_deferred_decoder"]
+__all__ = ["CHUNK_ELEMENTS", "NATIVE_MODES", "DeferredDecoderGrad", "adam_state", "enable_deferred_decoder"]
 
 CHUNK_ELEMENTS = 16 * 2**20  # the gradient buffer: 64 MiB in fp32 (one (source, target) pair if that is larger)
 FUSED_DTYPES = (torch.float32, torch.float64)  # contiguous chunks of these step through torch's fused Adam
+NATIVE_MODES = ("auto", "on", "off")  # optim.native_kernel
 
 
 @dataclass
@@ -72,11 +74,19 @@ class DeferredDecoderGrad:
 
     `clip`: whether the backward also computes the gradient's sum of squares (`square`), for
     global-norm clipping; the clipping then sets `scale` (1 when it does not clip).
-    `exp_avg_dtype`: the dtype W_dec's Adam first moment is kept in (float32 or bfloat16)."""
+    `exp_avg_dtype`: the dtype W_dec's Adam first moment is kept in (float32 or bfloat16).
+    `native_kernel`: whether a step after a sparse decode runs the native kernel (`native`): auto
+    (where it builds), on (stop where it does not), off (torch ops only)."""
 
-    def __init__(self, clip: bool = True, exp_avg_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, clip: bool = True, exp_avg_dtype: torch.dtype = torch.float32, native_kernel: str = "auto"
+    ) -> None:
+        if native_kernel not in NATIVE_MODES:
+            raise CLTError(f"optim.native_kernel={native_kernel!r}: use auto, on or off.")
         self.clip = clip
         self.exp_avg_dtype = exp_avg_dtype
+        self.native_kernel = native_kernel
+        self.norms: tuple[int, int, torch.Tensor] | None = None  # (W_dec's version, data_ptr, its norms [L, F])
         self.pending: _Pending | None = None
         self.square: torch.Tensor | None = None
         self.scale: float | torch.Tensor = 1.0
@@ -84,10 +94,22 @@ class DeferredDecoderGrad:
         self._moment: torch.Tensor | None = None  # bf16 exp_avg: one chunk of it in fp32
 
     def __getstate__(self) -> dict:  # scratch state: a copy of the CLT starts without it
-        return {"clip": self.clip, "exp_avg_dtype": self.exp_avg_dtype}
+        return {"clip": self.clip, "exp_avg_dtype": self.exp_avg_dtype, "native_kernel": self.native_kernel}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["clip"], state.get("exp_avg_dtype", torch.float32))  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["clip"], state.get("exp_avg_dtype", torch.float32), state.get("native_kernel", "auto")
+        )
+
+    def cached_norms(self, W_dec: torch.Tensor) -> torch.Tensor | None:
+        """W_dec's decoder norms [L, F] as the native kernel's last step left them, while W_dec is
+        unchanged since (same storage, same autograd version counter); else None."""
+        if self.norms is None:
+            return None
+        version, pointer, norms = self.norms
+        if W_dec._version != version or W_dec.data_ptr() != pointer or W_dec.dtype != norms.dtype:
+            return None
+        return norms.clone()
 
     def gradient(
         self,
@@ -207,6 +229,17 @@ class DeferredDecoderGrad:
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # as torch's Adam
         fused = W_dec.dtype in FUSED_DTYPES and state["step"].device == W_dec.device
+        self.norms = None
+        if self._native(W_dec, moments):
+            pending = self.pending
+            norms = native.decoder_adam(
+                W_dec.detach(), *moments, pending.offsets,
+                [pending.z_t(source) for source in range(len(pending.offsets) - 1)],
+                pending.grad_recon, pending.coef, float(self.scale), lr, beta1, beta2, eps, step,
+            )  # fmt: skip
+            self.norms = (W_dec._version, W_dec.data_ptr(), norms)
+            self.pending, self.square, self.scale = None, None, 1.0
+            return
         with torch.no_grad():
             for where, grad in self._blocks():
                 if grad.dtype != W_dec.dtype:  # bf16 autocast: the decode ran on a bf16 copy
@@ -229,6 +262,26 @@ class DeferredDecoderGrad:
                 if low:
                     stored.copy_(exp_avg)  # rounded to nearest (even); the update used the fp32 value
         self.pending, self.square, self.scale = None, None, 1.0
+
+    def _native(self, W_dec: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Whether this step runs the native kernel: after a sparse fp32 decode of W_dec itself, on
+        the CPU, with contiguous moments, and `native_kernel` not off (on: stop where it cannot build)."""
+        pending = self.pending
+        assert pending is not None
+        if self.native_kernel == "off":
+            return False
+        if self.native_kernel == "on" and (reason := native.unavailable()) is not None:
+            raise CLTError(f"optim.native_kernel=on: {reason}")
+        applies = (
+            W_dec.device.type == "cpu"
+            and W_dec.dtype == torch.float32
+            and pending.W_dec.data_ptr() == W_dec.data_ptr()
+            and pending.W_dec.dtype == W_dec.dtype
+            and W_dec.is_contiguous()
+            and all(m.is_contiguous() for m in moments)
+            and pending.z_t(0).layout == torch.sparse_csr
+        )
+        return applies and native.load() is not None
 
     def flush(self, W_dec: torch.Tensor) -> None:
         """Bring W_dec and its Adam state up to the current step before they are read: nothing to
@@ -262,11 +315,15 @@ def adam_state(
 
 
 def enable_deferred_decoder(
-    clt: CrossLayerTranscoder, clip: bool = True, exp_avg_dtype: torch.dtype = torch.float32
+    clt: CrossLayerTranscoder,
+    clip: bool = True,
+    exp_avg_dtype: torch.dtype = torch.float32,
+    native_kernel: str = "auto",
 ) -> DeferredDecoderGrad:
     """Route `clt`'s W_dec gradient to a new `DeferredDecoderGrad` (returned): W_dec.grad stays
-    None, and `adam_step` after each optimizer step updates W_dec (its exp_avg in `exp_avg_dtype`)."""
-    sink = DeferredDecoderGrad(clip, exp_avg_dtype)
+    None, and `adam_step` after each optimizer step updates W_dec (its exp_avg in `exp_avg_dtype`;
+    `native_kernel` as the sink's)."""
+    sink = DeferredDecoderGrad(clip, exp_avg_dtype, native_kernel)
     clt.decoder_grad = sink
     clt.grad_buffer = None  # no full-size gradient buffer is kept either
     return sink

@@ -68,6 +68,7 @@ from clt_forge.clt.sparse_decode import (
     DECODE,
     DecoderGradSink,
     SparseDecodeWithNorms,
+    current_decoder_norms,
     decoder_weight_grad,
     full_decoder_grad,
     grad_square_fn,
@@ -181,7 +182,7 @@ class _DecodeWithNorms(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         recon = _decode_packed(z, W_dec, offsets)
         # Without `with_norms` the second output is an empty placeholder (and gets no gradient).
-        norms = _decoder_norms_packed(W_dec, offsets) if with_norms else W_dec.new_empty(0)
+        norms = current_decoder_norms(W_dec, offsets, grad_buffer) if with_norms else W_dec.new_empty(0)
         ctx.save_for_backward(z, W_dec, norms)
         ctx.offsets = offsets
         ctx.grad_buffer = grad_buffer

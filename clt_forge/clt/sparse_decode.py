@@ -238,6 +238,14 @@ def decoder_norms_packed(W_dec: torch.Tensor, offsets: list[int]) -> torch.Tenso
     return torch.stack([torch.linalg.vector_norm(source_block(W_dec, offsets, s), dim=1) for s in range(n_layers)])
 
 
+def current_decoder_norms(W_dec: torch.Tensor, offsets: list[int], sink: DecoderGradSink | None) -> torch.Tensor:
+    """`decoder_norms_packed(W_dec)`, or the norms `sink` kept of this very W_dec (the native
+    kernel computes them as it steps W_dec: clt_forge/clt/native.py), which saves a pass over W_dec."""
+    cached = getattr(sink, "cached_norms", None)
+    norms = cached(W_dec) if cached is not None else None
+    return decoder_norms_packed(W_dec, offsets) if norms is None else norms
+
+
 def _needed_patterns(masks: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """Each layer's mask of `masks` [B, n, F] (bool) transposed, as a CSR [F, B] pattern (values 1 in
     `dtype`): one nonzero over a [n, F, B] copy, 7x faster than n `to_sparse_csr` conversions of
@@ -356,7 +364,7 @@ class SparseDecodeWithNorms(torch.autograd.Function):
         z_csr = [z[:, source].to_sparse_csr() for source in range(n_layers)]  # kept for the backward
         for source, active in enumerate(z_csr):
             out[:, source:].view(batch, -1).addmm_(active, source_block(W_dec, offsets, source))
-        norms = decoder_norms_packed(W_dec, offsets) if with_norms else W_dec.new_empty(0)
+        norms = current_decoder_norms(W_dec, offsets, grad_buffer) if with_norms else W_dec.new_empty(0)
         ctx.save_for_backward(z, W_dec, norms, grad_needed)
         ctx.offsets, ctx.grad_buffer, ctx.z_csr = offsets, grad_buffer, z_csr
         ctx.set_materialize_grads(False)

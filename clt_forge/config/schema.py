@@ -200,12 +200,15 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient norm bound; 0 disables
     decoder_grad: str = "full"  # full: W_dec.grad; blocks: built per source in Adam; rows: row-lazy Adam
     exp_avg_dtype: str = "float32"  # W_dec's Adam first moment: float32, or bfloat16 (decoder_grad=blocks only)
+    native_kernel: str = "auto"  # blocks after a sparse CPU decode: W_dec Adam by a C kernel (auto, on, off)
 
     def __post_init__(self) -> None:
         if self.decoder_grad not in ("full", "blocks", "rows"):
             raise ValueError(f"optim.decoder_grad={self.decoder_grad!r}: use full, blocks or rows.")
         if self.exp_avg_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"optim.exp_avg_dtype={self.exp_avg_dtype!r}: use float32 or bfloat16.")
+        if self.native_kernel not in ("auto", "on", "off"):
+            raise ValueError(f"optim.native_kernel={self.native_kernel!r}: use auto, on or off.")
         if self.exp_avg_dtype != "float32" and self.decoder_grad != "blocks":
             raise ConfigError(
                 f"optim.exp_avg_dtype={self.exp_avg_dtype} needs optim.decoder_grad=blocks (it is "

@@ -235,4 +235,6 @@ def decoder_grad_sink(
             )
     if cfg.optim.decoder_grad == "rows":
         return enable_row_lazy_adam(clt, optimizer, reads_all_rows=cfg.sparsity.dead_coefficient != 0)
-    return enable_deferred_decoder(clt, exp_avg_dtype=getattr(torch, cfg.optim.exp_avg_dtype))
+    return enable_deferred_decoder(
+        clt, exp_avg_dtype=getattr(torch, cfg.optim.exp_avg_dtype), native_kernel=cfg.optim.native_kernel
+    )

@@ -1,0 +1,116 @@
+/* W_dec's Adam step with its gradient built in place, one feature at a time (clt_forge/clt/native.py).
+
+For each feature f of [f_begin, f_end) and each source layer l, the gradient of f's decoder row
+for l (its (L - l) D floats, contiguous in W_dec [F, P, D]) is built in `scratch`, which stays in
+cache:
+    g = coef[l, f] W[f, l]  +  sum over the nonzeros (f, t) of z_l^T: z[t, l, f] grad_recon[t, l:]
+    g *= scale
+and then used at once by torch's Adam formula (no weight decay, amsgrad or maximize):
+    m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+    W -= step_size m / (sqrt(v) / bias_correction2_sqrt + eps)
+followed by the norm of the new row, norms[l, f] (the next forward's decoder norms). W_dec, its
+moments and the norms are each read and written once per step; torch ops need four more passes
+over W_dec-sized memory for the same (coef * W, the sparse product, the norms, the gradient).
+
+m is float32 or bfloat16 (`m_bf16`: stored rounded to nearest even from the float32 value the
+update used, as torch's `copy_` rounds). Every pointer array holds one entry per source layer.
+Built by native.py with -O3 -march=native -fno-math-errno -fopenmp-simd (the pragmas only; no OpenMP runtime):
+the callers run disjoint feature ranges on their own threads. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even; a NaN stays a NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+}
+
+/* One row segment: grad = (c w + part) scale (part NULL: no sparse part), Adam on w and its
+   moments (m in bf16 where m16 is given, else m32), and the sum of squares of the new w. Inlined
+   at each call with constant NULLs, so each variant is its own vectorized loop. */
+static inline __attribute__((always_inline)) float adam_row(
+    float *restrict w, const float *restrict part, uint16_t *restrict m16, float *restrict m32,
+    float *restrict sq, int64_t len, float c, float scale, float beta1, float beta2, float step_size,
+    float inv_bc2, float eps)
+{
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < len; ++i) {
+        const float grad = (part ? c * w[i] + part[i] : c * w[i]) * scale;
+        const float old = m16 ? bf16_to_float(m16[i]) : m32[i];
+        const float a = old * beta1 + grad * (1.0f - beta1);
+        const float s = sq[i] * beta2 + grad * grad * (1.0f - beta2);
+        const float p = w[i] - step_size * a / (sqrtf(s) * inv_bc2 + eps);
+        if (m16) m16[i] = float_to_bf16(a);
+        else m32[i] = a;
+        sq[i] = s;
+        w[i] = p;
+        total += p * p;
+    }
+    return total;
+}
+
+#define STEP_ARGS scale, beta1, beta2, step_size, inv_bc2, eps
+
+int clt_decoder_adam_version(void) { return 1; }
+
+void clt_decoder_adam(
+    int64_t f_begin, int64_t f_end, int64_t n_features, int64_t n_layers, int64_t d_model,
+    const int64_t *offsets,           /* [L + 1] W_dec's pair offsets */
+    float *W,                         /* [F, P, D] */
+    void *m, int m_bf16,              /* [F, P, D] float32 or bfloat16 */
+    float *v,                         /* [F, P, D] */
+    const float *coef,                /* [L, F], or NULL */
+    const int64_t *const *crow,       /* z_l^T as CSR [F, B]: row starts [F + 1] per source */
+    const int64_t *const *col,        /* its token indices */
+    const float *const *val,          /* its values z[t, l, f] */
+    const float *grad_recon,          /* [B, L, D], or NULL */
+    float scale, float beta1, float beta2, float step_size, float bias_correction2_sqrt, float eps,
+    float *norms,                     /* [L, F] out, or NULL */
+    float *scratch)                   /* L D floats, this caller's own */
+{
+    const int64_t n_pairs = offsets[n_layers];
+    const int64_t row = n_pairs * d_model;
+    const int64_t stride = n_layers * d_model; /* grad_recon's token stride */
+    const float inv_bc2 = 1.0f / bias_correction2_sqrt;
+    for (int64_t f = f_begin; f < f_end; ++f) {
+        for (int64_t l = 0; l < n_layers; ++l) {
+            const int64_t start = f * row + offsets[l] * d_model;
+            const int64_t len = (n_layers - l) * d_model;
+            float *restrict w = W + start;
+            float *restrict g = scratch;
+            float *restrict sq = v + start;
+            const float c = coef ? coef[l * n_features + f] : 0.0f;
+            /* the sparse part in g (cache), then one pass over W, m, v: three streams from memory at once */
+            const int64_t first = crow[l][f], last = grad_recon ? crow[l][f + 1] : first;
+            for (int64_t j = first; j < last; ++j) {
+                const float a = val[l][j];
+                const float *restrict src = grad_recon + col[l][j] * stride + l * d_model;
+                if (j == first) {
+#pragma omp simd
+                    for (int64_t i = 0; i < len; ++i) g[i] = a * src[i];
+                } else {
+#pragma omp simd
+                    for (int64_t i = 0; i < len; ++i) g[i] += a * src[i];
+                }
+            }
+            const float *restrict part = last > first ? g : NULL; /* no nonzero: g is stale, not read */
+            float total = 0.0f;
+            if (m_bf16 && part) total = adam_row(w, part, (uint16_t *)m + start, NULL, sq, len, c, STEP_ARGS);
+            else if (m_bf16) total = adam_row(w, NULL, (uint16_t *)m + start, NULL, sq, len, c, STEP_ARGS);
+            else if (part) total = adam_row(w, part, NULL, (float *)m + start, sq, len, c, STEP_ARGS);
+            else total = adam_row(w, NULL, NULL, (float *)m + start, sq, len, c, STEP_ARGS);
+            if (norms) norms[l * n_features + f] = sqrtf(total);
+        }
+    }
+}
