@@ -1,9 +1,11 @@
-"""The native kernel of W_dec's Adam step (clt_forge/clt/native.py, decoder_adam.c): it builds with
-the machine's C compiler, equals torch's gradient and fused Adam to fp32 rounding (fp32 and bf16
-first moments, clipping scale, no coefficient / no reconstruction gradient, one and two threads),
-leaves the decoder norms of the stepped W_dec, which stop being used once W_dec changes, and where
-no compiler works, optim.native_kernel=auto trains with torch ops while `on` stops with the reason.
-(tests/test_decoder_blocks.py trains with it against the full gradient, every activation.)"""
+"""The sparse decode's C kernels (clt_forge/clt/native.py, sparse_kernels.c): they build with the
+machine's C compiler; the decode and the sampled grad z equal torch's products; W_dec's Adam step
+equals torch's gradient and fused Adam to fp32 rounding (fp32 and bf16 first moments, clipping
+scale, no coefficient / no reconstruction gradient, one and two threads) and leaves the decoder
+norms of the stepped W_dec, which stop being used once W_dec changes; where no compiler works,
+clt.native_kernel=auto trains with torch ops while `on` stops with the reason.
+(tests/test_sparse_decode.py and tests/test_decoder_blocks.py train with them against the dense
+decode and the full gradient, every activation.)"""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from test_sparse_decode import make_clt
 
 from clt_forge.clt import native
 from clt_forge.clt.deferred import enable_deferred_decoder
-from clt_forge.clt.model import pair_offsets
+from clt_forge.clt.model import CrossLayerTranscoder, pair_offsets
 from clt_forge.clt.sparse_decode import decoder_norms_packed
 from clt_forge.errors import CLTError
 
@@ -77,11 +79,45 @@ def test_kernel_equals_torch_gradient_and_fused_adam(threads: int, exp_avg_dtype
     assert (W - original).abs().max() > 100 * TOLERANCE["rtol"], "W moved"
 
 
-def test_kernel_refuses_what_it_cannot_step() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_and_sampled_grad_z_equal_torch_products(threads: int) -> None:
+    generator = torch.Generator().manual_seed(4)
+    offsets = pair_offsets(L)
+    W = torch.randn(F, offsets[-1], D, generator=generator)
+    z = torch.relu(torch.randn(B, L, F, generator=generator) - 1.5)
+    z[3] = 0.0  # a token with no active feature
+    grad_recon = torch.randn(B, L, D, generator=generator)
+    needed = (z != 0) | (torch.rand(B, L, F, generator=generator) < 0.02)  # active, plus a window
+    expected_recon, expected_grad_z = torch.zeros(B, L, D), torch.zeros(L, B, F)
+    for source in range(L):
+        block = W[:, offsets[source] : offsets[source + 1]].reshape(F, -1)
+        expected_recon[:, source:] += (z[:, source] @ block).view(B, L - source, D)
+        expected_grad_z[source] = grad_recon[:, source:].reshape(B, -1) @ block.t() * needed[:, source]
+    patterns = [needed[:, source].t().contiguous().to_sparse_csr() for source in range(L)]
+    patterns[2] = None  # a layer left to the caller (the dense GEMM)
+    out = torch.full((L, B, F), 7.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        recon = native.sparse_decode([z[:, source].to_sparse_csr() for source in range(L)], W, offsets)
+        native.sampled_grad_z(patterns, W, offsets, grad_recon, out)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(recon, expected_recon, **TOLERANCE)
+    assert torch.equal(out[2], torch.full((B, F), 7.0)), "no pattern: not written"
+    written = out.masked_fill(~needed.permute(1, 0, 2), 0.0)
+    written[2] = expected_grad_z[2]
+    torch.testing.assert_close(written, expected_grad_z, **TOLERANCE)
+    assert torch.equal(out.masked_fill(needed.permute(1, 0, 2), 7.0), torch.full((L, B, F), 7.0)), "only the pattern"
+
+
+def test_kernels_refuse_what_they_cannot_run() -> None:
     offsets = pair_offsets(L)
     W = torch.zeros(F, offsets[-1], D)
-    with pytest.raises(ValueError, match=r"exp_avg must be a contiguous CPU tensor shaped like W_dec"):
+    with pytest.raises(ValueError, match=r"exp_avg must be a contiguous CPU tensor of shape \(40, 10, 16\)"):
         native.decoder_adam(W, W.transpose(0, 1), W.clone(), offsets, [], None, None, 1.0, LR, 0.9, 0.999, EPS, 1.0)
+    with pytest.raises(ValueError, match=r"grad_recon must be a contiguous CPU tensor of shape \(24, 4, 16\)"):
+        native.sampled_grad_z([None] * L, W, offsets, torch.zeros(B, L, D).transpose(0, 1), torch.zeros(L, B, F))
     with pytest.raises(ValueError, match=r"W_dec and exp_avg_sq must be float32"):
         native.decoder_adam(W.double(), W.double(), W.double(), offsets, [], None, None, 1.0, LR, 0.9, 0.999, EPS, 1.0)
 
@@ -115,6 +151,7 @@ def no_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path):
 def test_without_a_compiler_auto_uses_torch_ops_and_on_stops(no_compiler) -> None:
     assert native.load() is None
     assert "could not be built" in (native.unavailable() or "")
+    assert not native.usable("auto", torch.zeros(1))
     auto, off = make_clt("topk", "sparse"), make_clt("topk", "sparse")
     enable_deferred_decoder(auto, native_kernel="auto")
     enable_deferred_decoder(off, native_kernel="off")
@@ -122,11 +159,13 @@ def test_without_a_compiler_auto_uses_torch_ops_and_on_stops(no_compiler) -> Non
     train_steps(off, "topk", True, steps=2)
     assert torch.equal(auto.W_dec, off.W_dec), "auto fell back to the same torch ops"
     on = make_clt("topk", "sparse")
-    enable_deferred_decoder(on, native_kernel="on")
-    with pytest.raises(CLTError, match=r"optim\.native_kernel=on: the native kernel \(decoder_adam\.c\) could not"):
-        train_steps(on, "topk", True, steps=1)
+    on.native_kernel = "on"
+    with pytest.raises(CLTError, match=r"clt\.native_kernel=on: the native kernels \(sparse_kernels\.c\) could not"):
+        train_steps(on, "topk", True, steps=1)  # stops at the forward's decode
 
 
 def test_native_kernel_mode_is_checked() -> None:
-    with pytest.raises(CLTError, match=r"optim\.native_kernel='fast': use auto, on or off"):
+    with pytest.raises(CLTError, match=r"clt\.native_kernel='fast': use auto, on or off"):
         enable_deferred_decoder(make_clt("topk", "sparse"), native_kernel="fast")
+    with pytest.raises(CLTError, match=r"clt\.native_kernel='yes': use auto, on or off"):
+        CrossLayerTranscoder(L, D, F, native_kernel="yes")

@@ -76,4 +76,4 @@ def test_wheel_install_composes_configs(tmp_path):
     )
     source, failure = built.stdout.split()
     assert Path(source).is_relative_to(site) and failure == "None", built.stdout
-    assert list((tmp_path / "cache" / "native").glob("decoder_adam-*.so"))
+    assert list((tmp_path / "cache" / "native").glob("sparse_kernels-*.so"))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from gloo import spawn_ranks
 
-from clt_forge.clt import sparse_decode
+from clt_forge.clt import native, sparse_decode
 from clt_forge.clt.loss import clt_loss
 from clt_forge.clt.model import CrossLayerTranscoder
 from clt_forge.clt.sparse_decode import (
@@ -67,15 +67,22 @@ def step(clt: CrossLayerTranscoder, name: str) -> tuple[dict[str, torch.Tensor],
     return {n: getattr(terms, n).detach() for n in ("total", "mse", "sparsity", "dead")}, grads
 
 
+@pytest.mark.parametrize("kernels", ["torch", "native"])
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_sparse_equals_dense(name: str, sampled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sparse_equals_dense(name: str, sampled: bool, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sampled`: grad z by the sampled product in every layer (above SDDMM_MAX_FRACTION here), in
-    runs of 5 decoder rows: TopK / BatchTopK reuse z's own pattern, JumpReLU's window converts its own."""
+    runs of 5 decoder rows: TopK / BatchTopK reuse z's own pattern, JumpReLU's window converts its own.
+    `kernels`: torch's CSR ops (clt.native_kernel=off), or the C kernels of clt_forge/clt/native.py (on)."""
     if sampled:
         monkeypatch.setattr(sparse_decode, "SDDMM_MAX_FRACTION", 1.0)
         monkeypatch.setattr(sparse_decode, "SDDMM_RUN_BYTES", 5 * L * D * 4)
+    calls: list[str] = []
+    for kernel in ("sparse_decode", "sampled_grad_z"):
+        original = getattr(native, kernel)
+        monkeypatch.setattr(native, kernel, lambda *a, k=kernel, f=original: calls.append(k) or f(*a))
     dense, sparse = make_clt(name, "dense"), make_clt(name, "sparse")
+    sparse.native_kernel = "on" if kernels == "native" else "off"
     x, _ = batch()
     with torch.no_grad():  # no training forward: TopK's theta estimate stays as it is
         active = (dense(x).features != 0).float().mean().item()
@@ -87,6 +94,10 @@ def test_sparse_equals_dense(name: str, sampled: bool, monkeypatch: pytest.Monke
     assert ("log_threshold" in dense_grads) == name.startswith("jumprelu")
     torch.testing.assert_close(sparse_grads, dense_grads, **TOLERANCE)
     torch.testing.assert_close(dict(sparse.named_parameters()), dict(dense.named_parameters()), **TOLERANCE)
+    if kernels == "native":  # the forward, and grad z of the sampled layers (all of them when `sampled`)
+        assert calls[0] == "sparse_decode" and (not sampled or calls[1:] == ["sampled_grad_z"])
+    else:
+        assert not calls
 
 
 def test_sparse_decode_alone_without_grad_mask_and_without_norms() -> None:

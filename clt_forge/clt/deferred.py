@@ -51,11 +51,10 @@ from clt_forge.errors import CLTError
 if TYPE_CHECKING:
     from clt_forge.clt.model import CrossLayerTranscoder
 
-__all__ = ["CHUNK_ELEMENTS", "NATIVE_MODES", "DeferredDecoderGrad", "adam_state", "enable_deferred_decoder"]
+__all__ = ["CHUNK_ELEMENTS", "DeferredDecoderGrad", "adam_state", "enable_deferred_decoder"]
 
 CHUNK_ELEMENTS = 16 * 2**20  # the gradient buffer: 64 MiB in fp32 (one (source, target) pair if that is larger)
 FUSED_DTYPES = (torch.float32, torch.float64)  # contiguous chunks of these step through torch's fused Adam
-NATIVE_MODES = ("auto", "on", "off")  # optim.native_kernel
 
 
 @dataclass
@@ -75,14 +74,14 @@ class DeferredDecoderGrad:
     `clip`: whether the backward also computes the gradient's sum of squares (`square`), for
     global-norm clipping; the clipping then sets `scale` (1 when it does not clip).
     `exp_avg_dtype`: the dtype W_dec's Adam first moment is kept in (float32 or bfloat16).
-    `native_kernel`: whether a step after a sparse decode runs the native kernel (`native`): auto
-    (where it builds), on (stop where it does not), off (torch ops only)."""
+    `native_kernel`: whether a step after a sparse decode runs the native kernel (clt.native_kernel,
+    clt_forge/clt/native.py): auto (where it builds), on (stop where it does not), off (torch ops)."""
 
     def __init__(
         self, clip: bool = True, exp_avg_dtype: torch.dtype = torch.float32, native_kernel: str = "auto"
     ) -> None:
-        if native_kernel not in NATIVE_MODES:
-            raise CLTError(f"optim.native_kernel={native_kernel!r}: use auto, on or off.")
+        if native_kernel not in native.MODES:
+            raise CLTError(f"clt.native_kernel={native_kernel!r}: use auto, on or off.")
         self.clip = clip
         self.exp_avg_dtype = exp_avg_dtype
         self.native_kernel = native_kernel
@@ -268,20 +267,15 @@ class DeferredDecoderGrad:
         the CPU, with contiguous moments, and `native_kernel` not off (on: stop where it cannot build)."""
         pending = self.pending
         assert pending is not None
-        if self.native_kernel == "off":
+        if not native.usable(self.native_kernel, W_dec, moments[1]):
             return False
-        if self.native_kernel == "on" and (reason := native.unavailable()) is not None:
-            raise CLTError(f"optim.native_kernel=on: {reason}")
-        applies = (
-            W_dec.device.type == "cpu"
-            and W_dec.dtype == torch.float32
-            and pending.W_dec.data_ptr() == W_dec.data_ptr()
+        return (
+            pending.W_dec.data_ptr() == W_dec.data_ptr()
             and pending.W_dec.dtype == W_dec.dtype
             and W_dec.is_contiguous()
             and all(m.is_contiguous() for m in moments)
             and pending.z_t(0).layout == torch.sparse_csr
         )
-        return applies and native.load() is not None
 
     def flush(self, W_dec: torch.Tensor) -> None:
         """Bring W_dec and its Adam state up to the current step before they are read: nothing to
@@ -318,12 +312,12 @@ def enable_deferred_decoder(
     clt: CrossLayerTranscoder,
     clip: bool = True,
     exp_avg_dtype: torch.dtype = torch.float32,
-    native_kernel: str = "auto",
+    native_kernel: str | None = None,
 ) -> DeferredDecoderGrad:
     """Route `clt`'s W_dec gradient to a new `DeferredDecoderGrad` (returned): W_dec.grad stays
     None, and `adam_step` after each optimizer step updates W_dec (its exp_avg in `exp_avg_dtype`;
-    `native_kernel` as the sink's)."""
-    sink = DeferredDecoderGrad(clip, exp_avg_dtype, native_kernel)
+    `native_kernel` as the sink's, None: the CLT's own, clt.native_kernel)."""
+    sink = DeferredDecoderGrad(clip, exp_avg_dtype, clt.native_kernel if native_kernel is None else native_kernel)
     clt.decoder_grad = sink
     clt.grad_buffer = None  # no full-size gradient buffer is kept either
     return sink

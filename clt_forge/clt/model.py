@@ -61,6 +61,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
+from clt_forge.clt import native
 from clt_forge.clt.activations import Activated, Gather, make_activation
 from clt_forge.clt.init import init_clt
 from clt_forge.clt.lazy_adam import RowLazyAdam
@@ -75,6 +76,7 @@ from clt_forge.clt.sparse_decode import (
 )
 from clt_forge.clt.sparse_decode import decoder_norms_packed as _decoder_norms_packed
 from clt_forge.clt.sparse_decode import source_block as _source_block
+from clt_forge.errors import CLTError
 
 __all__ = ["CLTOutput", "CrossLayerTranscoder", "pair_offsets"]
 
@@ -242,7 +244,8 @@ class CrossLayerTranscoder(nn.Module):
 
     `activation` names an entry of clt_forge.clt.activations.ACTIVATIONS (jumprelu, topk,
     batchtopk; `k` is TopK's features per token and layer); `decode` an entry of
-    clt_forge.clt.sparse_decode.DECODE (auto, dense, sparse), checked per forward.
+    clt_forge.clt.sparse_decode.DECODE (auto, dense, sparse), checked per forward; `native_kernel`
+    (auto, on, off) whether a sparse fp32 CPU decode runs clt_forge.clt.native's C kernels.
     """
 
     def __init__(
@@ -259,6 +262,7 @@ class CrossLayerTranscoder(nn.Module):
         k: int = 0,
         decode: str = "auto",
         skip: bool = False,
+        native_kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.n_layers = n_layers
@@ -279,6 +283,9 @@ class CrossLayerTranscoder(nn.Module):
         self.activation_name, self.k, self.decode_mode = activation, k, decode
         self.activation = make_activation(activation, k)
         self.use_sparse = DECODE.lookup(decode)
+        if native_kernel not in native.MODES:
+            raise CLTError(f"clt.native_kernel={native_kernel!r}: use auto, on or off.")
+        self.native_kernel = native_kernel
         self.log_threshold.requires_grad_(self.activation.learns_threshold)
         if init:  # a CLT about to be loaded or sliced into skips it: its values are overwritten
             init_clt(self, jumprelu_threshold=jumprelu_threshold)
@@ -356,7 +363,9 @@ class CrossLayerTranscoder(nn.Module):
         with torch.autocast(device_type, enabled=False):
             sink = self.decoder_grad if self.decoder_grad is not None else self.grad_buffer
             if self.use_sparse(z):
-                return SparseDecodeWithNorms.apply(z, W_dec, self.offsets, sink, with_norms, grad_needed)
+                return SparseDecodeWithNorms.apply(
+                    z, W_dec, self.offsets, sink, with_norms, grad_needed, native.usable(self.native_kernel, z, W_dec)
+                )
             return _DecodeWithNorms.apply(z, W_dec, self.offsets, sink, with_norms)
 
     def skip(self, x: Float[torch.Tensor, "batch n_layers d_model"]) -> Float[torch.Tensor, "batch n_layers d_model"]:

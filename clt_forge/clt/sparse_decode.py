@@ -22,7 +22,11 @@ Per source layer l (B tokens, W_l = W_dec's [F, (L - l) D] block of source l, a 
 `grad_needed` comes from the activation (clt_forge/clt/activations.py): the active entries, plus
 JumpReLU's STE window while theta learns. None means everywhere (the dense GEMM). The sparse
 kernels are torch's CSR ops (MKL on CPU, cuSPARSE on CUDA) in fp32 / fp64; other dtypes decode
-densely. The decoder norms are computed exactly as the dense path does.
+densely. On the CPU in fp32, `clt.native_kernel` (auto by default) runs the forward and the
+sampled grad z with clt_forge/clt/native.py's C kernels instead (same values to fp32 rounding),
+and under optim.decoder_grad=blocks W_dec's Adam step too. The decoder norms are computed as
+the dense path does, or taken from that Adam step while W_dec is unchanged since
+(`current_decoder_norms`).
 
 `clt.decode` (DECODE, a registry of predicates on z): dense, sparse, or auto, which decodes
 sparsely when the active fraction of z is at most AUTO_MAX_ACTIVE of its device type (CPU only:
@@ -38,6 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
+from clt_forge.clt import native
 from clt_forge.registry import Registry
 
 __all__ = [
@@ -358,15 +363,19 @@ class SparseDecodeWithNorms(torch.autograd.Function):
         grad_buffer: DecoderGradSink | None,
         with_norms: bool,
         grad_needed: torch.Tensor | None,
+        use_native: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, n_layers, _ = z.shape
-        out = z.new_zeros(batch, n_layers, W_dec.shape[2])
         z_csr = [z[:, source].to_sparse_csr() for source in range(n_layers)]  # kept for the backward
-        for source, active in enumerate(z_csr):
-            out[:, source:].view(batch, -1).addmm_(active, source_block(W_dec, offsets, source))
+        if use_native:  # the C kernel, a token's output row in cache at a time (clt_forge/clt/native.py)
+            out = native.sparse_decode(z_csr, W_dec.contiguous(), offsets)
+        else:
+            out = z.new_zeros(batch, n_layers, W_dec.shape[2])
+            for source, active in enumerate(z_csr):
+                out[:, source:].view(batch, -1).addmm_(active, source_block(W_dec, offsets, source))
         norms = current_decoder_norms(W_dec, offsets, grad_buffer) if with_norms else W_dec.new_empty(0)
         ctx.save_for_backward(z, W_dec, norms, grad_needed)
-        ctx.offsets, ctx.grad_buffer, ctx.z_csr = offsets, grad_buffer, z_csr
+        ctx.offsets, ctx.grad_buffer, ctx.z_csr, ctx.use_native = offsets, grad_buffer, z_csr, use_native
         ctx.set_materialize_grads(False)
         return out, norms
 
@@ -391,7 +400,12 @@ class SparseDecodeWithNorms(torch.autograd.Function):
             grad_z_lbf = z.new_zeros(n_layers, batch, d_features)
             if grad_recon is not None:
                 patterns = _sampled_patterns(grad_needed, z_csr, active_t)
+                native_layers = ctx.use_native and grad_recon.dtype == torch.float32
+                if native_layers and any(p is not None for p in patterns):  # all sampled layers at once
+                    native.sampled_grad_z(patterns, W_dec.contiguous(), offsets, grad_recon, grad_z_lbf)
                 for source in range(n_layers):
+                    if native_layers and patterns[source] is not None:
+                        continue
                     needed = None if grad_needed is None else grad_needed[:, source]
                     block = source_block(W_dec, offsets, source)
                     _grad_z_layer(
@@ -409,4 +423,4 @@ class SparseDecodeWithNorms(torch.autograd.Function):
                 ctx.grad_buffer,
                 grad_square_fn(z, grad_z_lbf, grad_recon, norms, z_csr),
             )
-        return grad_z, grad_w, None, None, None, None
+        return grad_z, grad_w, None, None, None, None, None

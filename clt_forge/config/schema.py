@@ -134,6 +134,7 @@ class CLTConfig:
     activation: str = "jumprelu"  # a registered activation function (clt_forge/clt/activations.py)
     k: int = 0  # topk: features kept per layer per token; batchtopk: k x batch per layer
     decode: str = "auto"  # auto, dense or sparse: how the decoder runs (clt/sparse_decode.py)
+    native_kernel: str = "auto"  # sparse CPU decode's C kernels: auto (where they build), on, off (clt/native.py)
     skip: bool = False  # a linear skip connection per layer, MLP input -> output (W_skip; clt/model.py)
 
     def __post_init__(self) -> None:
@@ -144,6 +145,8 @@ class CLTConfig:
         make_activation(self.activation, self.k)  # a ConfigError / ValueError naming the fix
         check_init_encoder(self.init_encoder)
         DECODE.lookup(self.decode)
+        if self.native_kernel not in ("auto", "on", "off"):
+            raise ValueError(f"clt.native_kernel={self.native_kernel!r}: use auto, on or off.")
 
 
 @dataclass
@@ -200,15 +203,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient norm bound; 0 disables
     decoder_grad: str = "full"  # full: W_dec.grad; blocks: built per source in Adam; rows: row-lazy Adam
     exp_avg_dtype: str = "float32"  # W_dec's Adam first moment: float32, or bfloat16 (decoder_grad=blocks only)
-    native_kernel: str = "auto"  # blocks after a sparse CPU decode: W_dec Adam by a C kernel (auto, on, off)
 
     def __post_init__(self) -> None:
         if self.decoder_grad not in ("full", "blocks", "rows"):
             raise ValueError(f"optim.decoder_grad={self.decoder_grad!r}: use full, blocks or rows.")
         if self.exp_avg_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"optim.exp_avg_dtype={self.exp_avg_dtype!r}: use float32 or bfloat16.")
-        if self.native_kernel not in ("auto", "on", "off"):
-            raise ValueError(f"optim.native_kernel={self.native_kernel!r}: use auto, on or off.")
         if self.exp_avg_dtype != "float32" and self.decoder_grad != "blocks":
             raise ConfigError(
                 f"optim.exp_avg_dtype={self.exp_avg_dtype} needs optim.decoder_grad=blocks (it is "

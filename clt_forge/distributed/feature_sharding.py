@@ -104,6 +104,7 @@ def shard_clt(full: CrossLayerTranscoder, rank: int, world: int) -> CrossLayerTr
         k=full.k,
         decode=full.decode_mode,
         skip=full.W_skip is not None,
+        native_kernel=full.native_kernel,
     )
     local.W_enc.copy_(full.W_enc[:, :, cols])
     local.b_enc.copy_(full.b_enc[:, cols])

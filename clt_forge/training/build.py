@@ -201,6 +201,7 @@ def build_clt(
         activation=cfg.clt.activation,
         k=cfg.clt.k,
         decode=cfg.clt.decode,
+        native_kernel=cfg.clt.native_kernel,
         skip=cfg.clt.skip,
     )
     init_clt(
@@ -235,6 +236,4 @@ def decoder_grad_sink(
             )
     if cfg.optim.decoder_grad == "rows":
         return enable_row_lazy_adam(clt, optimizer, reads_all_rows=cfg.sparsity.dead_coefficient != 0)
-    return enable_deferred_decoder(
-        clt, exp_avg_dtype=getattr(torch, cfg.optim.exp_avg_dtype), native_kernel=cfg.optim.native_kernel
-    )
+    return enable_deferred_decoder(clt, exp_avg_dtype=getattr(torch, cfg.optim.exp_avg_dtype))

@@ -1,21 +1,31 @@
-/* W_dec's Adam step with its gradient built in place, one feature at a time (clt_forge/clt/native.py).
+/* The CPU kernels of the sparse decode (clt_forge/clt/native.py builds and calls them).
 
-For each feature f of [f_begin, f_end) and each source layer l, the gradient of f's decoder row
-for l (its (L - l) D floats, contiguous in W_dec [F, P, D]) is built in `scratch`, which stays in
-cache:
+W_dec [F, P, D] packs each feature's decoders source-major: source l's row of feature f is the
+(L - l) D floats at W + f P D + offsets[l] D, contiguous. z's active entries come as one CSR per
+source layer; every pointer array below holds one entry per source layer.
+
+clt_sparse_decode (the forward), one token at a time, its output row [L, D] staying in cache:
+    out[t, l:] += z[t, l, f] W[f, l]      for every active (t, l, f), CSR z_l [B, F]
+
+clt_sampled_grad_z (the backward's grad z where it is needed), one feature at a time, its
+decoder row staying in cache:
+    grad_z[l, t, f] = <W[f, l], grad_recon[t, l:]>      at the entries of a CSR pattern [F, B]
+
+clt_decoder_adam (W_dec's Adam step after the backward), one feature at a time: for each source
+l, the gradient of f's row is built in `scratch`, which stays in cache:
     g = coef[l, f] W[f, l]  +  sum over the nonzeros (f, t) of z_l^T: z[t, l, f] grad_recon[t, l:]
     g *= scale
-and then used at once by torch's Adam formula (no weight decay, amsgrad or maximize):
+and used at once by torch's Adam formula (no weight decay, amsgrad or maximize):
     m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
     W -= step_size m / (sqrt(v) / bias_correction2_sqrt + eps)
 followed by the norm of the new row, norms[l, f] (the next forward's decoder norms). W_dec, its
 moments and the norms are each read and written once per step; torch ops need four more passes
 over W_dec-sized memory for the same (coef * W, the sparse product, the norms, the gradient).
-
 m is float32 or bfloat16 (`m_bf16`: stored rounded to nearest even from the float32 value the
-update used, as torch's `copy_` rounds). Every pointer array holds one entry per source layer.
-Built by native.py with -O3 -march=native -fno-math-errno -fopenmp-simd (the pragmas only; no OpenMP runtime):
-the callers run disjoint feature ranges on their own threads. */
+update used, as torch's `copy_` rounds).
+
+Built by native.py with -O3 -march=native -fno-math-errno -fopenmp-simd (the simd pragmas only;
+no OpenMP runtime): each caller thread runs a disjoint range of tokens or features. */
 
 #include <math.h>
 #include <stdint.h>
@@ -62,7 +72,60 @@ static inline __attribute__((always_inline)) float adam_row(
 
 #define STEP_ARGS scale, beta1, beta2, step_size, inv_bc2, eps
 
-int clt_decoder_adam_version(void) { return 1; }
+int clt_kernels_version(void) { return 2; }
+
+void clt_sparse_decode(
+    int64_t t_begin, int64_t t_end, int64_t n_layers, int64_t d_model,
+    const int64_t *offsets,           /* [L + 1] W_dec's pair offsets */
+    const float *W,                   /* [F, P, D] */
+    const int64_t *const *crow,       /* z_l as CSR [B, F]: row starts [B + 1] per source */
+    const int64_t *const *col,        /* its feature indices */
+    const float *const *val,          /* its values */
+    float *out)                       /* [B, L, D], zeroed */
+{
+    const int64_t row = offsets[n_layers] * d_model;
+    const int64_t stride = n_layers * d_model;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+        for (int64_t l = 0; l < n_layers; ++l) {
+            const int64_t len = (n_layers - l) * d_model;
+            float *restrict o = out + t * stride + l * d_model;
+            for (int64_t j = crow[l][t]; j < crow[l][t + 1]; ++j) {
+                const float a = val[l][j];
+                const float *restrict w = W + col[l][j] * row + offsets[l] * d_model;
+#pragma omp simd
+                for (int64_t i = 0; i < len; ++i) o[i] += a * w[i];
+            }
+        }
+    }
+}
+
+void clt_sampled_grad_z(
+    int64_t f_begin, int64_t f_end, int64_t n_features, int64_t batch, int64_t n_layers, int64_t d_model,
+    const int64_t *offsets,           /* [L + 1] */
+    const float *W,                   /* [F, P, D] */
+    const int64_t *const *crow,       /* the pattern as CSR [F, B] per source: row starts [F + 1]; NULL: skip l */
+    const int64_t *const *col,        /* its token indices */
+    const float *grad_recon,          /* [B, L, D] */
+    float *grad_z)                    /* [L, B, F]: written at the pattern's entries only */
+{
+    const int64_t row = offsets[n_layers] * d_model;
+    const int64_t stride = n_layers * d_model;
+    for (int64_t f = f_begin; f < f_end; ++f) {
+        for (int64_t l = 0; l < n_layers; ++l) {
+            if (!crow[l]) continue;
+            const int64_t len = (n_layers - l) * d_model;
+            const float *restrict w = W + f * row + offsets[l] * d_model;
+            for (int64_t j = crow[l][f]; j < crow[l][f + 1]; ++j) {
+                const int64_t t = col[l][j];
+                const float *restrict g = grad_recon + t * stride + l * d_model;
+                float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+                for (int64_t i = 0; i < len; ++i) total += w[i] * g[i];
+                grad_z[(l * batch + t) * n_features + f] = total;
+            }
+        }
+    }
+}
 
 void clt_decoder_adam(
     int64_t f_begin, int64_t f_end, int64_t n_features, int64_t n_layers, int64_t d_model,
