@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clt_forge.clt import native
+import clt_forge.clt.native as native
 from clt_forge.clt.sparse_decode import decoder_block_grad
 from clt_forge.errors import CLTError
 

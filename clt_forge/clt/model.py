@@ -61,7 +61,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
-from clt_forge.clt import native
+import clt_forge.clt.native as native
 from clt_forge.clt.activations import Activated, Gather, make_activation
 from clt_forge.clt.init import init_clt
 from clt_forge.clt.lazy_adam import RowLazyAdam

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
-from clt_forge.clt import native
+import clt_forge.clt.native as native
 from clt_forge.registry import Registry
 
 __all__ = [
