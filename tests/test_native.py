@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_decoder_blocks import batches, train_steps
 from test_sparse_decode import make_clt
 
@@ -18,6 +19,7 @@ from clt_forge.clt import native
 from clt_forge.clt.deferred import enable_deferred_decoder
 from clt_forge.clt.model import CrossLayerTranscoder, pair_offsets
 from clt_forge.clt.sparse_decode import decoder_norms_packed
+from clt_forge.config.compose import compose_stage
 from clt_forge.errors import CLTError
 
 L, D, B, F = 4, 16, 24, 40
@@ -169,3 +171,5 @@ def test_native_kernel_mode_is_checked() -> None:
         enable_deferred_decoder(make_clt("topk", "sparse"), native_kernel="fast")
     with pytest.raises(CLTError, match=r"clt\.native_kernel='yes': use auto, on or off"):
         CrossLayerTranscoder(L, D, F, native_kernel="yes")
+    with pytest.raises(ValueError, match=r"clt\.native_kernel='fastest': use auto, on or off"):
+        OmegaConf.to_object(compose_stage("train", ["clt.native_kernel=fastest"]))

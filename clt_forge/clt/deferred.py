@@ -80,11 +80,9 @@ class DeferredDecoderGrad:
     def __init__(
         self, clip: bool = True, exp_avg_dtype: torch.dtype = torch.float32, native_kernel: str = "auto"
     ) -> None:
-        if native_kernel not in native.MODES:
-            raise CLTError(f"clt.native_kernel={native_kernel!r}: use auto, on or off.")
         self.clip = clip
         self.exp_avg_dtype = exp_avg_dtype
-        self.native_kernel = native_kernel
+        self.native_kernel = native.check_mode(native_kernel)
         self.norms: tuple[int, int, torch.Tensor] | None = None  # (W_dec's version, data_ptr, its norms [L, F])
         self.pending: _Pending | None = None
         self.square: torch.Tensor | None = None

@@ -76,7 +76,6 @@ from clt_forge.clt.sparse_decode import (
 )
 from clt_forge.clt.sparse_decode import decoder_norms_packed as _decoder_norms_packed
 from clt_forge.clt.sparse_decode import source_block as _source_block
-from clt_forge.errors import CLTError
 
 __all__ = ["CLTOutput", "CrossLayerTranscoder", "pair_offsets"]
 
@@ -283,9 +282,7 @@ class CrossLayerTranscoder(nn.Module):
         self.activation_name, self.k, self.decode_mode = activation, k, decode
         self.activation = make_activation(activation, k)
         self.use_sparse = DECODE.lookup(decode)
-        if native_kernel not in native.MODES:
-            raise CLTError(f"clt.native_kernel={native_kernel!r}: use auto, on or off.")
-        self.native_kernel = native_kernel
+        self.native_kernel = native.check_mode(native_kernel)
         self.log_threshold.requires_grad_(self.activation.learns_threshold)
         if init:  # a CLT about to be loaded or sliced into skips it: its values are overwritten
             init_clt(self, jumprelu_threshold=jumprelu_threshold)

@@ -46,7 +46,7 @@ import torch
 from clt_forge.errors import CLTError
 from clt_forge.paths import cache_root
 
-__all__ = ["MODES", "decoder_adam", "load", "sampled_grad_z", "sparse_decode", "unavailable", "usable"]
+__all__ = ["MODES", "check_mode", "decoder_adam", "load", "sampled_grad_z", "sparse_decode", "unavailable", "usable"]
 
 MODES = ("auto", "on", "off")  # clt.native_kernel
 SOURCE = Path(__file__).with_name("sparse_kernels.c")
@@ -125,12 +125,17 @@ def unavailable() -> str | None:
     return _failure
 
 
+def check_mode(mode: str) -> str:
+    """`mode` when it is one of MODES, else a CLTError naming clt.native_kernel."""
+    if mode not in MODES:
+        raise CLTError(f"clt.native_kernel={mode!r}: use auto, on or off.")
+    return mode
+
+
 def usable(mode: str, *tensors: torch.Tensor) -> bool:
     """Whether clt.native_kernel=`mode` runs the kernels on `tensors`: fp32 CPU tensors, a library
     that builds, and mode auto or on (on: a CLTError with the reason where it does not build)."""
-    if mode not in MODES:
-        raise CLTError(f"clt.native_kernel={mode!r}: use auto, on or off.")
-    if mode == "off":
+    if check_mode(mode) == "off":
         return False
     if mode == "on" and load() is None:
         raise CLTError(f"clt.native_kernel=on: {_failure}")

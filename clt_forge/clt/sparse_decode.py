@@ -61,10 +61,11 @@ __all__ = [
     "norm_coef",
 ]
 
-# Measured crossover per device type (docs/performance.md, "Sparse decode"): on CPU sparse won up
-# to ~5% active (before grad z's sampled product reached 10% of the entries: at 5% the sparse step
-# is now 0.42-0.52x dense, so the real crossover is higher; not re-measured); on an H200 it never beat dense by more than ~12% (torch's CSR ops are bound by
-# host syncs and cuSPARSE's SDDMM), so elsewhere `auto` decodes densely.
+# Measured crossover per device type (docs/performance.md, "Sparse decode"): on CPU, with the C
+# kernels and optim.decoder_grad=blocks, sparse steps take 0.42-0.45x dense at 5% active, 0.86x at
+# 10%, 1.33x at 20% (issue 18's shape); torch's ops or decoder_grad=full cross over lower, and the
+# predicate sees only z, so `auto` stays at 5%. On an H200 sparse never beat dense by more than ~12%
+# (torch's CSR ops are bound by host syncs and cuSPARSE's SDDMM), so elsewhere `auto` decodes densely.
 AUTO_MAX_ACTIVE = {"cpu": 0.05}
 SDDMM_MAX_FRACTION = 0.10  # above it grad z is one dense GEMM per layer (sampled won up to 12%: docs/performance.md)
 SDDMM_RUN_BYTES = 4 * 2**20  # W_dec rows per sampled product: 4 MiB beat 1, 2, 16 (one-off, issue 18's shape)

@@ -140,12 +140,13 @@ class CLTConfig:
     def __post_init__(self) -> None:
         from clt_forge.clt.activations import make_activation
         from clt_forge.clt.init import check_init_encoder
+        from clt_forge.clt.native import MODES
         from clt_forge.clt.sparse_decode import DECODE
 
         make_activation(self.activation, self.k)  # a ConfigError / ValueError naming the fix
         check_init_encoder(self.init_encoder)
         DECODE.lookup(self.decode)
-        if self.native_kernel not in ("auto", "on", "off"):
+        if self.native_kernel not in MODES:
             raise ValueError(f"clt.native_kernel={self.native_kernel!r}: use auto, on or off.")
 
 
